@@ -1,0 +1,14 @@
+"""anndist: one training loop from one CPU to many GPU nodes, built on DistributedDataParallel."""
+from .batch import split_batch, to_device
+from .callbacks import Callback, CallbackError, CallbackList, LoggingCallback
+from .env import DistEnv, detect_env
+from .optimization import NonFiniteLossError
+from .seed import seed_everything
+from .trainer import Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Trainer", "Callback", "CallbackList", "CallbackError", "LoggingCallback", "seed_everything",
+    "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
+]

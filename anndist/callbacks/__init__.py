@@ -1,0 +1,5 @@
+"""Callbacks shipped with anndist. Write your own by subclassing :class:`Callback`."""
+from .base import Callback, CallbackError, CallbackList
+from .logging import LoggingCallback
+
+__all__ = ["Callback", "CallbackError", "CallbackList", "LoggingCallback"]

@@ -1,0 +1,115 @@
+"""Trainer options, validated at construction so mistakes surface before any training starts."""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .optimization import NONFINITE_POLICIES
+from .precision import resolve_amp_dtype
+from .seed import check_seed
+
+
+@dataclass
+class TrainerConfig:
+    """Every keyword option of ``Trainer``.
+
+    use_amp / amp_dtype: autocast forward and loss; ``"bf16"`` (default where supported) or ``"fp16"``.
+    gradient_accumulation_steps: micro-batches per optimizer step (one all-reduce per step).
+    max_grad_norm: clip the global gradient norm (after unscaling) once per step.
+    scheduler / scheduler_interval / scheduler_monitor: an LR scheduler stepped per optimizer step
+        (``"step"``) or per epoch (``"epoch"``; ``ReduceLROnPlateau`` is given ``scheduler_monitor``).
+    on_nonfinite: ``"error"`` stops with an error naming step and ranks; ``"skip"`` skips such steps.
+    seed: reproducible runs; each rank gets its own stream (seed + rank) once the weights are in sync.
+    device / backend / dist_timeout: override the device (``cuda:LOCAL_RANK`` or CPU), the backend
+        (NCCL for CUDA, gloo for CPU) and the collective timeout of a group the Trainer creates.
+    rebuild_train_loader / rebuild_eval_loader: shard stock-sampler loaders across ranks (see sampler.py).
+    ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``.
+    """
+
+    use_amp: bool = False
+    amp_dtype: Any = None  # after validation: a torch.dtype or None
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+    scheduler: Any = None
+    scheduler_interval: str = "step"
+    scheduler_monitor: str = "val_loss"
+    on_nonfinite: str = "error"
+    seed: int | None = None
+    device: Any = None
+    backend: str | None = None
+    dist_timeout: timedelta = timedelta(minutes=10)
+    rebuild_train_loader: bool = True
+    rebuild_eval_loader: bool = True
+    ddp_kwargs: dict = field(default_factory=dict)
+    sum_reduction: bool = False  # derived: criterion.reduction == "sum"
+
+    @classmethod
+    def from_options(cls, model: Any, optimizer: Any, criterion: Any, options: dict[str, Any]) -> "TrainerConfig":
+        known = {f.name for f in fields(cls)} - {"sum_reduction"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"Trainer got unknown option(s) {unknown}; valid options are {sorted(known)}")
+        _check_model_optimizer_criterion(model, optimizer, criterion)
+        cfg = cls(**options)
+        cfg._validate(optimizer)
+        cfg.sum_reduction = getattr(criterion, "reduction", "mean") == "sum"
+        return cfg
+
+    def _validate(self, optimizer: torch.optim.Optimizer) -> None:
+        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1)
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, numbers.Real) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be a positive number or None")
+        _check_choice("scheduler_interval", self.scheduler_interval, ("step", "epoch"))
+        _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        if self.scheduler is not None and getattr(self.scheduler, "optimizer", optimizer) is not optimizer:
+            raise ValueError("scheduler was built on another optimizer; build it on the Trainer's optimizer")
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.scheduler_interval != "epoch":
+            raise ValueError("ReduceLROnPlateau steps on a metric once per epoch; pass scheduler_interval='epoch'")
+        if self.seed is not None:
+            check_seed(self.seed)
+        if self.device is not None:
+            self.device = torch.device(self.device)
+        if isinstance(self.dist_timeout, numbers.Real):
+            self.dist_timeout = timedelta(seconds=float(self.dist_timeout))
+        if not isinstance(self.dist_timeout, timedelta) or self.dist_timeout.total_seconds() <= 0:
+            raise ValueError(f"dist_timeout={self.dist_timeout!r} must be a positive timedelta or seconds")
+        self.amp_dtype = resolve_amp_dtype(self.use_amp, self.amp_dtype, self.device or _probe_device())
+
+
+def _probe_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _check_model_optimizer_criterion(model: Any, optimizer: Any, criterion: Callable) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap your function in an nn.Module")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("model is already wrapped in DistributedDataParallel; pass the bare module, the Trainer wraps it")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not callable(criterion):
+        raise TypeError(f"criterion must be callable as criterion(outputs, targets), got {type(criterion).__name__}")
+    model_params = {id(p) for p in model.parameters()}
+    foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in model_params)
+    if foreign:
+        raise ValueError(
+            f"optimizer holds {foreign} parameter(s) that are not parameters of model; build it with "
+            "optimizer = Optimizer(model.parameters(), ...) on the same model you pass to the Trainer"
+        )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")

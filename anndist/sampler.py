@@ -1,0 +1,132 @@
+"""Sharding loaders across ranks: the resumable sampler and the rules for rebuilding loaders.
+
+Train loaders whose sampler is torch's ``SequentialSampler``, ``RandomSampler`` or
+``DistributedSampler`` are rebuilt with :class:`ResumableDistributedSampler` (same batch size,
+collate_fn, workers, pin_memory, drop_last; shuffle kept). Anything else (a custom sampler or batch
+sampler, an ``IterableDataset``) already decides what each rank reads and is left alone.
+Evaluation loaders are rebuilt with :class:`ShardSampler`, which pads nothing, so every sample of
+the dataset counts exactly once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import RandomSampler, Sampler, SequentialSampler
+
+from .seed import loader_seed
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way through without reading the skipped samples.
+
+    ``set_start_index(i)`` makes the next epoch's iterator begin at this rank's i-th index; it is
+    reset by ``set_epoch``, so a resumed epoch is the only short one.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int,
+                 drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        self.start_index = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.start_index = 0
+
+    def set_start_index(self, index: int) -> None:
+        if not 0 <= index <= self.num_samples:
+            raise ValueError(f"start index {index} is outside this rank's {self.num_samples} samples")
+        self.start_index = index
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start_index:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``W`` reads indices ``r, r+W, r+2W, ...``: no padding, no duplicates."""
+
+    def __init__(self, dataset_len: int, num_replicas: int, rank: int) -> None:
+        self.indices = range(rank, dataset_len, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def is_rebuildable(loader: DataLoader) -> bool:
+    """True when the loader's sampler is one of torch's stock samplers, so we may replace it."""
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        return False
+    return type(loader.sampler) in (SequentialSampler, RandomSampler, DistributedSampler,
+                                    ResumableDistributedSampler)
+
+
+def _shuffles(loader: DataLoader) -> bool:
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        return sampler.shuffle
+    return isinstance(sampler, RandomSampler)
+
+
+def _rebuild(loader: DataLoader, sampler: Sampler, generator: torch.Generator | None) -> DataLoader:
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=generator,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device,
+    )
+
+
+def shard_train_loader(loader: DataLoader, world_size: int, rank: int, seed: int) -> DataLoader:
+    """A copy of ``loader`` that reads this rank's shard through a resumable sampler."""
+    sampler = ResumableDistributedSampler(
+        loader.dataset, num_replicas=world_size, rank=rank, shuffle=_shuffles(loader),
+        seed=seed, drop_last=False,
+    )
+    return _rebuild(loader, sampler, torch.Generator())
+
+
+def shard_eval_loader(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
+    """A copy of ``loader`` that reads this rank's unpadded shard, in dataset order."""
+    sampler = ShardSampler(len(loader.dataset), world_size, rank)
+    return _rebuild(loader, sampler, loader.generator)
+
+
+def start_epoch(loader: DataLoader, epoch: int, seed: int, rank: int, start_index: int = 0) -> None:
+    """Prepare ``loader`` for ``epoch``: sampler epoch, resume offset, and the workers' seed."""
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    if isinstance(sampler, ResumableDistributedSampler):
+        sampler.set_start_index(start_index)
+    elif start_index:
+        raise RuntimeError(
+            "cannot resume mid-epoch: the train loader's sampler is not anndist's resumable sampler; "
+            "keep rebuild_train_loader=True or checkpoint at epoch ends only"
+        )
+    # Workers draw their base seed from loader.generator: make it a function of (seed, rank, epoch).
+    if loader.generator is not None and isinstance(sampler, ResumableDistributedSampler):
+        loader.generator.manual_seed(loader_seed(seed, rank, epoch))
+
+
+def num_windows(num_batches: int, accumulation_steps: int) -> int:
+    return math.ceil(num_batches / accumulation_steps)

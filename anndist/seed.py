@@ -1,0 +1,86 @@
+"""Deterministic, rank-aware seeding and the RNG state a checkpoint must carry.
+
+``seed_everything(S)`` before building the model makes the initial weights reproducible. Once the
+weights are in sync the Trainer reseeds each rank with ``S + rank`` so dropout and augmentation
+differ across ranks, and DataLoader workers get seeds derived from ``(S, rank, epoch)``.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+_MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"{name}={seed} is out of range; use an int in [0, 2**32 - 1]")
+    return seed
+
+
+def seed_everything(seed: int) -> int:
+    """Seed Python's ``random``, NumPy and torch (CPU and every CUDA device); return the seed."""
+    check_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return seed
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of ``rank``'s own stream (dropout, augmentation in the main process)."""
+    return (seed + rank) % (_MAX_SEED + 1)
+
+
+def loader_seed(seed: int, rank: int, epoch: int) -> int:
+    """Base seed of the DataLoader workers of ``rank`` in ``epoch``: distinct per rank and epoch."""
+    mixed = np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0]
+    return int(mixed % (2**63 - 1))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU and CUDA), safe for ``weights_only`` loads."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _python_state_to_tensor(random.getstate()),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(_python_state_from_tensor(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((
+        "MT19937",
+        np_state["keys"].numpy().astype(np.uint32),
+        np_state["pos"],
+        np_state["has_gauss"],
+        np_state["cached_gaussian"],
+    ))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_tensor(state: tuple) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _python_state_from_tensor(state: dict[str, Any]) -> tuple:
+    return (state["version"], tuple(int(x) for x in state["internal"].tolist()), state["gauss"])
