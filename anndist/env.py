@@ -95,7 +95,11 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
     if "MASTER_ADDR" in environ:
         master_addr = environ["MASTER_ADDR"]
     else:
-        master_addr = first_host(environ.get("SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST", "")))
+        # Rank 0 runs on the first node of the *step*, which differs from the job's first node when
+        # srun runs on part of the allocation (``srun -w node2``); in a step SLURM_NODELIST is the job's.
+        nodelist = next((environ[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                         if environ.get(k)), "")
+        master_addr = first_host(nodelist)
     if "MASTER_PORT" in environ:
         master_port = _int(environ, "MASTER_PORT")
     else:
@@ -112,10 +116,22 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
 
 
 def _slurm_local_world_size(environ: Mapping[str, str], world_size: int) -> int:
-    # SLURM_TASKS_PER_NODE looks like "2(x3),1"; the first group is this layout's common case.
-    spec = environ.get("SLURM_TASKS_PER_NODE", "")
-    match = re.match(r"(\d+)", spec)
-    return int(match.group(1)) if match else world_size
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE ("2(x3),1") at SLURM_NODEID."""
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "")
+    counts = expand_tasks_per_node(spec)
+    node = _int(environ, "SLURM_NODEID", 0)
+    return counts[node] if 0 <= node < len(counts) else world_size
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """``"2(x3),1"`` -> ``[2, 2, 2, 1]``; an unreadable spec gives ``[]``."""
+    counts: list[int] = []
+    for group in filter(None, spec.split(",")):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", group.strip())
+        if match is None:
+            return []
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
 
 
 def _check_layout(rank: int, world_size: int, local_rank: int, rank_name: str, size_name: str) -> None:
