@@ -1,0 +1,111 @@
+"""End to end on a real Slurm cluster (started by the tests): the ``slurm/`` scripts train the digits
+example on CPU, two ranks each, and must all reach the very same weights; a preempted run saves,
+requeues, resumes and still reaches them; a SIGTERM as at a time limit leaves a complete checkpoint.
+
+Needs root and Debian's Slurm packages (``.ci/run`` installs them); elsewhere these tests skip,
+unless ANNDIST_REQUIRE_SLURM=1 (CI) turns the skip into a failure.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import ROOT, child_env
+from slurm_cluster import SlurmCluster, unavailable_reason
+
+pytestmark = pytest.mark.slurm
+
+SLURM = ROOT / "slurm"
+EPOCHS = 20  # ~0.15 s each: long enough to signal a run after its first epoch, short enough for CI
+TRAIN = ("launch/train_digits.py", "--epochs", str(EPOCHS))
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("ANNDIST_REQUIRE_SLURM") == "1":
+            pytest.fail(f"ANNDIST_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    slurm = SlurmCluster().start()
+    yield slurm
+    slurm.stop()
+
+
+def submit(cluster: SlurmCluster, script: str, folder: Path, *args: str, options: tuple[str, ...] = ()):
+    """Submit ``slurm/<script>`` training the digits example; final weights go to folder/weights.pt."""
+    env = child_env(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    return cluster.submit(SLURM / script, *TRAIN, "--save", str(folder / "weights.pt"), *args,
+                          output=folder / "job.out", options=options, env=env, cwd=ROOT)
+
+
+def finished(job, folder: Path, timeout: float = 240.0) -> dict:
+    status = job.wait(timeout)
+    return {"status": status, "log": job.log, "weights": str(folder / "weights.pt")}
+
+
+def shared(tmp_path_factory, name: str, compute) -> dict:
+    """``compute(folder)`` once per test session, even across pytest-xdist workers (file lock)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common base folder
+    folder, done = root / name, root / name / "result.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            done.write_text(json.dumps(compute(folder)))
+    return json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def reference(cluster, tmp_path_factory) -> dict:
+    """Case 1, the uninterrupted run every other case must reproduce bit for bit."""
+    return shared(tmp_path_factory, "slurm-single-node",
+                  lambda folder: finished(submit(cluster, "single_node.sbatch", folder), folder))
+
+
+def assert_same_weights(result: dict, reference: dict) -> None:
+    ours = torch.load(result["weights"], weights_only=True)
+    theirs = torch.load(reference["weights"], weights_only=True)
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, f"weights differ from the uninterrupted run in {different}\n{result['log']}"
+
+
+def final_accuracy(log: str) -> float:
+    last = [line for line in log.splitlines() if line.startswith(f"epoch {EPOCHS - 1} |")]
+    assert len(last) == 1, log
+    return float(last[0].split("val_accuracy")[1].split("|")[0])
+
+
+def test_single_node_torchrun_inside_the_job(reference):
+    """Case 1: slurm/single_node.sbatch runs torchrun in the batch job, one process per CPU of the job."""
+    log = reference["log"]
+    assert reference["status"] == 0, log
+    assert "2 process(es)" in log and "training on 2 process(es), device cpu" in log
+    assert final_accuracy(log) > 0.9, log
+    assert Path(reference["weights"]).exists()
+
+
+def test_srun_tasks_without_torchrun(cluster, reference, tmp_path):
+    """Case 2: slurm/srun_tasks.sbatch, one srun task per rank; anndist reads the SLURM variables itself."""
+    result = finished(submit(cluster, "srun_tasks.sbatch", tmp_path), tmp_path)
+    assert result["status"] == 0, result["log"]
+    assert "2 rank(s)" in result["log"] and "training on 2 process(es)" in result["log"]
+    assert_same_weights(result, reference)
+
+
+def test_two_nodes_one_torchrun_per_node(cluster, reference, tmp_path):
+    """Case 3: slurm/multi_node.sbatch on two nodes, one torchrun each, c10d rendezvous on the first."""
+    result = finished(submit(cluster, "multi_node.sbatch", tmp_path, options=("--cpus-per-task=1",)), tmp_path)
+    log = result["log"]
+    assert result["status"] == 0, log
+    assert "on anndist-node[1-2], rendezvous anndist-node1:" in log and "training on 2 process(es)" in log
+    assert_same_weights(result, reference)
