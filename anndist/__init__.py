@@ -1,6 +1,6 @@
 """anndist: one training loop from one CPU to many GPU nodes, built on DistributedDataParallel."""
 from .batch import split_batch, to_device
-from .callbacks import Callback, CallbackError, CallbackList, LoggingCallback
+from .callbacks import PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, LoggingCallback, PreemptionCallback
 from .env import DistEnv, detect_env
 from .optimization import NonFiniteLossError
 from .seed import seed_everything
@@ -11,4 +11,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Trainer", "Callback", "CallbackList", "CallbackError", "LoggingCallback", "seed_everything",
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
+    "PreemptionCallback", "PREEMPTED_EXIT_CODE",
 ]

@@ -29,6 +29,8 @@ class TrainerConfig:
         (NCCL for CUDA, gloo for CPU) and the collective timeout of a group the Trainer creates.
     rebuild_train_loader / rebuild_eval_loader: shard stock-sampler loaders across ranks (see sampler.py).
     ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``.
+    handle_signals: install a ``PreemptionCallback`` (SIGUSR1/SIGTERM: stop all ranks at the same step,
+        checkpoint, requeue on SLURM, exit 75) unless ``callbacks`` holds one; see docs/slurm.md.
     """
 
     use_amp: bool = False
@@ -46,6 +48,7 @@ class TrainerConfig:
     rebuild_train_loader: bool = True
     rebuild_eval_loader: bool = True
     ddp_kwargs: dict = field(default_factory=dict)
+    handle_signals: bool = True
     sum_reduction: bool = False  # derived: criterion.reduction == "sum"
 
     @classmethod
@@ -66,6 +69,9 @@ class TrainerConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be a positive number or None")
         _check_choice("scheduler_interval", self.scheduler_interval, ("step", "epoch"))
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        if not isinstance(self.handle_signals, bool):
+            raise TypeError(f"handle_signals must be True or False, got {type(self.handle_signals).__name__} "
+                            f"{self.handle_signals!r}")
         if self.scheduler is not None and getattr(self.scheduler, "optimizer", optimizer) is not optimizer:
             raise ValueError("scheduler was built on another optimizer; build it on the Trainer's optimizer")
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.scheduler_interval != "epoch":

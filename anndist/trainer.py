@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from . import process_group
 from .batch import batch_size, split_batch, to_device
 from .callbacks.base import Callback, CallbackList
+from .callbacks.preemption import PreemptionCallback
 from .config import TrainerConfig
 from .env import DistEnv, detect_env
 from .evaluation import evaluate as evaluate_loader
@@ -59,6 +60,8 @@ class Trainer:
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
         self.precision = Precision(cfg.amp_dtype, self.device)
         self.callbacks = CallbackList(callbacks, rank=self.rank)
+        if cfg.handle_signals and not any(isinstance(cb, PreemptionCallback) for cb in self.callbacks):
+            self.callbacks.append(PreemptionCallback())  # last, so the others' on_train_end run before its exit
         self._optimizer_step = OptimizerStep(
             optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
             cfg.max_grad_norm, cfg.on_nonfinite)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from anndist.slurm import RequeueError, requeue
 from launch import ROOT, child_env
 from slurm_cluster import SlurmCluster, unavailable_reason
 
@@ -109,3 +110,10 @@ def test_two_nodes_one_torchrun_per_node(cluster, reference, tmp_path):
     assert result["status"] == 0, log
     assert "on anndist-node[1-2], rendezvous anndist-node1:" in log and "training on 2 process(es)" in log
     assert_same_weights(result, reference)
+
+
+def test_requeue_refused_names_the_reason(cluster, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.setenv("PATH", cluster.env()["PATH"])
+    with pytest.raises(RequeueError, match=r"`scontrol requeue 999999` failed: .*Invalid job id.*Resubmit it"):
+        requeue("999999")

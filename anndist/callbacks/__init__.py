@@ -1,5 +1,6 @@
 """Callbacks shipped with anndist. Write your own by subclassing :class:`Callback`."""
 from .base import Callback, CallbackError, CallbackList
 from .logging import LoggingCallback
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 
-__all__ = ["Callback", "CallbackError", "CallbackList", "LoggingCallback"]
+__all__ = ["Callback", "CallbackError", "CallbackList", "LoggingCallback", "PreemptionCallback", "PREEMPTED_EXIT_CODE"]

@@ -1,0 +1,156 @@
+"""PreemptionCallback: on SIGUSR1 or SIGTERM, stop all ranks at the same step, save, requeue, exit.
+
+The Trainer installs one in every rank by default (``handle_signals=False`` turns it off). The
+signal handler only sets ``trainer.stop_training``; the Trainer's stop agreement (the one async
+all-reduce per optimizer step it runs anyway) makes every rank stop after the same step, whichever
+ranks got the signal. Then, in ``on_train_end``, on every rank:
+
+1. the checkpoint: ``save_in_dir(trainer, checkpoint_dir)`` (rank 0 writes atomically);
+2. for a requeue signal (SIGUSR1 by default: the warning Slurm sends before a time limit, see
+   ``docs/slurm.md``) inside a SLURM job, rank 0 runs ``scontrol requeue $SLURM_JOB_ID``; the rerun
+   resumes from the checkpoint when the Trainer has ``auto_resume=True``;
+3. exit with :data:`PREEMPTED_EXIT_CODE` (75, sysexits' EX_TEMPFAIL: "try again"), so no code after
+   ``fit()`` runs as if training had finished. Without a ``checkpoint_dir`` nothing is saved or
+   requeued and the exit status is 128 + the signal number, as if the signal had killed the process.
+
+SIGTERM does not requeue by default: it is also what ``scancel`` sends, and a cancelled job must
+stay cancelled. Handlers are installed for the duration of ``fit()`` only, from the main thread.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import weakref
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+import torch.distributed as dist
+
+from .. import process_group
+from ..log import get_logger
+from ..slurm import RequeueError, job_id, requeue
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+PREEMPTED_EXIT_CODE = 75
+_DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM) if s is not None)
+_DEFAULT_REQUEUE = tuple(s for s in (getattr(signal, "SIGUSR1", None),) if s is not None)
+
+
+class PreemptionCallback(Callback):
+    """Turns ``signals`` into a clean stop, a checkpoint, a requeue (``requeue_signals``) and an exit."""
+
+    def __init__(self, signals: Iterable[int] = _DEFAULT_SIGNALS, requeue_signals: Iterable[int] = _DEFAULT_REQUEUE,
+                 exit: bool = True) -> None:
+        self.signals = _check_signals("signals", signals)
+        self.requeue_signals = _check_signals("requeue_signals", requeue_signals)
+        if not set(self.requeue_signals) <= set(self.signals):
+            raise ValueError(f"requeue_signals={_names(self.requeue_signals)} must be among signals={_names(self.signals)}")
+        self.exit = exit
+        self.received: set[int] = set()  # signals this rank got during the current fit()
+        self._previous: dict[int, object] = {}
+        self._num_epochs: int | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        self.received = set()
+        self._num_epochs = (logs or {}).get("num_epochs")
+        self._install(trainer)
+
+    def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        try:
+            signals = self._agreed_signals(trainer)
+            if signals:
+                self._stop(trainer, signals)
+        finally:
+            self._uninstall()
+
+    # ------------------------------------------------------------------ signal handlers
+    def _install(self, trainer: "Trainer") -> None:
+        if threading.current_thread() is not threading.main_thread():
+            get_logger(trainer.rank).warning(
+                "PreemptionCallback: fit() runs outside the main thread, where Python cannot install signal "
+                "handlers; SIGUSR1/SIGTERM keep their default action (pass handle_signals=False to silence this)")
+            return
+        trainer_ref = weakref.ref(trainer)
+
+        def handler(signum: int, frame: object) -> None:
+            # Only flags here (a handler may interrupt anything); the agreement does the rest.
+            self.received.add(signum)
+            current = trainer_ref()
+            if current is not None:
+                current.stop_training = True
+
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, handler)
+
+    def _uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    # ------------------------------------------------------------------ stopping
+    def _agreed_signals(self, trainer: "Trainer") -> list[int]:
+        """Signals any rank received, when the run was cut short by them (same answer on every rank)."""
+        if not trainer.stop_training:  # agreed on every rank, so every rank skips the reduction alike
+            return []
+        got = torch.tensor([s in self.received for s in self.signals], dtype=torch.int32, device=trainer.device)
+        process_group.all_reduce(got, op=dist.ReduceOp.MAX)  # once per fit(), not per step
+        signals = [s for s, flag in zip(self.signals, got.tolist()) if flag]
+        if signals and self._num_epochs is not None and trainer.epoch >= self._num_epochs:
+            get_logger(trainer.rank).info("%s arrived after the last epoch: training is complete", _names(signals))
+            return []
+        return signals
+
+    def _stop(self, trainer: "Trainer", signals: list[int]) -> None:
+        logger = get_logger(trainer.rank)
+        names = _names(signals)
+        logger.info("%s received: every rank stopped after optimizer step %d (epoch %d)",
+                       names, trainer.global_step, trainer.epoch)
+        checkpoint_dir = getattr(trainer.config, "checkpoint_dir", None)
+        if checkpoint_dir is None:
+            logger.info("no checkpoint_dir: nothing saved and the job is not requeued; pass checkpoint_dir=... "
+                           "and auto_resume=True to the Trainer to continue after a preemption")
+            process_group.barrier()
+            self._exit(128 + signals[0])
+            return
+        from ..checkpoint import save_in_dir  # late: the checkpoint module builds on the Trainer
+
+        path = save_in_dir(trainer, checkpoint_dir, reason="preempted", signal=names)
+        logger.info("saved %s", path)
+        if set(signals) & set(self.requeue_signals) and trainer.is_main_process:
+            self._requeue(logger)
+        process_group.barrier()  # no rank exits (which may end the job step) before the requeue is asked
+        self._exit(PREEMPTED_EXIT_CODE)
+
+    @staticmethod
+    def _requeue(logger) -> None:
+        job = job_id(os.environ)
+        if job is None:
+            logger.info("not a SLURM job: nothing to requeue; run again to resume from the checkpoint")
+            return
+        try:
+            requeue(job)
+        except RequeueError as exc:
+            logger.error("%s", exc)
+            return
+        logger.warning("requeued SLURM job %s: its next run resumes from the checkpoint", job)
+
+    def _exit(self, code: int) -> None:
+        if self.exit:
+            raise SystemExit(code)
+
+
+def _check_signals(name: str, signals: Iterable[int]) -> tuple[int, ...]:
+    try:
+        result = tuple(signal.Signals(s) for s in signals)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={signals!r} must be signal numbers such as signal.SIGUSR1") from None
+    return result
+
+
+def _names(signals: Iterable[int]) -> str:
+    return "/".join(signal.Signals(s).name for s in signals)

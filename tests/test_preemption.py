@@ -1,0 +1,123 @@
+"""PreemptionCallback without Slurm: real signals, real ranks; the Slurm paths are in test_slurm.py."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from anndist import PREEMPTED_EXIT_CODE, Callback, PreemptionCallback, Trainer
+from anndist.slurm import RequeueError, requeue
+from distributed import run_spawn
+from launch import ROOT, child_env
+from models import make_dataset, make_model
+
+BATCHES_PER_EPOCH = 8  # 64 samples / batch 8 on one rank; 4 per rank on two
+
+
+class SignalAt(Callback):
+    """Sends ``sig`` to this very process on rank ``rank`` after optimizer step ``step`` (or at the
+    end of epoch ``epoch_end``)."""
+
+    def __init__(self, sig: int, step: int | None = None, rank: int = 0, epoch_end: int | None = None) -> None:
+        self.sig, self.step, self.rank, self.epoch_end = sig, step, rank, epoch_end
+
+    def on_batch_end(self, batch_idx, trainer, logs=None):
+        if trainer.rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+    def on_epoch_end(self, epoch, trainer, logs=None):
+        if trainer.rank == self.rank and epoch == self.epoch_end:
+            os.kill(os.getpid(), self.sig)
+
+
+def _trainer(callbacks, **options):
+    model = make_model()
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                   callbacks=callbacks, seed=0, **options)
+
+
+def _fit_with_signals(rank, world_size):
+    results = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        trainer = _trainer([SignalAt(sig, step=3, rank=1), PreemptionCallback(exit=False)])
+        before = signal.getsignal(sig)
+        trainer.fit(DataLoader(make_dataset(), batch_size=8, shuffle=True), num_epochs=3)
+        results.append({"step": trainer.global_step, "epoch": trainer.epoch, "stopped": trainer.stop_training,
+                        "handler_restored": signal.getsignal(sig) == before})
+    return results
+
+
+def test_signal_on_one_rank_stops_every_rank_at_the_same_step():
+    usr1, term = zip(*run_spawn(_fit_with_signals, 2))
+    for results in (usr1, term):
+        # Rank 1 is signalled after step 3; the agreement is read one step later: both stop after step 4.
+        assert [r["step"] for r in results] == [4, 4]
+        assert all(r["stopped"] and r["epoch"] == 0 and r["handler_restored"] for r in results)
+
+
+def test_signal_after_the_last_epoch_changes_nothing():
+    # Signalled once the last epoch's batches are done: training is complete, nothing to save or requeue.
+    trainer = _trainer([SignalAt(signal.SIGUSR1, epoch_end=1), PreemptionCallback()])  # exit=True
+    trainer.fit(DataLoader(make_dataset(), batch_size=8), num_epochs=2)  # does not raise SystemExit
+    assert trainer.global_step == 2 * BATCHES_PER_EPOCH and trainer.epoch == 2 and trainer.stop_training
+
+
+def test_trainer_installs_one_by_default_and_not_when_asked():
+    assert sum(isinstance(cb, PreemptionCallback) for cb in _trainer([]).callbacks) == 1
+    own = PreemptionCallback(requeue_signals=())
+    assert [cb for cb in _trainer([own]).callbacks if isinstance(cb, PreemptionCallback)] == [own]
+    assert not any(isinstance(cb, PreemptionCallback) for cb in _trainer([], handle_signals=False).callbacks)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"handle_signals": "yes"}, TypeError, "handle_signals must be True or False"),
+])
+def test_bad_option(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _trainer([], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"signals": ["USR1"]}, "signals=.*must be signal numbers"),
+    ({"signals": [signal.SIGTERM], "requeue_signals": [signal.SIGUSR1]}, "requeue_signals=SIGUSR1 must be among"),
+])
+def test_bad_callback_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PreemptionCallback(**kwargs)
+
+
+SIGNAL_SELF = """
+import os, signal, sys, torch
+from torch.utils.data import DataLoader
+sys.path.insert(0, "tests")
+from anndist import Callback, Trainer
+from models import make_dataset, make_model
+class Kill(Callback):
+    def on_batch_end(self, batch_idx, trainer, logs=None):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+model = make_model()
+trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), callbacks=[Kill()])
+trainer.fit(DataLoader(make_dataset(), batch_size=8), num_epochs=5)
+print("fit returned")
+"""
+
+
+def test_without_checkpoint_dir_the_process_exits_as_if_killed():
+    proc = subprocess.run([os.sys.executable, "-c", SIGNAL_SELF], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "fit returned" not in proc.stdout
+    assert "SIGTERM received: every rank stopped after optimizer step 3" in proc.stderr
+    assert "no checkpoint_dir: nothing saved" in proc.stderr
+    assert PREEMPTED_EXIT_CODE == 75
+
+
+def test_requeue_without_scontrol_says_so(monkeypatch):
+    monkeypatch.setenv("PATH", str(ROOT / "slurm"))  # a folder without scontrol
+    with pytest.raises(RequeueError, match=r"`scontrol` is not on PATH .*containers.*resubmit"):
+        requeue("42")
