@@ -29,6 +29,9 @@ class TrainerConfig:
         (NCCL for CUDA, gloo for CPU) and the collective timeout of a group the Trainer creates.
     rebuild_train_loader / rebuild_eval_loader: shard stock-sampler loaders across ranks (see sampler.py).
     ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``.
+    stop_check_period: seconds between the cross-rank agreements on ``stop_training`` (0: after every
+        optimizer step). With small, fast steps a period such as 0.05 makes that all-reduce rare; a
+        stop then takes effect within about the period, still at the same step on every rank.
     handle_signals: install a ``PreemptionCallback`` (SIGUSR1/SIGTERM: stop all ranks at the same step,
         checkpoint, requeue on SLURM, exit 75) unless ``callbacks`` holds one; see docs/slurm.md.
     """
@@ -48,6 +51,7 @@ class TrainerConfig:
     rebuild_train_loader: bool = True
     rebuild_eval_loader: bool = True
     ddp_kwargs: dict = field(default_factory=dict)
+    stop_check_period: float = 0.0
     handle_signals: bool = True
     sum_reduction: bool = False  # derived: criterion.reduction == "sum"
 
@@ -69,6 +73,10 @@ class TrainerConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be a positive number or None")
         _check_choice("scheduler_interval", self.scheduler_interval, ("step", "epoch"))
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        if isinstance(self.stop_check_period, bool) or not isinstance(self.stop_check_period, numbers.Real) \
+                or not 0 <= self.stop_check_period < float("inf"):
+            raise ValueError(f"stop_check_period={self.stop_check_period!r} must be a number of seconds >= 0 "
+                             "(0 agrees on stop_training after every optimizer step)")
         if not isinstance(self.handle_signals, bool):
             raise TypeError(f"handle_signals must be True or False, got {type(self.handle_signals).__name__} "
                             f"{self.handle_signals!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import time
 import weakref
 from datetime import timedelta
 from typing import Any, Callable
@@ -108,23 +109,48 @@ class Agreement:
     """A flag that every rank sees set once any rank set it, at the same step on every rank.
 
     ``propose(flag)`` starts an asynchronous MAX all-reduce of this rank's flag; the result is read
-    by the next ``propose`` (or ``settle``), so the collective overlaps a whole step of compute and
+    by the next proposal (or ``settle``), so the collective overlaps a whole step of compute and
     the per-step cost is one tiny message. Ranks call it at the same points, so they decide alike.
+
+    ``period`` > 0 spaces the proposals about ``period`` seconds apart: ``propose`` then reduces
+    only every N-th call, N chosen from this rank's recent step time and agreed in the same
+    all-reduce (MAX), so every rank proposes at the same calls. A stop then takes effect within
+    about ``period`` seconds instead of one step, for 1/N of the per-step cost.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    MAX_INTERVAL = 1000
+
+    def __init__(self, device: torch.device, period: float = 0.0) -> None:
         self._distributed = is_initialized() and world_size() > 1
         self._device = device
+        self._period = period
         self._pending: tuple[Any, torch.Tensor] | None = None
+        self._interval = 1   # calls between proposals, the same on every rank
+        self._countdown = 1  # calls until the next proposal
+        self._last: float | None = None  # perf_counter() at the last proposal
 
     def propose(self, flag: bool) -> bool:
-        """Offer this rank's flag; return the agreed flag of the previous proposal."""
+        """Offer this rank's flag; return the agreed flag of the previous proposal (False between proposals)."""
         if not self._distributed:
             return flag
+        self._countdown -= 1
+        if self._countdown > 0:
+            return False
         agreed = self.settle()
-        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device)
+        self._countdown = self._interval
+        value = torch.tensor([1 if flag else 0, self._wish()], dtype=torch.int32, device=self._device)
         self._pending = (dist.all_reduce(value, op=dist.ReduceOp.MAX, async_op=True), value)
         return agreed
+
+    def _wish(self) -> int:
+        """Calls between proposals that would span ``period`` at this rank's recent pace."""
+        if self._period <= 0:
+            return 1
+        now, last, self._last = time.perf_counter(), self._last, time.perf_counter()
+        if last is None or now <= last:
+            return 1
+        per_call = (now - last) / self._interval
+        return max(1, min(self.MAX_INTERVAL, int(self._period / per_call)))
 
     def settle(self) -> bool:
         """Wait for the outstanding proposal (if any) and return its agreed flag."""
@@ -133,7 +159,9 @@ class Agreement:
         work, value = self._pending
         self._pending = None
         work.wait()
-        return bool(value.item())
+        flag, interval = value.tolist()
+        self._interval = interval  # every rank reads the same reduced value here
+        return bool(flag)
 
     def decide(self, flag: bool) -> bool:
         """Synchronous agreement: settle what is pending, then reduce ``flag`` now."""

@@ -65,7 +65,7 @@ class Trainer:
         self._optimizer_step = OptimizerStep(
             optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
             cfg.max_grad_norm, cfg.on_nonfinite)
-        self._agreement = process_group.Agreement(self.device)
+        self._agreement = process_group.Agreement(self.device, cfg.stop_check_period)
         self._eval_loaders: "weakref.WeakKeyDictionary[Any, DataLoader]" = weakref.WeakKeyDictionary()
         self._non_blocking = self.device.type == "cuda"
         self.epoch = 0             # the epoch being trained, or the next one to train
