@@ -129,7 +129,7 @@ class Trainer:
             cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": self.epoch})
             ends_window = is_last or (batch_idx + 1) % k == 0
             loss, n = self._forward_backward(batch, window, sync=ends_window)
-            loss_sum.add_(loss.double(), alpha=n)
+            loss_sum.add_(loss, alpha=n)
             samples += n
             cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
             stepped = False
@@ -155,7 +155,8 @@ class Trainer:
         with no_sync:
             with self.precision.autocast():
                 loss = self.criterion(self.model(inputs), targets)
-            self.precision.backward(loss * window.weight(n) if window.weighs else loss)
+            weight = window.weight(n)
+            self.precision.backward(loss * weight if weight != 1.0 else loss)
         loss = loss.detach()
         window.add(loss, n)
         return loss, n
@@ -273,6 +274,8 @@ class _Window:
         self.samples, self.losses = 0, []
 
     def weight(self, n: int) -> float:
+        if not self.weighs:
+            return 1.0
         if self.nominal is None:
             self.nominal = n
         return n / (self.k * self.nominal)
