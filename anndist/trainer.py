@@ -63,6 +63,8 @@ class Trainer:
             optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
             cfg.max_grad_norm, cfg.on_nonfinite)
         self._agreement = process_group.Agreement(self.device)
+        self._train_source: Iterable | None = None  # the user's loader behind self._train_loader
+        self._train_loader: Iterable | None = None
         self._eval_loaders: "weakref.WeakKeyDictionary[Any, DataLoader]" = weakref.WeakKeyDictionary()
         self._non_blocking = self.device.type == "cuda"
         self.epoch = 0             # the epoch being trained, or the next one to train
@@ -196,7 +198,7 @@ class Trainer:
     # ------------------------------------------------------------------ loaders
     def _prepare_train_loader(self, loader: Iterable) -> Iterable:
         if isinstance(loader, DataLoader) and self.config.rebuild_train_loader and is_rebuildable(loader):
-            if getattr(self, "_train_source", None) is not loader:
+            if self._train_source is not loader:
                 self._train_source = loader
                 self._train_loader = shard_train_loader(loader, self.world_size, self.rank, self.config.seed or 0)
             return self._train_loader
