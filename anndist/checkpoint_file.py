@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -127,6 +128,10 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         raise IsADirectoryError(
             f"checkpoint {path} is a folder; pass a checkpoint file, or resume_from={str(path)!r} to fit() "
             "to resume from the latest checkpoint in it")
+    if not zipfile.is_zipfile(path):  # reads the archive's trailer: a cut-short file has none
+        raise CheckpointError(
+            f"checkpoint {path} ({path.stat().st_size} bytes) is truncated or not a torch.save file: it has no "
+            "complete zip directory; it was cut short (a crash while copying it?) or is another kind of file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
@@ -136,13 +141,12 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
 
 
 def _load_failure(path: Path, exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-        return (f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses ({text}); "
+    unsafe = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
+    if unsafe:
+        return (f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses ({unsafe[0]}); "
                 "it was not written by anndist")
-    size = path.stat().st_size
-    return (f"checkpoint {path} ({size} bytes) is truncated or not a torch.save file ({text}); "
-            "it was cut short (a crash while copying it?) or is another kind of file: use an earlier checkpoint")
+    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return f"checkpoint {path} cannot be read, it is damaged ({detail}); use an earlier checkpoint"
 
 
 def check_format(payload: Any, path: Path) -> None:

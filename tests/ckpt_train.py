@@ -108,22 +108,28 @@ def kill_during_save(nth: int, where: str) -> None:
         os.replace = replace
 
 
-def train(spec: dict) -> tuple[Trainer, dict]:
-    dataset = RecordingDataset()
+def make_run(callbacks: list, dataset: Dataset | None = None, seed: int = SEED,
+             **options) -> tuple[Trainer, DataLoader, DataLoader]:
+    """The fixed run: a fresh model, optimizer, schedule and Trainer, and its train and val loaders."""
     model = make_model(dropout=0.3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.9)
+    trainer = Trainer(model, optimizer, torch.nn.CrossEntropyLoss(), callbacks=callbacks, seed=seed,
+                      gradient_accumulation_steps=ACCUMULATION, scheduler=scheduler, **options)
+    train_loader = DataLoader(dataset if dataset is not None else make_dataset(100, seed=0), batch_size=BATCH, shuffle=True)
+    return trainer, train_loader, DataLoader(make_dataset(40, seed=1), batch_size=8)
+
+
+def train(spec: dict) -> tuple[Trainer, dict]:
+    dataset = RecordingDataset()
     probe = Probe(spec, dataset)
     callbacks = [probe]
     if spec.get("every_n_steps"):
         callbacks.insert(0, ModelCheckpoint(spec["ckpt_dir"], every_n_steps=spec["every_n_steps"],
                                             keep_last=spec.get("keep_last", 3), monitor="val_loss"))
-    trainer = Trainer(model, optimizer, torch.nn.CrossEntropyLoss(), callbacks=callbacks, seed=SEED,
-                      gradient_accumulation_steps=ACCUMULATION, scheduler=scheduler,
-                      checkpoint_dir=spec.get("ckpt_dir"), auto_resume=spec.get("auto_resume", False))
-    history = trainer.fit(DataLoader(dataset, batch_size=BATCH, shuffle=True), EPOCHS,
-                          val_loader=DataLoader(make_dataset(40, seed=1), batch_size=8),
-                          resume_from=spec.get("resume_from"))
+    trainer, train_loader, val_loader = make_run(callbacks, dataset, checkpoint_dir=spec.get("ckpt_dir"),
+                                                 auto_resume=spec.get("auto_resume", False))
+    history = trainer.fit(train_loader, EPOCHS, val_loader=val_loader, resume_from=spec.get("resume_from"))
     if spec.get("stop_path"):
         trainer.save_checkpoint(spec["stop_path"], reason="stop", step=trainer.global_step)
     result = {
