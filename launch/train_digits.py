@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--log-interval", type=int, default=20)
     parser.add_argument("--save", default=None, help="write the final weights here (rank 0)")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="checkpoint here on SIGUSR1/SIGTERM and resume from here when restarted (SLURM requeue)")
     return parser.parse_args(argv)
 
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[LoggingCallback(log_interval=args.log_interval)],
         seed=args.seed, gradient_accumulation_steps=args.accumulation,
         use_amp=args.amp is not None, amp_dtype=args.amp,
+        checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None,
     )
     history = trainer.fit(
         DataLoader(train_set, batch_size=args.batch_size, shuffle=True),

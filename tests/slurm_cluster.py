@@ -68,8 +68,11 @@ def ensure_hosts(names: tuple[str, ...]) -> None:
 class SlurmCluster:
     """munged + slurmctld + one slurmd per node, configured in ``root``; see the module docstring."""
 
-    def __init__(self, root: str | Path | None = None, nodes: tuple[str, ...] = NODES) -> None:
+    def __init__(self, root: str | Path | None = None, nodes: tuple[str, ...] = NODES, first_job_id: int = 1) -> None:
         self.root = Path(root or tempfile.mkdtemp(prefix="anndist-slurm-"))
+        # Job ids pick rendezvous ports (15000 + id % 20000): clusters running side by side on one
+        # machine (pytest-xdist workers) need different ids, which real clusters on separate nodes don't.
+        self.first_job_id = first_job_id
         self.root.chmod(0o755)  # munged runs as the munge user and must reach its folder
         self.nodes = nodes
         self.conf = self.root / "etc" / "slurm.conf"
@@ -116,7 +119,8 @@ class SlurmCluster:
         lines = [
             "ClusterName=anndist", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={free_port()}",
             "SlurmUser=root", "AuthType=auth/munge", "CredType=cred/munge",
-            # cred_expire=10: a requeued job becomes eligible again ~11 s later (default: minutes).
+            # cred_expire=10: a requeued job becomes eligible again ~11 s later (default: minutes). Shorter
+            # risks "credential expired" step launches on a loaded machine.
             f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/slurmd-%n",
             f"SlurmctldPidFile={r}/run/slurmctld.pid", f"SlurmdPidFile={r}/run/slurmd-%n.pid",
@@ -129,7 +133,7 @@ class SlurmCluster:
             "SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1",
             "MpiDefault=none", "MailProg=/bin/true", "ReturnToService=2",
             # MinJobAge <= 5 makes `sbatch --wait` poll every 2 s instead of backing off to 32 s.
-            "MinJobAge=5", "KillWait=10",
+            "MinJobAge=5", "KillWait=10", f"FirstJobId={self.first_job_id}",
         ]
         lines += [f"NodeName={node} NodeAddr=127.0.0.1 Port={free_port()} {topology} RealMemory=2048 State=UNKNOWN"
                   for node in self.nodes]

@@ -27,7 +27,8 @@ BATCH_SHELL = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "
 def test_torchrun_first():
     env = detect_env(MappingProxyType({**SRUN_TASK, **TORCHRUN_RANK1}))  # read-only: detection never writes
     assert env == DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2,
-                          master_addr="localhost", master_port=43823, launcher="torchrun")
+                          master_addr="localhost", master_port=43823, launcher="torchrun",
+                          agent_store=True)
     assert env.init_method == "env://"
 
 

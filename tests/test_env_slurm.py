@@ -113,9 +113,11 @@ def test_batch_shell_is_a_single_process():
 
 @pytest.mark.parametrize("environ, expected", [
     (TORCHRUN_UNDER_SRUN_RANK1, DistEnv(rank=1, local_rank=0, world_size=2, local_world_size=1,
-                                        master_addr="localhost", master_port=42259, launcher="torchrun")),
+                                        master_addr="localhost", master_port=42259, launcher="torchrun",
+                                        agent_store=True)),
     (TORCHRUN_IN_BATCH_RANK1, DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2,
-                                      master_addr="localhost", master_port=45713, launcher="torchrun")),
+                                      master_addr="localhost", master_port=45713, launcher="torchrun",
+                                      agent_store=True)),
 ])
 def test_torchrun_workers_inside_slurm_follow_torchrun(environ, expected):
     # Their SLURM_PROCID/SLURM_NTASKS describe the srun task (one torchrun per node) or the batch

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from anndist import PREEMPTED_EXIT_CODE, Callback, PreemptionCallback, Trainer
+from anndist import PREEMPTED_EXIT_CODE, Callback, PreemptionCallback, Trainer, latest_checkpoint
 from anndist.slurm import RequeueError, requeue
 from distributed import run_spawn
 from launch import ROOT, child_env
@@ -101,26 +101,47 @@ import os, signal, sys, torch
 from torch.utils.data import DataLoader
 sys.path.insert(0, "tests")
 from anndist import Callback, Trainer
-from models import make_dataset, make_model
+from models import flat_params, make_dataset, make_model
+sig, at_step, checkpoint_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, sys.argv[4]
 class Kill(Callback):
     def on_batch_end(self, batch_idx, trainer, logs=None):
-        if trainer.global_step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-model = make_model()
-trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), callbacks=[Kill()])
-trainer.fit(DataLoader(make_dataset(), batch_size=8), num_epochs=5)
+        if trainer.global_step == at_step:
+            os.kill(os.getpid(), getattr(signal, sig))
+model = make_model(dropout=0.2)
+trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01), torch.nn.CrossEntropyLoss(), callbacks=[Kill()],
+                  seed=0, checkpoint_dir=checkpoint_dir, auto_resume=checkpoint_dir is not None)
+trainer.fit(DataLoader(make_dataset(), batch_size=8, shuffle=True), num_epochs=3)
+torch.save(flat_params(trainer.module), out)
 print("fit returned")
 """
 
 
-def test_without_checkpoint_dir_the_process_exits_as_if_killed():
-    proc = subprocess.run([os.sys.executable, "-c", SIGNAL_SELF], cwd=ROOT, env=child_env(), capture_output=True,
-                          text=True, timeout=120)
+def _python(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([os.sys.executable, "-c", SIGNAL_SELF, *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_without_checkpoint_dir_the_process_exits_as_if_killed(tmp_path):
+    proc = _python("SIGTERM", "3", "", str(tmp_path / "w.pt"))
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert "fit returned" not in proc.stdout
     assert "SIGTERM received: every rank stopped after optimizer step 3" in proc.stderr
     assert "no checkpoint_dir: nothing saved" in proc.stderr
-    assert PREEMPTED_EXIT_CODE == 75
+
+
+def test_signal_saves_exits_75_and_the_rerun_resumes_exactly(tmp_path):
+    """Outside SLURM: USR1 mid-epoch saves and exits 75 (nothing to requeue); running the same
+    command again resumes from the checkpoint and ends with the uninterrupted run's weights."""
+    ckpt, weights = tmp_path / "ckpt", tmp_path / "resumed.pt"
+    first = _python("SIGUSR1", "5", str(ckpt), str(weights))  # 8 steps per epoch: mid-epoch
+    assert first.returncode == PREEMPTED_EXIT_CODE == 75, first.stderr
+    assert "fit returned" not in first.stdout and "not a SLURM job: nothing to requeue" in first.stderr
+    assert latest_checkpoint(ckpt) is not None
+    second = _python("SIGUSR1", "-1", str(ckpt), str(weights))
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr
+    reference = _python("SIGUSR1", "-1", "", str(tmp_path / "reference.pt"))
+    assert reference.returncode == 0, reference.stderr
+    assert torch.equal(torch.load(weights), torch.load(tmp_path / "reference.pt"))
 
 
 def test_requeue_without_scontrol_says_so(monkeypatch):

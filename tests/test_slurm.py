@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from anndist import latest_checkpoint
+from anndist.checkpoint_file import read_checkpoint
 from anndist.slurm import RequeueError, requeue
 from launch import ROOT, child_env
 from slurm_cluster import SlurmCluster, unavailable_reason
@@ -34,7 +36,9 @@ def cluster():
         if os.environ.get("ANNDIST_REQUIRE_SLURM") == "1":
             pytest.fail(f"ANNDIST_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
-    slurm = SlurmCluster().start()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest-xdist
+    index = int(worker[2:]) + 1 if worker.startswith("gw") else 0
+    slurm = SlurmCluster(first_job_id=1000 * index + 1).start()
     yield slurm
     slurm.stop()
 
@@ -117,3 +121,48 @@ def test_requeue_refused_names_the_reason(cluster, monkeypatch):
     monkeypatch.setenv("PATH", cluster.env()["PATH"])
     with pytest.raises(RequeueError, match=r"`scontrol requeue 999999` failed: .*Invalid job id.*Resubmit it"):
         requeue("999999")
+
+
+def test_preempted_job_saves_requeues_resumes_and_matches(cluster, reference, tmp_path):
+    """Case 4: `scancel --signal=USR1` mid-training on two nodes (reaching the srun task on each, which
+    passes it to its torchrun's workers): all ranks stop at the same step, save, requeue the job; the
+    requeued run resumes and ends with exactly the uninterrupted run's weights."""
+    ckpt = tmp_path / "ckpt"
+    job = submit(cluster, "multi_node.sbatch", tmp_path, "--checkpoint-dir", str(ckpt),
+                 options=("--cpus-per-task=1",))
+    job.wait_for_log("epoch 0 |")
+    job.scancel("--signal=USR1")
+    result = finished(job, tmp_path)
+    log = result["log"]
+    assert result["status"] == 0, log
+    first, _, second = log.partition(f"anndist: job {job.id} run 2 ")
+    assert second, f"the job was not requeued:\n{log}"
+    assert "SIGUSR1 received: every rank stopped after optimizer step" in first, log
+    assert f"epoch {EPOCHS - 1} |" not in first, log  # ("requeued ..." may be cut: the requeue kills the step)
+    stopped_at = int(first.split("stopped after optimizer step ")[1].split()[0])
+    assert f"optimizer step {stopped_at}" in second.split("resumed from", 1)[1].splitlines()[0], log
+    assert final_accuracy(second) > 0.9
+    assert_same_weights(result, reference)
+
+
+def test_sigterm_as_at_a_time_limit_leaves_a_complete_checkpoint(cluster, tmp_path):
+    """Case 5: TERM to every process of the job (`scancel --full --signal=TERM`, what a time limit sends
+    before SIGKILL) with torchrun inside the job: the ranks stop together and save; no requeue."""
+    ckpt = tmp_path / "ckpt"
+    job = submit(cluster, "single_node.sbatch", tmp_path, "--checkpoint-dir", str(ckpt))
+    job.wait_for_log("epoch 0 |")
+    job.scancel("--full", "--signal=TERM")
+    result = finished(job, tmp_path)
+    log = result["log"]
+    assert result["status"] != 0, log  # torchrun reports its workers' exit 75 as a failure
+    assert "SIGTERM received: every rank stopped after optimizer step" in log, log
+    assert "requeued" not in log and " run 2 " not in log, log
+    stopped_at = int(log.split("stopped after optimizer step ")[1].split()[0])
+    path = latest_checkpoint(ckpt)
+    assert path is not None, sorted(p.name for p in ckpt.iterdir())
+    payload = read_checkpoint(path)  # a complete, readable anndist checkpoint (raises if torn)
+    progress = payload["trainer"]["progress"]
+    assert progress["global_step"] == stopped_at and 0 < stopped_at < EPOCHS * 23
+    assert progress["world_size"] == 2 and len(payload["ranks"]) == 2
+    assert payload["metadata"] == {"reason": "preempted", "signal": "SIGTERM"}
+    assert not Path(result["weights"]).exists()  # nothing after fit() ran
