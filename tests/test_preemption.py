@@ -70,6 +70,26 @@ def test_signal_after_the_last_epoch_changes_nothing():
     assert trainer.global_step == 2 * BATCHES_PER_EPOCH and trainer.epoch == 2 and trainer.stop_training
 
 
+class Boom(Callback):
+    def on_batch_end(self, batch_idx, trainer, logs=None):
+        raise RuntimeError("boom")
+
+
+def test_after_a_failed_fit_a_signal_gets_its_previous_handler():
+    got = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        trainer = _trainer([Boom()])
+        with pytest.raises(Exception, match="boom"):
+            trainer.fit(DataLoader(make_dataset(), batch_size=8), num_epochs=1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # anndist's handler, left by the failed fit, hands it on
+        assert got == [signal.SIGUSR1] and not trainer.stop_training
+        os.kill(os.getpid(), signal.SIGUSR1)  # and is gone
+        assert got == [signal.SIGUSR1] * 2
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_trainer_installs_one_by_default_and_not_when_asked():
     assert sum(isinstance(cb, PreemptionCallback) for cb in _trainer([]).callbacks) == 1
     own = PreemptionCallback(requeue_signals=())

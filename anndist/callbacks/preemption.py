@@ -22,12 +22,14 @@ import os
 import signal
 import threading
 import weakref
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.distributed as dist
 
 from .. import process_group
+from ..checkpoint import save_in_dir
 from ..log import get_logger
 from ..slurm import RequeueError, job_id, requeue
 from .base import Callback
@@ -70,14 +72,21 @@ class PreemptionCallback(Callback):
 
     # ------------------------------------------------------------------ signal handlers
     def _install(self, trainer: "Trainer") -> None:
+        self._uninstall()  # still installed if the previous fit() ended by an exception
         if threading.current_thread() is not threading.main_thread():
             get_logger(trainer.rank).warning(
                 "PreemptionCallback: fit() runs outside the main thread, where Python cannot install signal "
                 "handlers; SIGUSR1/SIGTERM keep their default action (pass handle_signals=False to silence this)")
             return
-        trainer_ref = weakref.ref(trainer)
+        from ..trainer import Trainer  # late: the Trainer module imports this one
 
-        def handler(signum: int, frame: object) -> None:
+        trainer_ref, fit_code = weakref.ref(trainer), Trainer.fit.__code__
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if not _running(frame, fit_code):  # fit() ended by an exception: act as if never installed
+                self._uninstall()
+                os.kill(os.getpid(), signum)
+                return
             # Only flags here (a handler may interrupt anything); the agreement does the rest.
             self.received.add(signum)
             current = trainer_ref()
@@ -109,16 +118,14 @@ class PreemptionCallback(Callback):
         logger = get_logger(trainer.rank)
         names = _names(signals)
         logger.info("%s received: every rank stopped after optimizer step %d (epoch %d)",
-                       names, trainer.global_step, trainer.epoch)
-        checkpoint_dir = getattr(trainer.config, "checkpoint_dir", None)
+                    names, trainer.global_step, trainer.epoch)
+        checkpoint_dir = trainer.config.checkpoint_dir
         if checkpoint_dir is None:
             logger.info("no checkpoint_dir: nothing saved and the job is not requeued; pass checkpoint_dir=... "
-                           "and auto_resume=True to the Trainer to continue after a preemption")
+                        "and auto_resume=True to the Trainer to continue after a preemption")
             process_group.barrier()
             self._exit(128 + signals[0])
             return
-        from ..checkpoint import save_in_dir  # late: the checkpoint module builds on the Trainer
-
         path = save_in_dir(trainer, checkpoint_dir, reason="preempted", signal=names)
         logger.info("saved %s", path)
         if set(signals) & set(self.requeue_signals) and trainer.is_main_process:
@@ -142,6 +149,15 @@ class PreemptionCallback(Callback):
     def _exit(self, code: int) -> None:
         if self.exit:
             raise SystemExit(code)
+
+
+def _running(frame: FrameType | None, code: CodeType) -> bool:
+    """Whether ``code`` (Trainer.fit) is on the stack the signal interrupted."""
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _check_signals(name: str, signals: Iterable[int]) -> tuple[int, ...]:
