@@ -1,6 +1,7 @@
 """anndist: one training loop from one CPU to many GPU nodes, built on DistributedDataParallel."""
 from .batch import split_batch, to_device
-from .callbacks import Callback, CallbackError, CallbackList, LoggingCallback
+from .callbacks import (Callback, CallbackError, CallbackList, LoggingCallback, MetricsCallback, ProfilingCallback,
+                        ProgressBarCallback, TensorBoardCallback)
 from .env import DistEnv, detect_env
 from .optimization import NonFiniteLossError
 from .seed import seed_everything
@@ -10,5 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Trainer", "Callback", "CallbackList", "CallbackError", "LoggingCallback", "seed_everything",
+    "MetricsCallback", "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback",
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
 ]

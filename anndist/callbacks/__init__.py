@@ -1,5 +1,10 @@
 """Callbacks shipped with anndist. Write your own by subclassing :class:`Callback`."""
 from .base import Callback, CallbackError, CallbackList
 from .logging import LoggingCallback
+from .metrics import MetricsCallback
+from .profiling import ProfilingCallback
+from .progress import ProgressBarCallback
+from .tensorboard import TensorBoardCallback
 
-__all__ = ["Callback", "CallbackError", "CallbackList", "LoggingCallback"]
+__all__ = ["Callback", "CallbackError", "CallbackList", "LoggingCallback", "MetricsCallback",
+           "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback"]
