@@ -79,7 +79,8 @@ def _panel(ax: Any, title: str, curves: list[tuple[str, Curve]], resumed_at: lis
         ax.plot(steps, values, label=_LABELS.get(name, name), **style)
     for step in resumed_at:
         ax.axvline(step, color="gray", linestyle=":", linewidth=1)
-    ax.legend()
+    if len(curves) > 1:
+        ax.legend()
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -69,6 +69,8 @@ class ProfilingCallback(Callback):
         self._host_last = time.perf_counter()
         if self.profile_memory and trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
+        if self._hook is not None:  # left by a fit that raised
+            self._hook.remove()
         self._hook = trainer.module.register_forward_hook(self._forward_done)
         self._trace = TraceWindow(self.trace_dir, self.trace_steps, trainer, self.profile_memory) \
             if self.trace_dir is not None else None

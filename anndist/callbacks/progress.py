@@ -81,7 +81,7 @@ class ProgressBarCallback(Callback):
     def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
         if not self.active or self.bar is None:
             return
-        self._refresh(trainer, time.perf_counter())
+        self.bar.update(self._batches)  # no rate here: the interval since the last refresh includes evaluation
         shown = {key: f"{logs[key]:.4f}" for key in ("train_loss", "val_loss", "val_accuracy") if key in (logs or {})}
         self.bar.set_postfix(step=trainer.global_step, **shown)  # the epoch's global figures
         self._close_bar()
