@@ -5,13 +5,15 @@ import pytest
 
 from anndist.env import DistEnv, detect_env, first_host
 
-# Copied from a real `torchrun --standalone --nproc_per_node=2` worker (rank 1).
+# Copied from a real `torchrun --standalone --nproc_per_node=2` worker (rank 1), torch 2.13.
 TORCHRUN_RANK1 = {
-    "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
-    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none",
-    "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_USE_AGENT_STORE": "True",
+    "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "localhost", "MASTER_PORT": "43823", "RANK": "1", "ROLE_NAME": "default",
+    "ROLE_RANK": "1", "ROLE_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "0",
+    "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_RUN_ID": "c60de8c1-8e26-48db-8dcd-ae62c635b5cd",
+    "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "WORLD_SIZE": "2",
 }
-# An srun task of a 2-task job on two nodes (SLURM 22.05).
+# An srun task of a 4-task job on two nodes (SLURM 22.05); tests/test_slurm*.py check real jobs.
 SRUN_TASK = {
     "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
     "SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[007-008]",
@@ -25,7 +27,7 @@ BATCH_SHELL = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "
 def test_torchrun_first():
     env = detect_env(MappingProxyType({**SRUN_TASK, **TORCHRUN_RANK1}))  # read-only: detection never writes
     assert env == DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2,
-                          master_addr="127.0.0.1", master_port=29500, launcher="torchrun")
+                          master_addr="localhost", master_port=43823, launcher="torchrun")
     assert env.init_method == "env://"
 
 

@@ -12,7 +12,6 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING, Any, Iterable, Mapping
 
-import torch
 
 from ..log import set_console_stream
 from .base import Callback

@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch.profiler import ProfilerAction, ProfilerActivity, profile
 
 if TYPE_CHECKING:
