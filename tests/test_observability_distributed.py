@@ -41,8 +41,10 @@ class SlowOnRank(Dataset):
 
 
 def _spy_reductions(logging_cb, trainer):
-    """Record the optimizer step of every all_reduce made inside LoggingCallback.on_batch_end."""
-    steps, inside, original_hook, original_reduce = [], [False], logging_cb.on_batch_end, process_group.all_reduce
+    """Record the optimizer step of every collective started inside LoggingCallback.on_batch_end."""
+    steps, inside, original_hook = [], [False], logging_cb.on_batch_end
+    originals = {name: getattr(process_group, name) for name in ("all_reduce", "all_reduce_async", "all_gather_object",
+                                                                  "broadcast_object", "barrier")}
 
     def hook(batch_idx, trainer_, logs=None):
         inside[0] = True
@@ -51,13 +53,16 @@ def _spy_reductions(logging_cb, trainer):
         finally:
             inside[0] = False
 
-    def reduce(tensor, op=None):
-        if inside[0]:
-            steps.append(trainer.global_step)
-        return original_reduce(tensor, op)
+    def spy(name):
+        def collective(*args, **kwargs):
+            if inside[0]:
+                steps.append((name, trainer.global_step))
+            return originals[name](*args, **kwargs)
+        return collective
 
     logging_cb.on_batch_end = hook
-    process_group.all_reduce = reduce
+    for name in originals:
+        setattr(process_group, name, spy(name))
     return steps
 
 
@@ -124,7 +129,8 @@ def test_logged_loss_is_the_mean_over_the_interval_and_all_ranks(run):
 def test_reduction_happens_on_logging_steps_only(run):
     results, _ = run
     for result in results:  # every rank takes part, at the same steps
-        assert result["reduced"] == ([2, 4, 6], [8])
+        assert result["reduced"] == ([("all_reduce_async", 2), ("all_reduce_async", 4), ("all_reduce_async", 6)],
+                                     [("all_reduce_async", 8)])
 
 
 def test_metrics_file_is_valid_and_continues_after_a_resume(run):

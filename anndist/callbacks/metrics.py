@@ -3,13 +3,17 @@
 Each rank adds its micro-batch losses, weighted by batch size, into a tensor on its device: no
 sync, no collective. Every ``log_interval`` optimizer steps (the same step on every rank, since
 steps advance in lockstep) one all-reduce of ``[loss sum, samples]`` yields the loss averaged over
-the interval and over all ranks, and the whole job's samples/s. No other step has a collective.
+the interval and over all ranks, and the whole job's samples/s. No other step starts a collective.
+The all-reduce is asynchronous: the training thread never waits for it, and the record is written
+at the first later step that finds it complete (at the latest at the epoch's end), so a logging
+step is no extra synchronisation point between ranks, nor a GPU sync.
 The interval restarts at each epoch, so an evaluation never counts as training time.
 
 Subclasses implement ``write(record)`` (and optionally ``open``/``close``); they run on rank 0 only.
 """
 from __future__ import annotations
 
+import collections
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +45,7 @@ class MetricsCallback(Callback):
         self._in_fit = False
         self._loss_sum: torch.Tensor | None = None
         self._samples = 0
+        self._reductions: collections.deque[_Reduction] = collections.deque()  # started, not yet written
         self._since = time.perf_counter()
 
     # ---------------------------------------------------------------- for subclasses
@@ -71,10 +76,13 @@ class MetricsCallback(Callback):
             self._loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
         self._loss_sum.add_(loss, alpha=n)  # stays on the device: no sync
         self._samples += n
+        if self._reductions and self._reductions[0].ready():
+            self._write_reductions(wait=False)
         if logs["stepped"] and trainer.global_step % self.log_interval == 0:
-            self._log_interval(trainer)
+            self._start_reduction(trainer)
 
     def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._write_reductions(wait=True)  # the epoch's step records come before its epoch record
         logs = logs or {}
         ordered = [key for key in EPOCH_KEYS if key in logs] + sorted(k for k in logs if k not in EPOCH_KEYS)
         self._emit(trainer, "epoch", **{key: _number(logs[key]) for key in ordered if _is_number(logs[key])})
@@ -87,21 +95,25 @@ class MetricsCallback(Callback):
         self.close()
 
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._write_reductions(wait=True)  # a run stopped mid-epoch has no epoch end
         self._in_fit = False
         if self.writes:
             self.close()
             self.writes = False
 
     # ---------------------------------------------------------------- internals
-    def _log_interval(self, trainer: "Trainer") -> None:
-        elapsed = time.perf_counter() - self._since
+    def _start_reduction(self, trainer: "Trainer") -> None:
         totals = torch.stack([self._loss_sum, torch.tensor(float(self._samples), dtype=torch.float64,
                                                            device=self._loss_sum.device)])
-        process_group.all_reduce(totals)  # every rank is at this same optimizer step
-        loss_sum, samples = totals.tolist()
-        self._emit(trainer, "step", loss=loss_sum / samples, lr=learning_rate(trainer.optimizer),
-                   samples_per_s=samples / elapsed if elapsed > 0 else float("nan"))
+        record = self._record(trainer, "step", lr=learning_rate(trainer.optimizer))
+        self._reductions.append(_Reduction(totals, record, time.perf_counter() - self._since))
         self._restart_interval()
+
+    def _write_reductions(self, wait: bool) -> None:
+        while self._reductions and (wait or self._reductions[0].ready()):
+            record = self._reductions.popleft().result()
+            if self.writes:
+                self.write(record)
 
     def _restart_interval(self) -> None:
         if self._loss_sum is not None:
@@ -116,6 +128,41 @@ class MetricsCallback(Callback):
     @staticmethod
     def _record(trainer: "Trainer", kind: str, **values: Any) -> dict[str, Any]:
         return {"kind": kind, "time": time.time(), "epoch": trainer.epoch, "step": trainer.global_step, **values}
+
+
+class _Reduction:
+    """One interval's ``[loss sum, samples]``, all-reduced asynchronously, read once complete.
+
+    On CUDA the result comes back through a non-blocking copy to pinned host memory ordered after
+    the all-reduce, and an event says when it has landed, so reading it never syncs the GPU.
+    """
+
+    def __init__(self, totals: torch.Tensor, record: dict[str, Any], elapsed: float) -> None:
+        self.record, self.elapsed = record, elapsed
+        self.work = process_group.all_reduce_async(totals)  # every rank is at this same optimizer step
+        self.event: torch.cuda.Event | None = None
+        self.totals = totals
+        if totals.is_cuda:
+            if self.work is not None:
+                self.work.wait()  # with NCCL the current stream waits for the all-reduce, not the host
+            self.totals = totals.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def ready(self) -> bool:
+        if self.event is not None:
+            return self.event.query()
+        return self.work is None or self.work.is_completed()
+
+    def result(self) -> dict[str, Any]:
+        """The step record, waiting for the all-reduce if it has not finished."""
+        if self.event is not None:
+            self.event.synchronize()
+        elif self.work is not None:
+            self.work.wait()
+        loss_sum, samples = self.totals.tolist()
+        return {**self.record, "loss": loss_sum / samples,
+                "samples_per_s": samples / self.elapsed if self.elapsed > 0 else float("nan")}
 
 
 def learning_rate(optimizer: torch.optim.Optimizer) -> float:
