@@ -1,6 +1,6 @@
 """The digits example under real torchrun with 2 ranks, each rank's output in its own file (one
-run serves every test): each line once, the bar on rank 0 only, a valid metrics.jsonl, the
-profiling table with every rank, parseable traces, and the PNG drawn from the metrics."""
+run serves every test): each line once, the bar on rank 0 only, a valid metrics.jsonl appended to
+the one an earlier job left, the profiling table with every rank, parseable traces, and the PNG."""
 import json
 import re
 import subprocess
@@ -12,12 +12,17 @@ from anndist.callbacks.logging import format_record
 from launch import ROOT, child_env, torchrun
 
 TRACE_STEPS = (3, 6)
+# What an earlier (requeued) job left in the folder: the new processes must append after it.
+EARLIER_PROCESS = [{"kind": "start", "time": 1.0, "epoch": 0, "step": 0, "world_size": 2},
+                   {"kind": "step", "time": 2.0, "epoch": 0, "step": 10, "loss": 2.5, "lr": 0.001, "samples_per_s": 1.0}]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("digits")
     run_dir, outputs = tmp / "run", tmp / "torchrun"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EARLIER_PROCESS))
     torchrun(ROOT / "launch" / "train_digits.py", "--epochs", "2", "--log-interval", "10",
              "--log-dir", str(run_dir), "--profile", "--trace-steps", *map(str, TRACE_STEPS), "--progress-bar",
              torchrun_args=("--redirects", "3", "--log-dir", str(outputs)))
@@ -27,10 +32,11 @@ def run(tmp_path_factory):
         streams[rank] = (rank_dir / "stderr.log").read_text() + (rank_dir / "stdout.log").read_text()
     records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"dir": run_dir, "out": streams, "records": records}
+    return {"dir": run_dir, "out": streams, "all_records": records, "records": records[len(EARLIER_PROCESS):]}
 
 
-def test_metrics_file_is_valid(run):
+def test_metrics_file_is_valid_and_continued_by_a_new_job(run):
+    assert run["all_records"][:len(EARLIER_PROCESS)] == EARLIER_PROCESS
     records = run["records"]
     kinds = [r["kind"] for r in records]
     assert kinds[0] == "start" and records[0]["world_size"] == 2

@@ -62,6 +62,7 @@ class MetricsCallback(Callback):
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         if self.writes:
             self.close()  # a previous fit that raised never reached on_train_end
+        self._reductions.clear()
         self.writes, self._in_fit = trainer.is_main_process, True
         if self.writes:
             self.open(trainer)
@@ -105,8 +106,9 @@ class MetricsCallback(Callback):
     def _start_reduction(self, trainer: "Trainer") -> None:
         totals = torch.stack([self._loss_sum, torch.tensor(float(self._samples), dtype=torch.float64,
                                                            device=self._loss_sum.device)])
-        record = self._record(trainer, "step", lr=learning_rate(trainer.optimizer))
-        self._reductions.append(_Reduction(totals, record, time.perf_counter() - self._since))
+        record = self._record(trainer, "step")
+        self._reductions.append(_Reduction(totals, record, learning_rate(trainer.optimizer),
+                                           time.perf_counter() - self._since))
         self._restart_interval()
 
     def _write_reductions(self, wait: bool) -> None:
@@ -137,8 +139,8 @@ class _Reduction:
     the all-reduce, and an event says when it has landed, so reading it never syncs the GPU.
     """
 
-    def __init__(self, totals: torch.Tensor, record: dict[str, Any], elapsed: float) -> None:
-        self.record, self.elapsed = record, elapsed
+    def __init__(self, totals: torch.Tensor, record: dict[str, Any], lr: float, elapsed: float) -> None:
+        self.record, self.lr, self.elapsed = record, lr, elapsed
         self.work = process_group.all_reduce_async(totals)  # every rank is at this same optimizer step
         self.event: torch.cuda.Event | None = None
         self.totals = totals
@@ -161,7 +163,7 @@ class _Reduction:
         elif self.work is not None:
             self.work.wait()
         loss_sum, samples = self.totals.tolist()
-        return {**self.record, "loss": loss_sum / samples,
+        return {**self.record, "loss": loss_sum / samples, "lr": self.lr,
                 "samples_per_s": samples / self.elapsed if self.elapsed > 0 else float("nan")}
 
 
