@@ -36,7 +36,8 @@ import workload  # noqa: E402
 RUNNERS = {"hand-written": "handwritten.py", "anndist": "anndist_runner.py",
            "accelerate": "accelerate_runner.py", "lightning": "lightning_runner.py"}
 REFERENCE = "hand-written"
-DESCRIPTION = {"small": "MLP 64-256-10 on digits, batch 32/rank", "large": "MLP 512-3x2048-10 on synthetic data, batch 64/rank"}
+DESCRIPTION = {"small": "MLP 64-256-10 on digits, batch 32/rank",
+               "large": "MLP 512-3x2048-10 on synthetic data, batch 64/rank"}
 DEFAULT_STEPS = {"small": 200, "large": 20}
 DEFAULT_WARMUP = {"small": 20, "large": 4}
 QUICK_STEPS = {"small": 40, "large": 6}
@@ -130,7 +131,8 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def launch(runner: str, size: str, nproc: int, steps: int, data: Path, out: Path, audit: bool) -> tuple[list[dict], float, float]:
+def launch(runner: str, size: str, nproc: int, steps: int, data: Path, out: Path,
+           audit: bool) -> tuple[list[dict], float, float]:
     """Run one runner under torchrun; return every rank's result, the launch wall time and the process time."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(PEERS / RUNNERS[runner]), "--size", size, "--data", str(data), "--steps", str(steps), "--out", str(out)]
@@ -140,7 +142,8 @@ def launch(runner: str, size: str, nproc: int, steps: int, data: Path, out: Path
     process_s = time.perf_counter() - launched
     Path(f"{out}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"{runner} ({size}, {nproc} processes) exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise RuntimeError(f"{runner} ({size}, {nproc} processes) exited {proc.returncode}:\n{tail}")
     results = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
     for result in results:
         if len(result["step_ends"]) != steps:
@@ -189,8 +192,8 @@ def summarize(runs: list[Run], runner: str) -> dict:
     mine = sorted((r for r in runs if r.runner == runner), key=lambda r: r.rep)
     reference = {r.rep: r.step_s for r in runs if r.runner == REFERENCE}
     ratios = [r.step_s / reference[r.rep] for r in mine]
-    return {"step_ms": 1e3 * statistics.median(r.step_s for r in mine), "cpu_ms": 1e3 * statistics.median(r.cpu_s for r in mine),
-            "ratio": statistics.median(ratios),
+    return {"step_ms": 1e3 * statistics.median(r.step_s for r in mine),
+            "cpu_ms": 1e3 * statistics.median(r.cpu_s for r in mine), "ratio": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios),
             "first_step_s": statistics.median(r.first_step_s for r in mine),
             "process_s": statistics.median(r.process_s for r in mine),
@@ -208,8 +211,8 @@ def audit_text(counts: dict | None) -> tuple[str, str]:
 def print_table(size: str, nproc: int, runs: list[Run], audits: dict, args: argparse.Namespace) -> dict:
     print(f"\n{size}: {DESCRIPTION[size]}, K={workload.K}, {args.steps[size]} optimizer steps "
           f"({args.warmup[size]} warm-up), {nproc} process{'es' if nproc > 1 else ''}, {args.reps} repetition(s)")
-    header = (f"{'runner':<13}{'step ms':>9}{'cpu ms':>8}  {'x hand-written [range]':<24}{'first step s':>13}{'process s':>11}"
-              f"{'max |dw|':>10}  {'grad all-reduce/step':<22}other collectives/step")
+    header = (f"{'runner':<13}{'step ms':>9}{'cpu ms':>8}  {'x hand-written [range]':<24}{'first step s':>13}"
+              f"{'process s':>11}{'max |dw|':>10}  {'grad all-reduce/step':<22}other collectives/step")
     print(header)
     print("-" * len(header))
     summary = {}
@@ -217,8 +220,8 @@ def print_table(size: str, nproc: int, runs: list[Run], audits: dict, args: argp
         s = summary[runner] = summarize(runs, runner)
         grads, other = audit_text(audits.get((runner, size, nproc)))
         spread = f"{s['ratio']:.3f} [{s['ratio_min']:.3f}-{s['ratio_max']:.3f}]"
-        print(f"{runner:<13}{s['step_ms']:>9.3f}{s['cpu_ms']:>8.3f}  {spread:<24}{s['first_step_s']:>13.2f}{s['process_s']:>11.2f}"
-              f"{s['weight_diff']:>10.1e}  {grads:<22}{other}")
+        print(f"{runner:<13}{s['step_ms']:>9.3f}{s['cpu_ms']:>8.3f}  {spread:<24}{s['first_step_s']:>13.2f}"
+              f"{s['process_s']:>11.2f}{s['weight_diff']:>10.1e}  {grads:<22}{other}")
     return summary
 
 
@@ -291,8 +294,11 @@ def main(argv: list[str] | None = None) -> None:
         folder = Path(args.keep or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         runs, audits = run_all(args, folder)
-    summaries = {(size, nproc): print_table(size, nproc, [r for r in runs if (r.size, r.nproc) == (size, nproc)], audits, args)
-                 for size in args.sizes for nproc in args.nprocs}
+    summaries = {}
+    for size in args.sizes:
+        for nproc in args.nprocs:
+            mine = [r for r in runs if (r.size, r.nproc) == (size, nproc)]
+            summaries[(size, nproc)] = print_table(size, nproc, mine, audits, args)
     print(LEGEND)
     print_targets(summaries, audits)
     print(f"\nload average {os.getloadavg()[0]:.2f} at end; total {time.perf_counter() - started:.0f} s")
@@ -301,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine(), "args": {k: v for k, v in vars(args).items()},
             "runs": [vars(r) for r in runs],
             "audits": [{"runner": k[0], "size": k[1], "nproc": k[2], **v} for k, v in audits.items()],
-            "summaries": [{"size": k[0], "nproc": k[1], "runner": r, **s} for k, v in summaries.items() for r, s in v.items()],
+            "summaries": [{"size": k[0], "nproc": k[1], "runner": r, **s}
+                          for k, v in summaries.items() for r, s in v.items()],
         }, indent=1))
 
 

@@ -1,6 +1,7 @@
 """Hugging Face Accelerate's ``Accelerator`` with ``accumulate()`` on the shared workload.
 
-    torchrun --standalone --nproc_per_node=2 tests/bench/peers/accelerate_runner.py --size small --data D --steps N --out P
+    torchrun --standalone --nproc_per_node=2 tests/bench/peers/accelerate_runner.py \
+        --size small --data D --steps N --out P
 
 ``cpu=True`` matters: without it, Accelerate under torchrun on a machine without GPUs trains each
 rank on its own, not distributed. ``prepare`` shards the loader by handing rank r the global batches

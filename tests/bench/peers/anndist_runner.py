@@ -1,6 +1,7 @@
 """anndist's Trainer on the shared workload, the way its README shows it.
 
-    torchrun --standalone --nproc_per_node=2 tests/bench/peers/anndist_runner.py --size small --data D --steps N --out P
+    torchrun --standalone --nproc_per_node=2 tests/bench/peers/anndist_runner.py \
+        --size small --data D --steps N --out P
 
 The loader is the user's plain ``DataLoader(shuffle=True)``: the Trainer shards it with a
 ``DistributedSampler``-compatible sampler seeded with ``seed``, so each rank reads the reference's order.

@@ -1,6 +1,7 @@
 """The reference: a hand-written DDP loop with gradient accumulation (``no_sync`` on all but the last micro-batch).
 
-    torchrun --standalone --nproc_per_node=2 tests/bench/peers/handwritten.py --size small --data D --steps N --out P
+    torchrun --standalone --nproc_per_node=2 tests/bench/peers/handwritten.py \
+        --size small --data D --steps N --out P
 """
 import contextlib
 import os

@@ -1,6 +1,7 @@
 """Lightning's ``Trainer(strategy="ddp", accumulate_grad_batches=4)`` under torchrun on the shared workload.
 
-    torchrun --standalone --nproc_per_node=2 tests/bench/peers/lightning_runner.py --size small --data D --steps N --out P
+    torchrun --standalone --nproc_per_node=2 tests/bench/peers/lightning_runner.py \
+        --size small --data D --steps N --out P
 
 Progress bar, logger, checkpointing and model summary are off. Lightning replaces the loader's
 ``RandomSampler`` with ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``, the reference's order

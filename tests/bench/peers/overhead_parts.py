@@ -2,13 +2,16 @@
 
     python tests/bench/peers/overhead_parts.py
 
-Each figure is the minimum over repeats of the mean time per optimizer step, which stays meaningful
-on a busy machine (contention only ever adds time). Parts, with where they live:
+Each figure is the minimum over repeats of the mean time per optimizer step (K=4 micro-batches),
+which stays meaningful on a busy machine (contention only ever adds time). Parts, with where they live:
   * whole loop, 1 process: ``Trainer.fit`` against the hand-written loop on the small workload, same
     process, alternating; the difference is everything anndist adds without a process group;
-  * grad norm: ``OptimizerStep`` measures the global gradient norm every step (optimization.py), also
-    when there is no clipping and no fp16 scaler;
-  * loss sum: ``_run_batches`` adds each micro-batch's loss, as float64, to the epoch sum (trainer.py);
+  * non-finite check: ``OptimizerStep._scale_and_check`` every step (optimization.py), a fused kernel
+    and one ``.item()`` (a host-device sync on CUDA);
+  * loss sum: ``_run_batches`` adds each micro-batch's float32 loss to a float64 epoch sum (trainer.py);
+  * batch helpers: ``split_batch``, two ``to_device``, ``batch_size`` per micro-batch (batch.py);
+  * callback logs: three ``CallbackList.call`` per micro-batch, each with a fresh ``logs`` dict, even
+    with no callback registered (trainer.py);
   * agreement: ``Agreement.propose`` after every step, an async MAX all-reduce (process_group.py), on 2
     gloo ranks next to a gradient-sized all-reduce per step.
 """
@@ -26,7 +29,10 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[3]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
 import workload  # noqa: E402
-from anndist import Trainer  # noqa: E402
+from anndist import CallbackList, Trainer  # noqa: E402
+from anndist.batch import batch_size, split_batch, to_device  # noqa: E402
+from anndist.optimization import OptimizerStep  # noqa: E402
+from anndist.precision import Precision  # noqa: E402
 from anndist.process_group import Agreement  # noqa: E402
 
 REPEATS = 7
@@ -91,40 +97,64 @@ def whole_loop() -> None:
           f"{1e6 * best['anndist']:.0f} us/step: +{1e6 * extra:.0f} us ({best['anndist'] / best['hand-written']:.3f}x)")
 
 
-def grad_norm() -> None:
+def nonfinite_check() -> None:
     for size in ("small", "large"):
         model = workload.build_model(size)
         for p in model.parameters():
             p.grad = torch.randn_like(p)
-        grads = [p.grad for p in model.parameters()]
+        optimizer = workload.build_optimizer(model.parameters())
+        step = OptimizerStep(optimizer, Precision(None, torch.device("cpu")), None, False, None, "error")
 
         def run() -> int:
             for _ in range(50):
-                float(torch.nn.utils.get_total_norm(grads))
+                step._scale_and_check(1.0)
             return 50
-        print(f"grad norm every step, {size}: {1e6 * best_per_step(run):.0f} us/step")
+        print(f"non-finite check, {size}: {1e6 * best_per_step(run):.1f} us/step")
 
 
-def loss_sum() -> None:
+def per_micro_batch_parts() -> None:
+    spec = workload.SIZES["small"]
+    batch = [torch.rand(spec.batch, spec.inputs), torch.randint(0, spec.classes, (spec.batch,))]
+    device, loss = torch.device("cpu"), torch.tensor(2.3)
     total = torch.zeros((), dtype=torch.float64)
-    loss = torch.tensor(2.3)
+    callbacks = CallbackList([], rank=0)
 
-    def run() -> int:
-        for _ in range(1000):
-            for _ in range(workload.K):
-                total.add_(loss.double(), alpha=32)
+    def loss_sum() -> int:
+        for _ in range(1000 * workload.K):
+            total.add_(loss, alpha=spec.batch)
         return 1000
-    print(f"float64 loss sum, K={workload.K} micro-batches: {1e6 * best_per_step(run):.1f} us/step")
+
+    def helpers() -> int:
+        for _ in range(1000 * workload.K):
+            inputs, targets = split_batch(batch)
+            batch_size(to_device(inputs, device), to_device(targets, device))
+        return 1000
+
+    def callback_logs() -> int:
+        for i in range(1000 * workload.K):
+            callbacks.call("on_batch_begin", i, trainer=None, logs={"epoch": 0})
+            callbacks.call("on_backward_end", i, trainer=None, logs={"loss": loss, "ends_window": False})
+            callbacks.call("on_batch_end", i, trainer=None,
+                           logs={"loss": loss, "batch_size": 32, "ends_window": False, "stepped": False})
+        return 1000
+    parts = (("float64 loss sum", loss_sum), ("batch helpers", helpers), ("callback logs, no callbacks", callback_logs))
+    for name, fn in parts:
+        print(f"{name}, K={workload.K} micro-batches: {1e6 * best_per_step(fn):.1f} us/step")
 
 
 def agreement_on_two_ranks(rank: int, world_size: int) -> dict[str, float]:
+    """A step = the small model's forward/backward on K micro-batches + its gradient all-reduce."""
     import torch.distributed as dist
-    gradients = torch.zeros(sum(p.numel() for p in workload.build_model("small").parameters()))
+    model = workload.build_model("small")
+    inputs = torch.rand(workload.SIZES["small"].batch, workload.SIZES["small"].inputs)
+    gradients = torch.zeros(sum(p.numel() for p in model.parameters()))
     agreement = Agreement(torch.device("cpu"))
 
     def loop(with_agreement: bool) -> Callable[[], int]:
         def run() -> int:
             for _ in range(200):
+                for _ in range(workload.K):
+                    model(inputs).sum().backward()
                 dist.all_reduce(gradients)
                 if with_agreement:
                     agreement.propose(False)
@@ -142,14 +172,14 @@ def agreement_on_two_ranks(rank: int, world_size: int) -> dict[str, float]:
 def agreement() -> None:
     from distributed import run_spawn
     best = run_spawn(agreement_on_two_ranks, 2)[0]
-    print(f"agreement, 2 gloo ranks, next to a {sum(p.numel() for p in workload.build_model('small').parameters())}"
-          f"-float all-reduce per step: {1e6 * best['without']:.0f} -> {1e6 * best['with']:.0f} us/step "
-          f"(+{1e6 * (best['with'] - best['without']):.0f} us)")
+    without, with_agreement = 1e6 * best["without"], 1e6 * best["with"]
+    print(f"agreement, 2 gloo ranks, steps of small-model compute and one gradient all-reduce: "
+          f"{without:.0f} -> {with_agreement:.0f} us/step (+{with_agreement - without:.0f} us)")
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     whole_loop()
-    grad_norm()
-    loss_sum()
+    nonfinite_check()
+    per_micro_batch_parts()
     agreement()

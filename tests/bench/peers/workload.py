@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler, TensorDataset
 
 K = 4            # micro-batches per optimizer step (gradient accumulation)
 SEED = 1234      # initial weights and the data order
@@ -166,7 +166,7 @@ class Audit:
             return {}
         (r0, b0, o0), (r1, b1, o1) = self.snapshots[0], self.snapshots[-1]
         steps = self.window_steps
-        other = {name: (o1.get(name, 0) - o0.get(name, 0)) / steps for name in o1 if o1.get(name, 0) != o0.get(name, 0)}
+        other = {name: (o1[name] - o0.get(name, 0)) / steps for name in o1 if o1[name] != o0.get(name, 0)}
         return {"rounds": (r1 - r0) / steps, "buckets": (b1 - b0) / steps, "other": other,
                 "rounds_total": self.rounds, "buckets_total": self.buckets}
 
@@ -183,7 +183,7 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def start(args: argparse.Namespace) -> tuple[StepClock, Audit | None]:
-    """Install the step clock (and the audit) before any library code runs."""
+    """Install the step clock (and the audit) before training starts."""
     clock = StepClock()
     clock.steps_expected = args.steps
     audit = Audit(clock, args.steps) if args.audit else None
@@ -196,7 +196,8 @@ def finish(args: argparse.Namespace, clock: StepClock, model: nn.Module, audit: 
     rank = int(os.environ.get("RANK", 0))
     weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
     torch.save(weights, f"{args.out}.rank{rank}.pt")
-    result = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", 1)), "step_ends": clock.ends, "cpu_ends": clock.cpu_ends,
+    result = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+              "step_ends": clock.ends, "cpu_ends": clock.cpu_ends,
               "first_step_wall": clock.first_step_wall, "finished_wall": time.time(),
               "audit": audit.per_step() if audit is not None else None, **extra}
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result))
