@@ -9,7 +9,7 @@ the final weights (every rank, every repetition) from the hand-written loop's, a
 ``--audit`` runs, gradient all-reduce rounds (and buckets) and other collectives per optimizer step.
 
     python tests/bench/compare_peers.py            # full: 3 repetitions, both sizes, 2 and 1 processes
-    python tests/bench/compare_peers.py --quick    # a check that everything runs (about 2 minutes)
+    python tests/bench/compare_peers.py --quick    # a check that everything runs (3-5 minutes)
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ RUNNERS = {"hand-written": "handwritten.py", "anndist": "anndist_runner.py",
 REFERENCE = "hand-written"
 DESCRIPTION = {"small": "MLP 64-256-10 on digits, batch 32/rank",
                "large": "MLP 512-3x2048-10 on synthetic data, batch 64/rank"}
-DEFAULT_STEPS = {"small": 200, "large": 20}
-DEFAULT_WARMUP = {"small": 20, "large": 4}
+DEFAULT_STEPS = {"small": 200, "large": 16}
+DEFAULT_WARMUP = {"small": 20, "large": 3}
 QUICK_STEPS = {"small": 40, "large": 6}
 QUICK_WARMUP = {"small": 5, "large": 2}
 AUDIT_STEPS = 6
