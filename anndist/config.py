@@ -91,8 +91,8 @@ class TrainerConfig:
     def _validate_checkpointing(self) -> None:
         if self.checkpoint_dir is not None:
             if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
-                raise TypeError(f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__} "
-                                f"{self.checkpoint_dir!r}")
+                raise TypeError(f"checkpoint_dir must be a path or None, got "
+                                f"{type(self.checkpoint_dir).__name__} {self.checkpoint_dir!r}")
             self.checkpoint_dir = Path(self.checkpoint_dir)
         if not isinstance(self.auto_resume, bool):
             raise TypeError(f"auto_resume must be True or False, got {self.auto_resume!r}")

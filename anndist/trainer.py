@@ -11,6 +11,7 @@ import os
 import time
 import weakref
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -236,7 +237,7 @@ class Trainer:
             "callbacks": self.callbacks.state_dict(),
         }
 
-    def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> "os.PathLike":
+    def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> Path:
         """Save everything needed to continue this run exactly to ``path``; call it on **every rank**.
 
         Rank 0 alone writes (atomically: a crash leaves the old file or the new one), after gathering

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from anndist import Callback, CallbackError, CheckpointError, ModelCheckpoint, latest_checkpoint, save_in_dir
+from anndist import (Callback, CallbackError, CheckpointError, ModelCheckpoint, Trainer, latest_checkpoint,
+                     save_in_dir)
 from anndist.checkpoint_file import FORMAT
 from anndist.env import detect_env
 from ckpt_train import EPOCHS, make_run
-from models import flat_params
+from models import flat_params, make_model
 
 
 @pytest.fixture
@@ -151,6 +152,10 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path):
             fresh.load_checkpoint(path)
         assert str(path) in str(info.value)
     assert fresh.global_step == 0  # nothing half-loaded
+    narrow = make_model(hidden=8)
+    other = Trainer(narrow, torch.optim.AdamW(narrow.parameters()), torch.nn.CrossEntropyLoss(), seed=7)
+    with pytest.raises(CheckpointError, match=f"checkpoint {good} does not fit this Trainer's model"):
+        other.load_checkpoint(good)
 
 
 def test_save_in_the_middle_of_an_accumulation_window_is_refused(tmp_path):
