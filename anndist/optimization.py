@@ -1,13 +1,13 @@
 """One optimizer step at the end of an accumulation window.
 
-In order: unscale (fp16), correct the window's normalisation when it held a different number of
-samples than a full window, measure the global gradient norm, handle a non-finite norm, clip,
-step, advance the scheduler, zero the gradients. Gradients are already all-reduced here, so the
-norm (and every decision taken from it) is identical on every rank without another collective.
+In order: unscale (fp16); in one fused pass, correct the window's normalisation (when it held a
+different number of samples than a full window) and check the gradients for NaN/inf; handle a
+non-finite gradient; clip; step; advance the scheduler; zero the gradients. Gradients are already
+all-reduced here, so every decision taken from them is identical on every rank without another
+collective.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -32,26 +32,47 @@ class OptimizerStep:
         self.max_grad_norm = max_grad_norm
         self.on_nonfinite = on_nonfinite
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.last_grad_norm: float = float("nan")
+        self.last_grad_norm: float = float("nan")  # before clipping; measured only when clipping
+        self._found_inf: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, correction: float, window_losses: list[torch.Tensor], where: str) -> bool:
         """Take the step; return False when it was skipped (fp16 overflow or a skipped non-finite loss)."""
         self.precision.unscale_(self.optimizer)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if correction != 1.0 and grads:
-            torch._foreach_mul_(grads, correction)
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        self.last_grad_norm = float(norm)
-        if not math.isfinite(self.last_grad_norm):
+        if self._scale_and_check(correction):
             stepped = self._nonfinite(window_losses, where)
         else:
             if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
+                self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
             stepped = self.precision.step(self.optimizer)
         if stepped and self.step_scheduler:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return stepped
+
+    def _scale_and_check(self, correction: float) -> bool:
+        """Multiply the gradients by ``correction`` and return True if any is NaN or infinite.
+
+        GradScaler's fused kernel does both in one pass (about 5 us for a small model where a norm
+        costs 20 us), which keeps the check affordable on every step.
+        """
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in self.params:
+            if p.grad is not None:
+                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        found_any = False
+        for (device, _), grads in groups.items():
+            found, one = self._buffers(device)
+            found.zero_()
+            scale = one if correction == 1.0 else torch.full((1,), correction, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, scale)
+            found_any = found_any or bool(found.item())
+        return found_any
+
+    def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The found-inf flag and a constant 1.0 on ``device``, allocated once."""
+        if device not in self._found_inf:
+            self._found_inf[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+        return self._found_inf[device]
 
     def _nonfinite(self, window_losses: list[torch.Tensor], where: str) -> bool:
         # Every rank is here (the norm is of all-reduced gradients), so this gather cannot hang.

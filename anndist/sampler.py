@@ -9,7 +9,6 @@ the dataset counts exactly once.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
@@ -127,7 +126,3 @@ def start_epoch(loader: DataLoader, epoch: int, seed: int, rank: int, start_inde
     # Workers draw their base seed from loader.generator: make it a function of (seed, rank, epoch).
     if loader.generator is not None and isinstance(sampler, ResumableDistributedSampler):
         loader.generator.manual_seed(loader_seed(seed, rank, epoch))
-
-
-def num_windows(num_batches: int, accumulation_steps: int) -> int:
-    return math.ceil(num_batches / accumulation_steps)

@@ -12,7 +12,7 @@ import time
 import weakref
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from . import checkpoint, process_group
+from .accumulation import Window, with_last
 from .batch import batch_size, split_batch, to_device
 from .callbacks.base import Callback, CallbackList
 from .config import TrainerConfig
@@ -64,6 +65,8 @@ class Trainer:
             optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
             cfg.max_grad_norm, cfg.on_nonfinite)
         self._agreement = process_group.Agreement(self.device)
+        self._train_source: Iterable | None = None  # the user's loader behind self._train_loader
+        self._train_loader: Iterable | None = None
         self._eval_loaders: "weakref.WeakKeyDictionary[Any, DataLoader]" = weakref.WeakKeyDictionary()
         self._non_blocking = self.device.type == "cuda"
         self.epoch = 0             # the epoch being trained, or the next one to train
@@ -136,13 +139,13 @@ class Trainer:
         """Train the epoch's micro-batches; return this rank's sample count, or None if stopped early."""
         cfg, cbs = self.config, self.callbacks
         k = cfg.gradient_accumulation_steps
-        window = _Window(k, cfg.sum_reduction, getattr(loader, "batch_size", None))
+        window = Window(k, cfg.sum_reduction, getattr(loader, "batch_size", None))
         samples = self.epoch_samples
-        for batch_idx, (batch, is_last) in enumerate(_with_last(loader), start=first_idx):
+        for batch_idx, (batch, is_last) in enumerate(with_last(loader), start=first_idx):
             cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": self.epoch})
             ends_window = is_last or (batch_idx + 1) % k == 0
             loss, n = self._forward_backward(batch, window, sync=ends_window)
-            loss_sum.add_(loss.double(), alpha=n)
+            loss_sum.add_(loss, alpha=n)
             samples += n
             cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
             stepped = False
@@ -159,7 +162,7 @@ class Trainer:
                 return None
         return samples
 
-    def _forward_backward(self, batch: Any, window: "_Window", sync: bool) -> tuple[torch.Tensor, int]:
+    def _forward_backward(self, batch: Any, window: Window, sync: bool) -> tuple[torch.Tensor, int]:
         inputs, targets = split_batch(batch)
         inputs = to_device(inputs, self.device, self._non_blocking)
         targets = to_device(targets, self.device, self._non_blocking)
@@ -168,7 +171,8 @@ class Trainer:
         with no_sync:
             with self.precision.autocast():
                 loss = self.criterion(self.model(inputs), targets)
-            self.precision.backward(loss * window.weight(n) if window.weighs else loss)
+            weight = window.weight(n)
+            self.precision.backward(loss * weight if weight != 1.0 else loss)
         loss = loss.detach()
         window.add(loss, n)
         return loss, n
@@ -208,7 +212,7 @@ class Trainer:
     # ------------------------------------------------------------------ loaders
     def _prepare_train_loader(self, loader: Iterable) -> Iterable:
         if isinstance(loader, DataLoader) and self.config.rebuild_train_loader and is_rebuildable(loader):
-            if getattr(self, "_train_source", None) is not loader:
+            if self._train_source is not loader:
                 self._train_source = loader
                 self._train_loader = shard_train_loader(loader, self.world_size, self.rank, self.config.seed or 0)
             return self._train_loader
@@ -283,50 +287,6 @@ class Trainer:
         # Closing our group makes peers blocked in a collective fail fast instead of waiting for the timeout.
         if self.created_process_group and self.world_size > 1:
             self.close()
-
-
-class _Window:
-    """Bookkeeping of one accumulation window: loss weights and the end-of-window correction.
-
-    With mean-reduced losses each micro-batch's loss is weighted ``n / (K * B)`` (B the loader's batch
-    size), which is exact for full windows; a window holding a different number of samples ``S`` (the
-    epoch's last, short one) gets its gradient multiplied by ``K * B / S`` before the step, so every
-    sample weighs ``1 / S``. With ``reduction="sum"`` the losses are summed as they are.
-    """
-
-    def __init__(self, k: int, sum_reduction: bool, nominal_batch: int | None) -> None:
-        self.k, self.weighs, self.nominal = k, not sum_reduction, nominal_batch
-        self.samples, self.losses = 0, []
-
-    def weight(self, n: int) -> float:
-        if self.nominal is None:
-            self.nominal = n
-        return n / (self.k * self.nominal)
-
-    def add(self, loss: torch.Tensor, n: int) -> None:
-        self.samples += n
-        self.losses.append(loss)
-
-    def correction(self) -> float:
-        if not self.weighs or self.samples == 0:
-            return 1.0
-        return self.k * self.nominal / self.samples
-
-    def reset(self) -> None:
-        self.samples, self.losses = 0, []
-
-
-def _with_last(iterable: Iterable) -> Iterator[tuple[Any, bool]]:
-    """Yield ``(item, is_last)``: one item of look-ahead, so a short final window still syncs."""
-    iterator = iter(iterable)
-    try:
-        previous = next(iterator)
-    except StopIteration:
-        return
-    for item in iterator:
-        yield previous, False
-        previous = item
-    yield previous, True
 
 
 def _default_device(env: DistEnv) -> torch.device:

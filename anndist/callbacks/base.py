@@ -63,7 +63,7 @@ class CallbackList:
         self.callbacks.append(callback)
         for hook in HOOKS:
             # Skipping hooks that a callback does not override keeps the per-batch cost at zero.
-            if getattr(type(callback), hook) is not getattr(Callback, hook):
+            if getattr(getattr(callback, hook), "__func__", None) is not getattr(Callback, hook):
                 self._by_hook[hook].append(callback)
 
     def __iter__(self):
