@@ -31,6 +31,7 @@ class TrainerConfig:
         (NCCL for CUDA, gloo for CPU) and the collective timeout of a group the Trainer creates.
     rebuild_train_loader / rebuild_eval_loader: shard stock-sampler loaders across ranks (see sampler.py).
     ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``.
+    progress_bar: a tqdm bar on rank 0; None (default) shows it when stderr is a terminal and not under CI.
     checkpoint_dir / auto_resume: the folder of checkpoints (``fit(resume_from="latest")`` and
         ``ModelCheckpoint()`` use it); with ``auto_resume=True`` the first ``fit`` resumes from its latest
         checkpoint when there is one, which is what SLURM requeues and torchrun restarts need.
@@ -51,6 +52,7 @@ class TrainerConfig:
     rebuild_train_loader: bool = True
     rebuild_eval_loader: bool = True
     ddp_kwargs: dict = field(default_factory=dict)
+    progress_bar: bool | None = None
     checkpoint_dir: Any = None  # after validation: a pathlib.Path or None
     auto_resume: bool = False
     sum_reduction: bool = False  # derived: criterion.reduction == "sum"
@@ -73,6 +75,8 @@ class TrainerConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be a positive number or None")
         _check_choice("scheduler_interval", self.scheduler_interval, ("step", "epoch"))
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        if self.progress_bar is not None and not isinstance(self.progress_bar, bool):
+            raise TypeError(f"progress_bar must be True, False or None (auto), got {self.progress_bar!r}")
         if self.scheduler is not None and getattr(self.scheduler, "optimizer", optimizer) is not optimizer:
             raise ValueError("scheduler was built on another optimizer; build it on the Trainer's optimizer")
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.scheduler_interval != "epoch":

@@ -11,7 +11,6 @@ import torch
 from anndist import (Callback, CallbackError, CheckpointError, ModelCheckpoint, Trainer, latest_checkpoint,
                      save_in_dir)
 from anndist.checkpoint_file import FORMAT
-from anndist.env import detect_env
 from ckpt_train import EPOCHS, make_run
 from models import flat_params, make_model
 
@@ -260,11 +259,3 @@ def test_model_checkpoint_arguments_are_checked():
         _trained(1, [ModelCheckpoint("unused", monitor="val_acc")])
     with pytest.raises(CallbackError, match="has no folder"):
         _trained(1, [ModelCheckpoint()])
-
-
-def test_torchrun_restart_fields_are_detected():
-    env = detect_env({"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "2",
-                      "TORCHELASTIC_USE_AGENT_STORE": "True"})
-    assert (env.restart_count, env.agent_store) == (2, True)
-    assert (detect_env({"RANK": "0", "WORLD_SIZE": "2"}).restart_count, detect_env({}).agent_store) == (0, False)
-
