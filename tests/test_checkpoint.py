@@ -10,7 +10,7 @@ import torch
 
 from anndist import (Callback, CallbackError, CheckpointError, ModelCheckpoint, Trainer, latest_checkpoint,
                      save_in_dir)
-from anndist.checkpoint_file import FORMAT
+from anndist.checkpoint_file import FORMAT, atomic_link
 from ckpt_train import EPOCHS, make_run
 from models import flat_params, make_model
 
@@ -259,3 +259,17 @@ def test_model_checkpoint_arguments_are_checked():
         _trained(1, [ModelCheckpoint("unused", monitor="val_acc")])
     with pytest.raises(CallbackError, match="has no folder"):
         _trained(1, [ModelCheckpoint()])
+
+
+def test_best_is_a_durable_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    source = tmp_path / "step-000000001.ckpt"
+    source.write_bytes(b"complete checkpoint bytes")
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    atomic_link(source, tmp_path / "best.ckpt")
+    assert (tmp_path / "best.ckpt").read_bytes() == source.read_bytes()
+    assert (tmp_path / "best.ckpt").stat().st_ino != source.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "step-000000001.ckpt"]
