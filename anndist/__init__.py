@@ -1,7 +1,9 @@
 """anndist: one training loop from one CPU to many GPU nodes, built on DistributedDataParallel."""
 from .batch import split_batch, to_device
-from .callbacks import (Callback, CallbackError, CallbackList, LoggingCallback, MetricsCallback, ProfilingCallback,
-                        ProgressBarCallback, TensorBoardCallback)
+from .callbacks import (Callback, CallbackError, CallbackList, LoggingCallback, MetricsCallback, ModelCheckpoint,
+                        ProfilingCallback, ProgressBarCallback, TensorBoardCallback)
+from .checkpoint import latest_checkpoint, save_in_dir
+from .checkpoint_file import CheckpointError
 from .env import DistEnv, detect_env
 from .optimization import NonFiniteLossError
 from .seed import seed_everything
@@ -13,4 +15,5 @@ __all__ = [
     "Trainer", "Callback", "CallbackList", "CallbackError", "LoggingCallback", "seed_everything",
     "MetricsCallback", "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback",
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
+    "ModelCheckpoint", "CheckpointError", "save_in_dir", "latest_checkpoint",
 ]

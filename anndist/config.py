@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +32,9 @@ class TrainerConfig:
     rebuild_train_loader / rebuild_eval_loader: shard stock-sampler loaders across ranks (see sampler.py).
     ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``.
     progress_bar: a tqdm bar on rank 0; None (default) shows it when stderr is a terminal and not under CI.
+    checkpoint_dir / auto_resume: the folder of checkpoints (``fit(resume_from="latest")`` and
+        ``ModelCheckpoint()`` use it); with ``auto_resume=True`` the first ``fit`` resumes from its latest
+        checkpoint when there is one, which is what SLURM requeues and torchrun restarts need.
     """
 
     use_amp: bool = False
@@ -48,6 +53,8 @@ class TrainerConfig:
     rebuild_eval_loader: bool = True
     ddp_kwargs: dict = field(default_factory=dict)
     progress_bar: bool | None = None
+    checkpoint_dir: Any = None  # after validation: a pathlib.Path or None
+    auto_resume: bool = False
     sum_reduction: bool = False  # derived: criterion.reduction == "sum"
 
     @classmethod
@@ -82,7 +89,19 @@ class TrainerConfig:
             self.dist_timeout = timedelta(seconds=float(self.dist_timeout))
         if not isinstance(self.dist_timeout, timedelta) or self.dist_timeout.total_seconds() <= 0:
             raise ValueError(f"dist_timeout={self.dist_timeout!r} must be a positive timedelta or seconds")
+        self._validate_checkpointing()
         self.amp_dtype = resolve_amp_dtype(self.use_amp, self.amp_dtype, self.device or _probe_device())
+
+    def _validate_checkpointing(self) -> None:
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+                raise TypeError(f"checkpoint_dir must be a path or None, got "
+                                f"{type(self.checkpoint_dir).__name__} {self.checkpoint_dir!r}")
+            self.checkpoint_dir = Path(self.checkpoint_dir)
+        if not isinstance(self.auto_resume, bool):
+            raise TypeError(f"auto_resume must be True or False, got {self.auto_resume!r}")
+        if self.auto_resume and self.checkpoint_dir is None:
+            raise ValueError("auto_resume=True needs checkpoint_dir=...: the folder to look for checkpoints in")
 
 
 def _probe_device() -> torch.device:

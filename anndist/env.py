@@ -27,6 +27,8 @@ class DistEnv:
     master_addr: str = DEFAULT_MASTER_ADDR
     master_port: int = 29500
     launcher: str = "none"  # "torchrun", "slurm" or "none"
+    restart_count: int = 0  # torchrun: how many times the agent restarted the workers
+    agent_store: bool = False  # torchrun: the workers share the agent's TCPStore
 
     @property
     def is_distributed(self) -> bool:
@@ -79,6 +81,8 @@ def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
         master_addr=environ.get("MASTER_ADDR", DEFAULT_MASTER_ADDR),
         master_port=_int(environ, "MASTER_PORT", 29500),
         launcher="torchrun",
+        restart_count=_int(environ, "TORCHELASTIC_RESTART_COUNT", 0),
+        agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .env import DistEnv
+from .log import get_logger
 
 _owned = False  # True when anndist created the default group and must destroy it
 _releasers: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -37,16 +38,32 @@ def init_process_group(env: DistEnv, backend: str, timeout: timedelta) -> bool:
         return False
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this PyTorch build")
-    dist.init_process_group(
-        backend=backend,
-        init_method=env.init_method,
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timeout,
-    )
+    store = _restart_store(env, timeout)
+    where = {"store": store} if store is not None else {"init_method": env.init_method}
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **where)
     _owned = True
     atexit.register(teardown)
     return True
+
+
+def _restart_store(env: DistEnv, timeout: timedelta) -> Any:
+    """The agent's store under a per-attempt prefix, for workers that torchrun restarted on one node.
+
+    The agent's store outlives the workers and still holds the previous attempt's addresses, so a
+    restarted group connects to dead peers (pytorch#135712). On one node every worker sees the same
+    restart count, which makes it a safe prefix; across nodes the counts can differ, so there the
+    fix is ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment.
+    """
+    if not (env.launcher == "torchrun" and env.agent_store and env.restart_count > 0):
+        return None
+    if env.local_world_size != env.world_size:
+        get_logger(env.rank).warning(
+            "torchrun restarted this worker (attempt %d) and shares its store across nodes: set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on every node, or the group may connect to "
+            "the previous attempt's workers (pytorch#135712)", env.restart_count)
+        return None
+    agent = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"anndist/restart{env.restart_count}", agent)
 
 
 def register_releaser(obj: Any) -> None:

@@ -116,7 +116,8 @@ def start_epoch(loader: DataLoader, epoch: int, seed: int, rank: int, start_inde
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
     if isinstance(sampler, ResumableDistributedSampler):
-        sampler.set_start_index(start_index)
+        # A checkpoint taken after the epoch's last (short) batch counts a whole batch for it.
+        sampler.set_start_index(min(start_index, sampler.num_samples))
     elif start_index:
         raise RuntimeError(
             "cannot resume mid-epoch: the train loader's sampler is not anndist's resumable sampler; "

@@ -12,6 +12,7 @@ import sys
 import time
 import weakref
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import process_group
+from . import checkpoint, process_group
 from .accumulation import Window, with_last
 from .batch import batch_size, split_batch, to_device
 from .callbacks.base import Callback, CallbackList
@@ -76,13 +77,22 @@ class Trainer:
         self.global_step = 0       # optimizer steps taken
         self.batch_in_epoch = 0    # micro-batches of ``epoch`` already trained (after a step)
         self.epoch_complete = False  # True inside on_epoch_end: a checkpoint then resumes at the next epoch
+        self.epoch_loss_sum: torch.Tensor | float = 0.0  # this rank's sum of loss * samples in ``epoch`` so far
+        self.epoch_samples = 0     # this rank's samples of ``epoch`` trained (after a step)
+        self.pending_auto_resume = cfg.auto_resume  # the first fit() looks for a checkpoint
         self.stop_training = False
         self.history: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ training
-    def fit(self, train_loader: Iterable, num_epochs: int, val_loader: Iterable | None = None) -> dict[str, list[float]]:
-        """Train until ``num_epochs`` epochs are done (counting resumed ones) or a callback stops the run."""
+    def fit(self, train_loader: Iterable, num_epochs: int, val_loader: Iterable | None = None,
+            resume_from: str | os.PathLike | None = None) -> dict[str, list[float]]:
+        """Train until ``num_epochs`` epochs are done (counting resumed ones) or a callback stops the run.
+
+        ``resume_from``: a checkpoint file, a folder (its latest checkpoint) or ``"latest"`` (of
+        ``checkpoint_dir``) to continue a run exactly where it was saved; see docs/checkpoints.md.
+        """
         _check_epochs(num_epochs)
+        checkpoint.resume(self, resume_from)
         loader = self._prepare_train_loader(train_loader)
         self.stop_training = False
         self.callbacks.call("on_train_begin", trainer=self, logs={"num_epochs": num_epochs, "start_epoch": self.epoch})
@@ -112,7 +122,10 @@ class Trainer:
             raise RuntimeError("cannot resume mid-epoch with a train loader that is not a DataLoader")
         self.callbacks.call("on_epoch_begin", epoch, trainer=self, logs=_position(loader, skip))
         self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        if not skip:
+            self.epoch_loss_sum, self.epoch_samples = 0.0, 0
+        # A resumed epoch continues the partial sums its checkpoint carried, so train_loss is exact.
+        loss_sum = self.epoch_loss_sum = torch.as_tensor(self.epoch_loss_sum, dtype=torch.float64, device=self.device)
         samples = self._run_batches(loader, skip, loss_sum)
         if samples is None:
             return None
@@ -131,7 +144,7 @@ class Trainer:
         cfg, cbs = self.config, self.callbacks
         k = cfg.gradient_accumulation_steps
         window = Window(k, cfg.sum_reduction, getattr(loader, "batch_size", None))
-        samples = 0
+        samples = self.epoch_samples
         for batch_idx, (batch, is_last) in enumerate(with_last(loader), start=first_idx):
             cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": self.epoch})
             ends_window = is_last or (batch_idx + 1) % k == 0
@@ -143,7 +156,7 @@ class Trainer:
             if ends_window:
                 stepped = self._optimizer_step(window.correction(), window.losses, self._where(batch_idx))
                 self.global_step += stepped
-                self.batch_in_epoch = batch_idx + 1
+                self.batch_in_epoch, self.epoch_samples = batch_idx + 1, samples
                 window.reset()
             cbs.call("on_batch_end", batch_idx, trainer=self,
                      logs={"loss": loss, "batch_size": n, "ends_window": ends_window, "stepped": stepped})
@@ -231,6 +244,19 @@ class Trainer:
             "history": {key: list(values) for key, values in self.history.items()},
             "callbacks": self.callbacks.state_dict(),
         }
+
+    def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> Path:
+        """Save everything needed to continue this run exactly to ``path``; call it on **every rank**.
+
+        Rank 0 alone writes (atomically: a crash leaves the old file or the new one), after gathering
+        every rank's RNG state; all ranks return once the file is complete. ``metadata`` (numbers,
+        strings, tensors, lists, dicts) comes back from ``load_checkpoint``. See docs/checkpoints.md.
+        """
+        return checkpoint.save_checkpoint(self, path, metadata)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Restore a checkpoint on **every rank** (each rank its own RNG streams); return its metadata."""
+        return checkpoint.load_checkpoint(self, path)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])

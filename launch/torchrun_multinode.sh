@@ -12,6 +12,9 @@ if [[ "${1:-}" == "--script" ]]; then script=$2; shift 2; fi
 gpus=$(python -c 'import torch; print(torch.cuda.device_count())')
 nproc=${NPROC:-$(( gpus > 0 ? gpus : 2 ))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Restarts (MAX_RESTARTS > 0) need a fresh store per attempt: a store shared with the agent keeps the
+# previous attempt's addresses and the new group connects to dead workers (pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$nproc" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_HOST:${RDZV_PORT:-29400}" --rdzv_id="${RDZV_ID:-anndist}" \
   --max-restarts="${MAX_RESTARTS:-0}" "$script" "$@"

@@ -1,0 +1,130 @@
+"""ModelCheckpoint: periodic and best-by-metric checkpoints in one folder, pruned, with a ``latest`` pointer."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import process_group
+from ..checkpoint import checkpoint_path, commit_latest, save_checkpoint, step_checkpoints, step_name
+from ..checkpoint_file import atomic_link, fsync_dir
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+BEST = "best"
+
+
+class ModelCheckpoint(Callback):
+    """Save checkpoints to ``dirpath`` (default: the Trainer's ``checkpoint_dir``).
+
+    every_n_steps: save ``step-<global step>.ckpt`` after every N-th optimizer step (mid-epoch).
+    every_n_epochs: save it at the end of every N-th epoch (None: never).
+    keep_last: keep the newest N ``step-*`` checkpoints, delete older ones (None: keep all).
+    monitor / mode / save_best: keep ``best.ckpt``, the state with the lowest (``"min"``) or highest
+        (``"max"``) value of the epoch metric ``monitor`` (e.g. ``"val_loss"``); ``save_best``
+        defaults to True when ``monitor`` is given. Rank 0's verdict is broadcast, so all ranks
+        take part in the same saves even if a metric were rank-local.
+
+    Each save is ``save_in_dir``'s protocol: all ranks call, rank 0 writes atomically, ``latest`` then
+    names the new file, so ``fit(resume_from="latest")`` and ``auto_resume`` find it.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike | None = None, every_n_steps: int | None = None,
+                 every_n_epochs: int | None = 1, keep_last: int | None = 3, monitor: str | None = None,
+                 mode: str = "min", save_best: bool | None = None) -> None:
+        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+            raise TypeError(f"dirpath must be a path or None, got {type(dirpath).__name__} {dirpath!r}")
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
+                            ("keep_last", keep_last)):
+            _check_count(name, value)
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a metric name such as 'val_loss', got {monitor!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r} is not one of ['min', 'max']")
+        if save_best is None:
+            save_best = monitor is not None
+        if save_best and monitor is None:
+            raise ValueError("save_best=True needs monitor=...: the epoch metric that decides which checkpoint is best")
+        if not (every_n_steps or every_n_epochs or save_best):
+            raise ValueError("ModelCheckpoint would never save: set every_n_steps, every_n_epochs or monitor")
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.every_n_steps, self.every_n_epochs, self.keep_last = every_n_steps, every_n_epochs, keep_last
+        self.monitor, self.mode, self.save_best = monitor, mode, bool(save_best)
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.last_saved_step = -1
+
+    def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        if self.dirpath is None:
+            if trainer.config.checkpoint_dir is None:
+                raise ValueError(
+                    "ModelCheckpoint() has no folder: pass ModelCheckpoint(dirpath) or Trainer(checkpoint_dir=...)")
+            self.dirpath = Path(trainer.config.checkpoint_dir)
+
+    def on_batch_end(self, batch_idx: int, trainer: "Trainer", logs: dict | None = None) -> None:
+        # global_step is the same on every rank, so every rank decides alike without a collective.
+        step = trainer.global_step
+        if (self.every_n_steps and logs and logs.get("ends_window") and step > 0
+                and step % self.every_n_steps == 0 and step != self.last_saved_step):
+            self._save(trainer, periodic=True, best=False)
+
+    def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
+        periodic = bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
+        best = self.save_best and self._improved(trainer, logs or {})
+        if periodic or best:
+            self._save(trainer, periodic, best)
+
+    def _improved(self, trainer: "Trainer", logs: dict) -> bool:
+        if self.monitor not in logs:
+            raise ValueError(
+                f"monitor={self.monitor!r} is not among this epoch's metrics {sorted(logs)}; pass a val_loader "
+                "to fit() for val_* metrics or monitor 'train_loss'")
+        score = float(logs[self.monitor])
+        better = math.isfinite(score) and (
+            self.best_score is None or (score < self.best_score if self.mode == "min" else score > self.best_score))
+        better, score = process_group.broadcast_object((better, score))
+        if better:
+            self.best_score, self.best_step = score, trainer.global_step
+        return better
+
+    def _save(self, trainer: "Trainer", periodic: bool, best: bool) -> None:
+        folder = self.dirpath
+        path = checkpoint_path(folder, step_name(trainer.global_step) if periodic else BEST)
+
+        def commit(written: Path) -> None:  # rank 0, once the file is complete
+            if periodic and best:
+                atomic_link(written, checkpoint_path(folder, BEST))  # a second name, no second write
+            commit_latest(written)
+            if periodic:
+                self._prune(written)
+
+        self.last_saved_step = trainer.global_step
+        metadata = {"monitor": self.monitor, "best_score": self.best_score} if self.monitor else {}
+        save_checkpoint(trainer, path, metadata, commit=commit)
+
+    def _prune(self, newest: Path) -> None:
+        if self.keep_last is None:
+            return
+        for _, old in step_checkpoints(self.dirpath)[:-self.keep_last]:
+            if old != newest:
+                old.unlink(missing_ok=True)
+        fsync_dir(self.dirpath)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_step": self.best_step, "last_saved_step": self.last_saved_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_score, self.best_step = state.get("best_score"), state.get("best_step")
+        self.last_saved_step = state.get("last_saved_step", -1)
+
+
+def _check_count(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1 (or None to turn it off)")
