@@ -8,13 +8,16 @@ batch size is the length of the first dimension of the first tensor found in ``t
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """Return ``(inputs, targets)`` of ``batch`` or raise a TypeError that says what is accepted."""
+    if type(batch) in (tuple, list) and len(batch) == 2:  # the common case first: it runs every batch
+        return batch[0], batch[1]
     if isinstance(batch, Mapping):
         if "inputs" in batch and "targets" in batch:
             return batch["inputs"], batch["targets"]
@@ -34,7 +37,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Move every tensor in a nested tuple/list/dict structure to ``device``."""
     if isinstance(data, torch.Tensor):
-        return data.to(device, non_blocking=non_blocking)
+        return data if data.device == device else data.to(device, non_blocking=non_blocking)
     if isinstance(data, Mapping):
         return {key: to_device(value, device, non_blocking) for key, value in data.items()}
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple

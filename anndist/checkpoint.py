@@ -1,6 +1,6 @@
 """Saving and resuming a run: the collective protocol around checkpoint files.
 
-Every function here is called on **every rank**. Each rank's own state (RNG streams, partial epoch
+Saving, loading and resuming are called on **every rank**. Each rank's own state (RNG streams, partial epoch
 sums) is gathered to rank 0; rank 0 alone touches the file system; then all ranks pass a barrier (the
 gather inside ``run_collectively``, which also turns a failed write on rank 0 into an error on every
 rank instead of a hang). A folder of checkpoints holds ``step-<global step>.ckpt`` files, optionally
@@ -80,7 +80,8 @@ def step_name(global_step: int) -> str:
 
 def checkpoint_path(dirpath: str | os.PathLike, name: str) -> Path:
     if not isinstance(name, str) or not name or "/" in name or os.sep in name or name.startswith("."):
-        raise ValueError(f"checkpoint name={name!r} must be a plain file name such as 'preempt' (no folders, no leading '.')")
+        raise ValueError(f"checkpoint name={name!r} must be a plain file name such as 'preempt' "
+                         "(no folders, no leading '.')")
     if name == LATEST:
         raise ValueError(f"checkpoint name={name!r} is reserved for the pointer file; choose another name")
     return Path(dirpath) / (name if name.endswith(SUFFIX) else name + SUFFIX)
@@ -169,9 +170,11 @@ def resume(trainer: "Trainer", resume_from: str | os.PathLike | None) -> dict[st
     if resume_from is None and not trainer.pending_auto_resume:
         return None
     if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
-        raise TypeError(f"resume_from must be a path, 'latest' or None, got {type(resume_from).__name__} {resume_from!r}")
+        raise TypeError(
+            f"resume_from must be a path, 'latest' or None, got {type(resume_from).__name__} {resume_from!r}")
     trainer.pending_auto_resume = False
-    found = process_group.run_collectively(lambda: _locate(trainer, resume_from) if trainer.is_main_process else None)
+    found = process_group.run_collectively(
+        lambda: _locate(trainer, resume_from) if trainer.is_main_process else None)
     path = process_group.broadcast_object(found)
     if path is None:
         get_logger(trainer.rank).info("auto_resume: no checkpoint in %s yet, starting from scratch",

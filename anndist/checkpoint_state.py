@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint_file import FORMAT, FORMAT_VERSION
+from .checkpoint_file import FORMAT, FORMAT_VERSION, CheckpointError
 from .log import get_logger
 from .seed import rng_state, set_rng_state
 
@@ -91,7 +91,7 @@ def restore(trainer: "Trainer", payload: dict[str, Any], source: str) -> dict[st
     try:
         trainer.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise type(exc)(f"checkpoint {source} does not fit this Trainer's model/optimizer: {exc}") from exc
+        raise CheckpointError(f"checkpoint {source} does not fit this Trainer's model/optimizer: {exc}") from exc
     _restore_rank(trainer, payload["ranks"], saved_world)
     _warn_versions(trainer, payload.get("versions", {}), source)
     return dict(payload.get("metadata", {}))

@@ -31,6 +31,7 @@ class TrainerConfig:
         (NCCL for CUDA, gloo for CPU) and the collective timeout of a group the Trainer creates.
     rebuild_train_loader / rebuild_eval_loader: shard stock-sampler loaders across ranks (see sampler.py).
     ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``.
+    progress_bar: a tqdm bar on rank 0; None (default) shows it when stderr is a terminal and not under CI.
     checkpoint_dir / auto_resume: the folder of checkpoints (``fit(resume_from="latest")`` and
         ``ModelCheckpoint()`` use it); with ``auto_resume=True`` the first ``fit`` resumes from its latest
         checkpoint when there is one, which is what SLURM requeues and torchrun restarts need.
@@ -56,6 +57,7 @@ class TrainerConfig:
     rebuild_train_loader: bool = True
     rebuild_eval_loader: bool = True
     ddp_kwargs: dict = field(default_factory=dict)
+    progress_bar: bool | None = None
     checkpoint_dir: Any = None  # after validation: a pathlib.Path or None
     auto_resume: bool = False
     stop_check_period: float = 0.0
@@ -80,6 +82,8 @@ class TrainerConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be a positive number or None")
         _check_choice("scheduler_interval", self.scheduler_interval, ("step", "epoch"))
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        if self.progress_bar is not None and not isinstance(self.progress_bar, bool):
+            raise TypeError(f"progress_bar must be True, False or None (auto), got {self.progress_bar!r}")
         if isinstance(self.stop_check_period, bool) or not isinstance(self.stop_check_period, numbers.Real) \
                 or not 0 <= self.stop_check_period < float("inf"):
             raise ValueError(f"stop_check_period={self.stop_check_period!r} must be a number of seconds >= 0 "
@@ -105,8 +109,8 @@ class TrainerConfig:
     def _validate_checkpointing(self) -> None:
         if self.checkpoint_dir is not None:
             if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
-                raise TypeError(f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__} "
-                                f"{self.checkpoint_dir!r}")
+                raise TypeError(f"checkpoint_dir must be a path or None, got "
+                                f"{type(self.checkpoint_dir).__name__} {self.checkpoint_dir!r}")
             self.checkpoint_dir = Path(self.checkpoint_dir)
         if not isinstance(self.auto_resume, bool):
             raise TypeError(f"auto_resume must be True or False, got {self.auto_resume!r}")

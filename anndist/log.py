@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import IO
 
 _HANDLER_NAME = "anndist-rank-aware"
 
@@ -38,3 +39,9 @@ def get_logger(rank: int = 0) -> logging.Logger:
         handler.removeFilter(old)
     handler.addFilter(_RankFilter(rank))
     return logger
+
+
+def set_console_stream(stream: IO[str]) -> IO[str] | None:
+    """Point the rank-aware console handler at ``stream`` (e.g. above a progress bar); return the old one."""
+    handler = next((h for h in logging.getLogger("anndist").handlers if h.get_name() == _HANDLER_NAME), None)
+    return handler.setStream(stream) if handler is not None else None

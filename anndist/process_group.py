@@ -105,6 +105,14 @@ def all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_async(tensor: torch.Tensor) -> Any:
+    """Start an in-place sum all-reduce; return its work handle (``wait``, ``is_completed``), or None
+    when not distributed (the tensor is then already the result)."""
+    if is_initialized() and world_size() > 1:
+        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+    return None
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (a one-element list when not distributed)."""
     if not (is_initialized() and world_size() > 1):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import weakref
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -23,6 +25,7 @@ from .accumulation import Window, with_last
 from .batch import batch_size, split_batch, to_device
 from .callbacks.base import Callback, CallbackList
 from .callbacks.preemption import PreemptionCallback
+from .callbacks.progress import ProgressBarCallback, progress_bar_wanted
 from .config import TrainerConfig
 from .env import DistEnv, detect_env
 from .evaluation import evaluate as evaluate_loader
@@ -61,6 +64,8 @@ class Trainer:
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
         self.precision = Precision(cfg.amp_dtype, self.device)
         self.callbacks = CallbackList(callbacks, rank=self.rank)
+        if progress_bar_wanted(cfg.progress_bar, os.environ, sys.stderr, self.callbacks):
+            self.callbacks.append(ProgressBarCallback())
         if cfg.handle_signals and not any(isinstance(cb, PreemptionCallback) for cb in self.callbacks):
             self.callbacks.append(PreemptionCallback())  # last, so the others' on_train_end run before its exit
         self._optimizer_step = OptimizerStep(
@@ -118,7 +123,7 @@ class Trainer:
             start_epoch(loader, epoch, seed, self.rank, skip * (loader.batch_size or 0))
         elif skip:
             raise RuntimeError("cannot resume mid-epoch with a train loader that is not a DataLoader")
-        self.callbacks.call("on_epoch_begin", epoch, trainer=self, logs={})
+        self.callbacks.call("on_epoch_begin", epoch, trainer=self, logs=_position(loader, skip))
         self.model.train()
         if not skip:
             self.epoch_loss_sum, self.epoch_samples = 0.0, 0
@@ -243,7 +248,7 @@ class Trainer:
             "callbacks": self.callbacks.state_dict(),
         }
 
-    def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> "os.PathLike":
+    def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> Path:
         """Save everything needed to continue this run exactly to ``path``; call it on **every rank**.
 
         Rank 0 alone writes (atomically: a crash leaves the old file or the new one), after gathering
@@ -289,6 +294,15 @@ class Trainer:
         # Closing our group makes peers blocked in a collective fail fast instead of waiting for the timeout.
         if self.created_process_group and self.world_size > 1:
             self.close()
+
+
+def _position(loader: Iterable, skip: int) -> dict[str, int | None]:
+    """Where an epoch starts: its first batch index and its batch count (None when unknown)."""
+    try:
+        remaining = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        remaining = None
+    return {"first_batch": skip, "num_batches": None if remaining is None else skip + remaining}
 
 
 def _default_device(env: DistEnv) -> torch.device:

@@ -4,7 +4,8 @@ Runs the same under ``python`` (one process, for debugging), ``torchrun`` (one n
 SLURM (``srun`` tasks or torchrun inside a job):
 
     python launch/train_digits.py --epochs 5
-    bash launch/torchrun.sh --epochs 20
+    bash launch/torchrun.sh --epochs 20 --log-dir runs/digits --profile
+    python -m anndist.plot runs/digits/metrics.jsonl -o runs/digits/curves.png
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader, TensorDataset
 
-from anndist import LoggingCallback, Trainer, seed_everything
+from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, seed_everything
 
 
 def digits_datasets(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -42,10 +43,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision dtype")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--log-interval", type=int, default=20)
+    parser.add_argument("--log-dir", default=None, help="append metrics.jsonl here (plot: python -m anndist.plot)")
+    parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to LOG_DIR/tb")
+    parser.add_argument("--profile", action="store_true", help="time each step's phases; a table at the end")
+    parser.add_argument("--trace-steps", type=int, nargs=2, metavar=("START", "STOP"), default=None,
+                        help="with --profile: torch.profiler traces of these optimizer steps in LOG_DIR/traces")
+    parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=None,
+                        help="tqdm bar on rank 0 (default: when stderr is a terminal, not under CI)")
     parser.add_argument("--save", default=None, help="write the final weights here (rank 0)")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="checkpoint here on SIGUSR1/SIGTERM and resume from here when restarted (SLURM requeue)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.tensorboard or args.trace_steps) and args.log_dir is None:
+        parser.error("--tensorboard and --trace-steps write under --log-dir; pass --log-dir DIR")
+    if args.trace_steps and not args.profile:
+        parser.error("--trace-steps needs --profile")
+    return args
+
+
+def observers(args: argparse.Namespace) -> list[Callback]:
+    """The callbacks that show the run: log lines (and metrics.jsonl), TensorBoard, profiling."""
+    callbacks: list[Callback] = [LoggingCallback(log_interval=args.log_interval, log_dir=args.log_dir)]
+    if args.tensorboard:
+        callbacks.append(TensorBoardCallback(f"{args.log_dir}/tb", log_interval=args.log_interval))
+    if args.profile:
+        trace_dir = f"{args.log_dir}/traces" if args.trace_steps else None
+        callbacks.append(ProfilingCallback(trace_dir=trace_dir, trace_steps=args.trace_steps))
+    return callbacks
 
 
 @record
@@ -57,9 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = Trainer(
         model, optimizer, nn.CrossEntropyLoss(),
-        callbacks=[LoggingCallback(log_interval=args.log_interval)],
+        callbacks=observers(args),
         seed=args.seed, gradient_accumulation_steps=args.accumulation,
-        use_amp=args.amp is not None, amp_dtype=args.amp,
+        use_amp=args.amp is not None, amp_dtype=args.amp, progress_bar=args.progress_bar,
         checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None,
     )
     history = trainer.fit(

@@ -116,7 +116,8 @@ def make_run(callbacks: list, dataset: Dataset | None = None, seed: int = SEED,
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.9)
     trainer = Trainer(model, optimizer, torch.nn.CrossEntropyLoss(), callbacks=callbacks, seed=seed,
                       gradient_accumulation_steps=ACCUMULATION, scheduler=scheduler, **options)
-    train_loader = DataLoader(dataset if dataset is not None else make_dataset(100, seed=0), batch_size=BATCH, shuffle=True)
+    dataset = dataset if dataset is not None else make_dataset(100, seed=0)
+    train_loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
     return trainer, train_loader, DataLoader(make_dataset(40, seed=1), batch_size=8)
 
 

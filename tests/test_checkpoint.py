@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from anndist import Callback, CallbackError, CheckpointError, ModelCheckpoint, latest_checkpoint, save_in_dir
-from anndist.checkpoint_file import FORMAT
-from anndist.env import detect_env
+from anndist import (Callback, CallbackError, CheckpointError, ModelCheckpoint, Trainer, latest_checkpoint,
+                     save_in_dir)
+from anndist.checkpoint_file import FORMAT, atomic_link
 from ckpt_train import EPOCHS, make_run
-from models import flat_params
+from models import flat_params, make_model
 
 
 @pytest.fixture
@@ -151,6 +151,10 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path):
             fresh.load_checkpoint(path)
         assert str(path) in str(info.value)
     assert fresh.global_step == 0  # nothing half-loaded
+    narrow = make_model(hidden=8)
+    other = Trainer(narrow, torch.optim.AdamW(narrow.parameters()), torch.nn.CrossEntropyLoss(), seed=7)
+    with pytest.raises(CheckpointError, match=f"checkpoint {good} does not fit this Trainer's model"):
+        other.load_checkpoint(good)
 
 
 def test_save_in_the_middle_of_an_accumulation_window_is_refused(tmp_path):
@@ -257,9 +261,15 @@ def test_model_checkpoint_arguments_are_checked():
         _trained(1, [ModelCheckpoint()])
 
 
-def test_torchrun_restart_fields_are_detected():
-    env = detect_env({"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "2",
-                      "TORCHELASTIC_USE_AGENT_STORE": "True"})
-    assert (env.restart_count, env.agent_store) == (2, True)
-    assert (detect_env({"RANK": "0", "WORLD_SIZE": "2"}).restart_count, detect_env({}).agent_store) == (0, False)
+def test_best_is_a_durable_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    source = tmp_path / "step-000000001.ckpt"
+    source.write_bytes(b"complete checkpoint bytes")
 
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    atomic_link(source, tmp_path / "best.ckpt")
+    assert (tmp_path / "best.ckpt").read_bytes() == source.read_bytes()
+    assert (tmp_path / "best.ckpt").stat().st_ino != source.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "step-000000001.ckpt"]

@@ -27,8 +27,7 @@ BATCH_SHELL = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "
 def test_torchrun_first():
     env = detect_env(MappingProxyType({**SRUN_TASK, **TORCHRUN_RANK1}))  # read-only: detection never writes
     assert env == DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2,
-                          master_addr="localhost", master_port=43823, launcher="torchrun",
-                          agent_store=True)
+                          master_addr="localhost", master_port=43823, launcher="torchrun", agent_store=True)
     assert env.init_method == "env://"
 
 
@@ -64,3 +63,10 @@ def test_inconsistent_environment_is_a_runtime_error(environ, message):
 ])
 def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
+
+
+def test_torchrun_restart_is_detected():
+    # A restarted worker must not reuse the agent store's keys of the previous attempt (see process_group).
+    env = detect_env({**TORCHRUN_RANK1, "TORCHELASTIC_RESTART_COUNT": "2"})
+    assert (env.restart_count, env.agent_store) == (2, True)
+    assert (detect_env(TORCHRUN_RANK1).restart_count, detect_env({}).agent_store) == (0, False)

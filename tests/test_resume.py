@@ -6,7 +6,10 @@ Process starts are shared: each fixture starts one process (or one torchrun) tha
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,18 +22,35 @@ ENTRY = Path(__file__).with_name("ckpt_train.py")
 TORCHRUN_FAST_RESTART = ("--max-restarts=1", "--monitor-interval=0.2")
 
 
+@contextlib.contextmanager
+def _once(tmp: Path, name: str):
+    """Under pytest-xdist this module's tests can land on both workers; they share ``tmp``, and the
+    first worker to need a launch makes it while the other waits on a lock and reads its results."""
+    with open(tmp / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield tmp / f"{name}.done"
+
+
 def _start(tmp: Path, name: str, runs: list[dict], nproc: int = 0, torchrun_args: tuple = ()) -> dict:
     out = tmp / f"{name}.pt"
-    args = ("--runs", json.dumps(runs), "--out", str(out))
-    proc = torchrun(ENTRY, *args, nproc=nproc, torchrun_args=torchrun_args) if nproc else python(ENTRY, *args)
+    with _once(tmp, name) as done:
+        if not done.exists():
+            args = ("--runs", json.dumps(runs), "--out", str(out))
+            proc = torchrun(ENTRY, *args, nproc=nproc, torchrun_args=torchrun_args) if nproc else python(ENTRY, *args)
+            (tmp / f"{name}.stderr").write_text(proc.stderr)
+            done.touch()
     results = torch.load(out, weights_only=False)
-    results["_stderr"] = proc.stderr
+    results["_stderr"] = (tmp / f"{name}.stderr").read_text()
     return results
 
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("resume")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp("resume")
+    shared = tmp_path_factory.getbasetemp().parent / "resume"  # this session's, common to its workers
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +75,16 @@ def one_rank(tmp):
 def killed_in_save(tmp):
     """python runs SIGKILLed during their 3rd checkpoint (step 6): halfway through the write, or
     after the file is complete but before ``latest`` names it. Returns the exit codes."""
-    codes = {}
-    for where in ("write", "commit"):
-        runs = [{"name": where, "ckpt_dir": str(tmp / f"k-{where}"), "every_n_steps": 2, "sigkill_save": [3, where]}]
-        proc = python(ENTRY, "--runs", json.dumps(runs), "--out", str(tmp / f"k-{where}.pt"), check=False)
-        codes[where] = proc.returncode
-    return codes
+    with _once(tmp, "killed") as done:
+        if not done.exists():
+            codes = {}
+            for where in ("write", "commit"):
+                runs = [{"name": where, "ckpt_dir": str(tmp / f"k-{where}"), "every_n_steps": 2,
+                         "sigkill_save": [3, where]}]
+                proc = python(ENTRY, "--runs", json.dumps(runs), "--out", str(tmp / f"k-{where}.pt"), check=False)
+                codes[where] = proc.returncode
+            done.write_text(json.dumps(codes))
+        return json.loads(done.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def test_single_node_torchrun_inside_the_job(reference):
     """Case 1: slurm/single_node.sbatch runs torchrun in the batch job, one process per CPU of the job."""
     log = reference["log"]
     assert reference["status"] == 0, log
-    assert "2 process(es)" in log and "training on 2 process(es), device cpu" in log
+    assert "2 process(es)" in log and "training on 2 process(es) from epoch 0, step 0" in log
     assert final_accuracy(log) > 0.9, log
     assert Path(reference["weights"]).exists()
 
@@ -141,6 +141,7 @@ def test_preempted_job_saves_requeues_resumes_and_matches(cluster, reference, tm
     assert f"epoch {EPOCHS - 1} |" not in first, log  # ("requeued ..." may be cut: the requeue kills the step)
     stopped_at = int(first.split("stopped after optimizer step ")[1].split()[0])
     assert f"optimizer step {stopped_at}" in second.split("resumed from", 1)[1].splitlines()[0], log
+    assert f"training on 2 process(es) from epoch {stopped_at // 23}, step {stopped_at}" in second, log
     assert final_accuracy(second) > 0.9
     assert_same_weights(result, reference)
 

@@ -2,7 +2,11 @@
 from .base import Callback, CallbackError, CallbackList
 from .checkpoint import ModelCheckpoint
 from .logging import LoggingCallback
+from .metrics import MetricsCallback
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
+from .profiling import ProfilingCallback
+from .progress import ProgressBarCallback
+from .tensorboard import TensorBoardCallback
 
-__all__ = ["Callback", "CallbackError", "CallbackList", "LoggingCallback", "ModelCheckpoint", "PreemptionCallback",
-           "PREEMPTED_EXIT_CODE"]
+__all__ = ["Callback", "CallbackError", "CallbackList", "LoggingCallback", "MetricsCallback", "ModelCheckpoint",
+           "PreemptionCallback", "PREEMPTED_EXIT_CODE", "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback"]

@@ -37,7 +37,8 @@ class ModelCheckpoint(Callback):
                  mode: str = "min", save_best: bool | None = None) -> None:
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise TypeError(f"dirpath must be a path or None, got {type(dirpath).__name__} {dirpath!r}")
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs), ("keep_last", keep_last)):
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
+                            ("keep_last", keep_last)):
             _check_count(name, value)
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"monitor must be a metric name such as 'val_loss', got {monitor!r}")
@@ -59,7 +60,8 @@ class ModelCheckpoint(Callback):
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         if self.dirpath is None:
             if trainer.config.checkpoint_dir is None:
-                raise ValueError("ModelCheckpoint() has no folder: pass ModelCheckpoint(dirpath) or Trainer(checkpoint_dir=...)")
+                raise ValueError(
+                    "ModelCheckpoint() has no folder: pass ModelCheckpoint(dirpath) or Trainer(checkpoint_dir=...)")
             self.dirpath = Path(trainer.config.checkpoint_dir)
 
     def on_batch_end(self, batch_idx: int, trainer: "Trainer", logs: dict | None = None) -> None:

@@ -1,31 +1,84 @@
-"""LoggingCallback: one copy of each line (rank 0), with values reduced over all ranks."""
+"""LoggingCallback: one copy of each line (rank 0), with values reduced over all ranks.
+
+Lines go through Python ``logging`` (the rank-aware ``anndist`` logger), so they print once however
+many ranks run. With ``log_dir`` the same records are appended to ``log_dir/metrics.jsonl``; a
+requeued or resumed run appends to the same file (``python -m anndist.plot`` draws it).
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from ..jsonl import JsonlWriter
 from ..log import get_logger
-from .base import Callback
+from .metrics import MetricsCallback
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
 
+METRICS_FILE = "metrics.jsonl"
 
-class LoggingCallback(Callback):
-    """Logs the epoch's global train and val metrics and its time, on rank 0 only."""
 
-    def __init__(self, log_interval: int = 10, log_dir: str | None = None) -> None:
-        if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
-            raise ValueError(f"log_interval={log_interval!r} must be an int >= 1 (optimizer steps between lines)")
-        self.log_interval = log_interval
-        self.log_dir = log_dir
+class LoggingCallback(MetricsCallback):
+    """Every ``log_interval`` optimizer steps: epoch, step, global interval loss, lr, job samples/s.
+
+    At each epoch end: the epoch's global train and val metrics and its time. See
+    :class:`MetricsCallback` for how the values are reduced (on logging steps only).
+    """
+
+    def __init__(self, log_interval: int = 10, log_dir: str | os.PathLike | None = None) -> None:
+        super().__init__(log_interval)
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a path (str or os.PathLike) or None, got {type(log_dir).__name__} {log_dir!r}")
+        self.log_dir = Path(log_dir) if log_dir is not None else None
         self.logger = get_logger()
+        self._file: JsonlWriter | None = None
+
+    @property
+    def metrics_path(self) -> Path | None:
+        return self.log_dir / METRICS_FILE if self.log_dir is not None else None
 
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         self.logger = get_logger(trainer.rank)
-        self.logger.info("training on %d process(es), device %s", trainer.world_size, trainer.device)
+        super().on_train_begin(trainer, logs)
 
-    def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
-        logs = logs or {}
-        parts = [f"epoch {epoch}"] + [f"{key} {logs[key]:.4f}" for key in ("train_loss", "val_loss", "val_accuracy") if key in logs]
-        parts.append(f"time {logs.get('epoch_time', float('nan')):.2f}s")
-        self.logger.info(" | ".join(parts))
+    def on_evaluate_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        self.logger = get_logger(trainer.rank)  # evaluate() may run before any fit
+        super().on_evaluate_end(trainer, logs)
+
+    def open(self, trainer: "Trainer") -> None:
+        if self.log_dir is not None:
+            self._file = JsonlWriter(self.metrics_path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.logger.info(format_record(record))
+        if self._file is not None:
+            self._file.write(record)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """The console line for one metrics record."""
+    kind = record["kind"]
+    if kind == "start":
+        return (f"training on {record['world_size']} process(es) from epoch {record['epoch']}, "
+                f"step {record['step']}")
+    if kind == "step":
+        return (f"epoch {record['epoch']} step {record['step']} | loss {record['loss']:.4f} | "
+                f"lr {record['lr']:.3g} | {record['samples_per_s']:.0f} samples/s")
+    values = {k: v for k, v in record.items() if k not in ("kind", "time", "epoch", "step")}
+    epoch_time = values.pop("epoch_time", None)
+    parts = [f"epoch {record['epoch']}" if kind == "epoch" else f"evaluate at step {record['step']}"]
+    parts += [f"{key} {_fmt(value)}" for key, value in values.items()]
+    if epoch_time is not None:
+        parts.append(f"time {epoch_time:.2f}s")
+    return " | ".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

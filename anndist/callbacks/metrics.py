@@ -1,0 +1,181 @@
+"""MetricsCallback: the run's global metrics as records, written on rank 0 by a subclass.
+
+Each rank adds its micro-batch losses, weighted by batch size, into a tensor on its device: no
+sync, no collective. Every ``log_interval`` optimizer steps (the same step on every rank, since
+steps advance in lockstep) one all-reduce of ``[loss sum, samples]`` yields the loss averaged over
+the interval and over all ranks, and the whole job's samples/s. No other step starts a collective.
+The all-reduce is asynchronous: the training thread never waits for it, and the record is written
+at the first later step that finds it complete (at the latest at the epoch's end), so a logging
+step is no extra synchronisation point between ranks, nor a GPU sync.
+The interval restarts at each epoch, so an evaluation never counts as training time.
+
+Subclasses implement ``write(record)`` (and optionally ``open``/``close``); they run on rank 0 only.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import process_group
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+EPOCH_KEYS = ("train_loss", "val_loss", "val_accuracy")
+
+
+class MetricsCallback(Callback):
+    """Produces ``start``, ``step``, ``epoch`` and ``eval`` records; ``write`` receives them on rank 0.
+
+    Every record has ``kind``, ``time`` (Unix seconds), ``epoch`` and ``step`` (optimizer steps so
+    far). ``step`` records add ``loss``, ``lr`` and ``samples_per_s``; ``epoch`` records add the
+    epoch's logs (``train_loss``, ``val_loss``, ``val_accuracy``, ``epoch_time``); ``eval`` records
+    (``trainer.evaluate`` outside ``fit``) add the evaluation metrics; ``start`` adds ``world_size``.
+    """
+
+    def __init__(self, log_interval: int = 10) -> None:
+        if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
+            raise ValueError(f"log_interval={log_interval!r} must be an int >= 1 (optimizer steps between records)")
+        self.log_interval = log_interval
+        self.writes = False  # decided once per fit: rank 0 writes, the others only reduce
+        self._in_fit = False
+        self._loss_sum: torch.Tensor | None = None
+        self._samples = 0
+        self._reductions: collections.deque[_Reduction] = collections.deque()  # started, not yet written
+        self._since = time.perf_counter()
+
+    # ---------------------------------------------------------------- for subclasses
+    def open(self, trainer: "Trainer") -> None:
+        """Called on rank 0 before the records of a ``fit`` (or of an ``evaluate`` outside fit)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement write(record)")
+
+    def close(self) -> None:
+        """Called on rank 0 after those records."""
+
+    # ---------------------------------------------------------------- hooks
+    def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        if self.writes:
+            self.close()  # a previous fit that raised never reached on_train_end
+        self._reductions.clear()
+        self.writes, self._in_fit = trainer.is_main_process, True
+        if self.writes:
+            self.open(trainer)
+        self._emit(trainer, "start", world_size=trainer.world_size)
+
+    def on_epoch_begin(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._restart_interval()
+
+    def on_batch_end(self, batch_idx: int, trainer: "Trainer", logs: dict | None = None) -> None:
+        loss, n = logs["loss"], logs["batch_size"]
+        if self._loss_sum is None or self._loss_sum.device != loss.device:
+            self._loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
+        self._loss_sum.add_(loss, alpha=n)  # stays on the device: no sync
+        self._samples += n
+        if self._reductions and self._reductions[0].ready():
+            self._write_reductions(wait=False)
+        if logs["stepped"] and trainer.global_step % self.log_interval == 0:
+            self._start_reduction(trainer)
+
+    def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._write_reductions(wait=True)  # the epoch's step records come before its epoch record
+        logs = logs or {}
+        ordered = [key for key in EPOCH_KEYS if key in logs] + sorted(k for k in logs if k not in EPOCH_KEYS)
+        self._emit(trainer, "epoch", **{key: _number(logs[key]) for key in ordered if _is_number(logs[key])})
+
+    def on_evaluate_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        if self._in_fit or not trainer.is_main_process:  # inside fit, the epoch record carries it
+            return
+        self.open(trainer)
+        self.write(self._record(trainer, "eval", **{k: _number(v) for k, v in (logs or {}).items() if _is_number(v)}))
+        self.close()
+
+    def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._write_reductions(wait=True)  # a run stopped mid-epoch has no epoch end
+        self._in_fit = False
+        if self.writes:
+            self.close()
+            self.writes = False
+
+    # ---------------------------------------------------------------- internals
+    def _start_reduction(self, trainer: "Trainer") -> None:
+        totals = torch.stack([self._loss_sum, torch.tensor(float(self._samples), dtype=torch.float64,
+                                                           device=self._loss_sum.device)])
+        record = self._record(trainer, "step")
+        self._reductions.append(_Reduction(totals, record, learning_rate(trainer.optimizer),
+                                           time.perf_counter() - self._since))
+        self._restart_interval()
+
+    def _write_reductions(self, wait: bool) -> None:
+        while self._reductions and (wait or self._reductions[0].ready()):
+            record = self._reductions.popleft().result()
+            if self.writes:
+                self.write(record)
+
+    def _restart_interval(self) -> None:
+        if self._loss_sum is not None:
+            self._loss_sum.zero_()
+        self._samples = 0
+        self._since = time.perf_counter()
+
+    def _emit(self, trainer: "Trainer", kind: str, **values: Any) -> None:
+        if self.writes:
+            self.write(self._record(trainer, kind, **values))
+
+    @staticmethod
+    def _record(trainer: "Trainer", kind: str, **values: Any) -> dict[str, Any]:
+        return {"kind": kind, "time": time.time(), "epoch": trainer.epoch, "step": trainer.global_step, **values}
+
+
+class _Reduction:
+    """One interval's ``[loss sum, samples]``, all-reduced asynchronously, read once complete.
+
+    On CUDA the result comes back through a non-blocking copy to pinned host memory ordered after
+    the all-reduce, and an event says when it has landed, so reading it never syncs the GPU.
+    """
+
+    def __init__(self, totals: torch.Tensor, record: dict[str, Any], lr: float, elapsed: float) -> None:
+        self.record, self.lr, self.elapsed = record, lr, elapsed
+        self.work = process_group.all_reduce_async(totals)  # every rank is at this same optimizer step
+        self.event: torch.cuda.Event | None = None
+        self.totals = totals
+        if totals.is_cuda:
+            if self.work is not None:
+                self.work.wait()  # with NCCL the current stream waits for the all-reduce, not the host
+            self.totals = totals.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def ready(self) -> bool:
+        if self.event is not None:
+            return self.event.query()
+        return self.work is None or self.work.is_completed()
+
+    def result(self) -> dict[str, Any]:
+        """The step record, waiting for the all-reduce if it has not finished."""
+        if self.event is not None:
+            self.event.synchronize()
+        elif self.work is not None:
+            self.work.wait()
+        loss_sum, samples = self.totals.tolist()
+        return {**self.record, "loss": loss_sum / samples, "lr": self.lr,
+                "samples_per_s": samples / self.elapsed if self.elapsed > 0 else float("nan")}
+
+
+def learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The first parameter group's learning rate (a tensor lr is read as a float)."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) or (
+        isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+def _number(value: Any) -> float | int:
+    return value.item() if isinstance(value, torch.Tensor) else value

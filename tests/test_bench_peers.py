@@ -1,0 +1,66 @@
+"""The peer benchmark's two invariants that could silently break the comparison.
+
+1. Accelerate's loader sharding, fed ``InterleavedBatches``, gives every rank exactly the batches of the
+   reference's ``DistributedSampler`` (otherwise Accelerate trains on another order).
+2. The audit tells one gradient all-reduce round per optimizer step (``no_sync``) from one per
+   micro-batch, and counts other collectives (anndist's stop-flag agreement) separately.
+"""
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import TensorDataset
+
+from distributed import run_spawn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench" / "peers"))
+import workload  # noqa: E402
+
+from anndist.process_group import Agreement  # noqa: E402
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_accelerate_sharding_of_interleaved_batches_is_the_reference_order(world_size):
+    batch = 8
+    dataset = TensorDataset(torch.arange(batch * 5 * world_size))
+    global_order = workload.InterleavedBatches(dataset, world_size, batch)
+    for rank in range(world_size):
+        reference = list(workload.rank_sampler(dataset, rank, world_size))
+        expected = [reference[i:i + batch] for i in range(0, len(reference), batch)]
+        sharded = BatchSamplerShard(global_order, num_processes=world_size, process_index=rank)
+        assert list(sharded) == expected
+
+
+def _audited_training(rank, world_size, use_no_sync, steps):
+    clock = workload.StepClock()
+    clock.steps_expected = steps
+    audit = workload.Audit(clock, steps)
+    model = workload.build_model("small")
+    ddp = DDP(model)
+    audit.register(ddp)
+    optimizer = workload.build_optimizer(model.parameters())
+    agreement = Agreement(torch.device("cpu"))
+    inputs, targets = torch.rand(4, 64), torch.randint(0, 10, (4,))
+    for i in range(steps * workload.K):
+        last = (i + 1) % workload.K == 0
+        with ddp.no_sync() if use_no_sync and not last else contextlib.nullcontext():
+            torch.nn.functional.cross_entropy(ddp(inputs), targets).backward()
+        if last:
+            optimizer.step()
+            optimizer.zero_grad()
+            agreement.propose(False)
+    agreement.settle()
+    return audit.per_step()
+
+
+def test_audit_counts_gradient_rounds_and_other_collectives():
+    with_no_sync = run_spawn(_audited_training, 2, True, 4)
+    without = run_spawn(_audited_training, 2, False, 4)
+    for counts in with_no_sync:
+        assert (counts["rounds"], counts["buckets"], counts["other"]) == (1.0, 1.0, {"all_reduce": 1.0})
+    for counts in without:
+        assert (counts["rounds"], counts["other"]) == (workload.K, {"all_reduce": 1.0})
