@@ -139,7 +139,7 @@ def _scenarios(rank, world_size):
         out["worker_seeds"].append(model.seeds)
 
     # stop_training set on rank 1 alone stops both ranks at the same step.
-    trainer = _sgd_trainer(make_model(), callbacks=[StopOnRank(1, 3)], seed=0)
+    trainer = _sgd_trainer(make_model(), callbacks=[StopOnRank(1, 3)], seed=0, stop_check_period=0)
     history = trainer.fit(DataLoader(make_dataset(128), batch_size=4), num_epochs=3)
     out["stop"] = (trainer.global_step, trainer.epoch, len(history.get("train_loss", [])))
     return out

@@ -1,4 +1,5 @@
 """Same model, data order and seed trained by Accelerate and by anndist under one torchrun; rank 0 saves both."""
+import gc
 import os
 import sys
 
@@ -42,6 +43,7 @@ def train_anndist():
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), nn.CrossEntropyLoss(),
                       gradient_accumulation_steps=K, rebuild_train_loader=False)
     trainer.fit(loader(trainer.rank, trainer.world_size), num_epochs=EPOCHS)
+    trainer.close()  # drops the DDP wrapper; the group is Accelerate's, so it stays
     return flat_params(trainer.module), trainer.global_step
 
 
@@ -52,6 +54,10 @@ def main():
     if int(os.environ["RANK"]) == 0:
         torch.save({"accelerate": accelerate_params, "anndist": anndist_params, "processes": processes,
                     "steps": steps}, sys.argv[1])
+    # Accelerate made the group and leaves it at exit, where gloo can abort (pytorch#190489): end it cleanly.
+    gc.collect()
+    torch.distributed.destroy_process_group()
+    gc.collect()
 
 
 if __name__ == "__main__":
