@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 import zipfile
 from pathlib import Path
@@ -63,18 +64,13 @@ def atomic_link(source: Path, path: Path) -> Path:
             os.link(source, tmp)
         except OSError:  # file systems without hard links: copy, durably
             with open(source, "rb") as src:
-                return atomic_write(path, lambda dst: _copy(src, dst))
+                return atomic_write(path, lambda dst: shutil.copyfileobj(src, dst, 1 << 24))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
-
-
-def _copy(src: Any, dst: Any) -> None:
-    while chunk := src.read(1 << 24):
-        dst.write(chunk)
 
 
 def fsync_dir(folder: Path) -> None:

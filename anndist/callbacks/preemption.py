@@ -1,9 +1,9 @@
 """PreemptionCallback: on SIGUSR1 or SIGTERM, stop all ranks at the same step, save, requeue, exit.
 
 The Trainer installs one in every rank by default (``handle_signals=False`` turns it off). The
-signal handler only sets ``trainer.stop_training``; the Trainer's stop agreement (the one async
-all-reduce per optimizer step it runs anyway) makes every rank stop after the same step, whichever
-ranks got the signal. Then, in ``on_train_end``, on every rank:
+signal handler only sets ``trainer.stop_training``; the Trainer's stop agreement (the small async
+all-reduce it runs anyway, about every ``stop_check_period`` seconds) makes every rank stop after
+the same step, whichever ranks got the signal. Then, in ``on_train_end``, on every rank:
 
 1. the checkpoint: ``save_in_dir(trainer, checkpoint_dir)`` (rank 0 writes atomically);
 2. for a requeue signal (SIGUSR1 by default: the warning Slurm sends before a time limit, see
