@@ -114,8 +114,10 @@ def make_run(callbacks: list, dataset: Dataset | None = None, seed: int = SEED,
     model = make_model(dropout=0.3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.9)
+    # stop_check_period=0: the ranks agree on a stop after every step, so the tests know where it lands.
     trainer = Trainer(model, optimizer, torch.nn.CrossEntropyLoss(), callbacks=callbacks, seed=seed,
-                      gradient_accumulation_steps=ACCUMULATION, scheduler=scheduler, **options)
+                      gradient_accumulation_steps=ACCUMULATION, scheduler=scheduler,
+                      **{"stop_check_period": 0, **options})
     dataset = dataset if dataset is not None else make_dataset(100, seed=0)
     train_loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
     return trainer, train_loader, DataLoader(make_dataset(40, seed=1), batch_size=8)
