@@ -63,11 +63,7 @@ class Trainer:
 
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
         self.precision = Precision(cfg.amp_dtype, self.device)
-        self.callbacks = CallbackList(callbacks, rank=self.rank)
-        if progress_bar_wanted(cfg.progress_bar, os.environ, sys.stderr, self.callbacks):
-            self.callbacks.append(ProgressBarCallback())
-        if cfg.handle_signals and not any(isinstance(cb, PreemptionCallback) for cb in self.callbacks):
-            self.callbacks.append(PreemptionCallback())  # last, so the others' on_train_end run before its exit
+        self.callbacks = _with_defaults(CallbackList(callbacks, rank=self.rank), cfg)
         self._optimizer_step = OptimizerStep(
             optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
             cfg.max_grad_norm, cfg.on_nonfinite)
@@ -294,6 +290,16 @@ class Trainer:
         # Closing our group makes peers blocked in a collective fail fast instead of waiting for the timeout.
         if self.created_process_group and self.world_size > 1:
             self.close()
+
+
+def _with_defaults(callbacks: CallbackList, cfg: TrainerConfig) -> CallbackList:
+    """Append the callbacks the options ask for: the progress bar, then preemption handling (last, so
+    the other callbacks' ``on_train_end`` run before its exit)."""
+    if progress_bar_wanted(cfg.progress_bar, os.environ, sys.stderr, callbacks):
+        callbacks.append(ProgressBarCallback())
+    if cfg.handle_signals and not any(isinstance(cb, PreemptionCallback) for cb in callbacks):
+        callbacks.append(PreemptionCallback())
+    return callbacks
 
 
 def _position(loader: Iterable, skip: int) -> dict[str, int | None]:
