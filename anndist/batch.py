@@ -34,6 +34,14 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def prepare_batch(batch: Any, device: torch.device, non_blocking: bool = False) -> tuple[Any, Any, int]:
+    """``(inputs, targets, batch size)`` of ``batch``, its tensors moved to ``device``."""
+    inputs, targets = split_batch(batch)
+    inputs = to_device(inputs, device, non_blocking)
+    targets = to_device(targets, device, non_blocking)
+    return inputs, targets, batch_size(inputs, targets)
+
+
 def to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Move every tensor in a nested tuple/list/dict structure to ``device``."""
     if isinstance(data, torch.Tensor):

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import process_group
-from .batch import batch_size, split_batch, to_device
+from .batch import prepare_batch
 from .precision import Precision
 
 
@@ -32,10 +32,7 @@ def evaluate(module: torch.nn.Module, loader: Iterable, criterion: Callable, dev
     module.eval()
     try:
         for batch in loader:
-            inputs, targets = split_batch(batch)
-            inputs = to_device(inputs, device, non_blocking)
-            targets = to_device(targets, device, non_blocking)
-            n = batch_size(inputs, targets)
+            inputs, targets, n = prepare_batch(batch, device, non_blocking)
             with precision.autocast():
                 outputs = module(inputs)
                 loss = criterion(outputs, targets)

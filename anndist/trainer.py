@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, process_group
 from .accumulation import Window, with_last
-from .batch import batch_size, split_batch, to_device
+from .batch import prepare_batch
 from .callbacks.base import Callback, CallbackList
 from .callbacks.preemption import PreemptionCallback
 from .callbacks.progress import ProgressBarCallback, progress_bar_wanted
@@ -166,10 +166,7 @@ class Trainer:
         return samples
 
     def _forward_backward(self, batch: Any, window: Window, sync: bool) -> tuple[torch.Tensor, int]:
-        inputs, targets = split_batch(batch)
-        inputs = to_device(inputs, self.device, self._non_blocking)
-        targets = to_device(targets, self.device, self._non_blocking)
-        n = batch_size(inputs, targets)
+        inputs, targets, n = prepare_batch(batch, self.device, self._non_blocking)
         no_sync = self.model.no_sync() if not sync and self.model is not self.module else contextlib.nullcontext()
         with no_sync:
             with self.precision.autocast():
