@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 
-from launch import ROOT, child_env
+from processes import ROOT, child_env
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import torch
 
 from anndist import ModelCheckpoint, save_in_dir
 from ckpt_train import make_run
-from distributed import run_spawn
+from spawn_ranks import run_spawn
 
 
 def _draws() -> list[float]:

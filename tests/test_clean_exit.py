@@ -5,7 +5,7 @@ test runs 10, so a broken teardown fails it with probability about 98%. tests/ex
 a longer soak by hand: `python tests/exit_trials.py 100`.
 """
 from exit_trials import launch_pair
-from launch import ROOT
+from processes import ROOT
 
 
 def test_ten_two_rank_launches_all_exit_zero():

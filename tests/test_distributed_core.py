@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from anndist import Callback, Trainer, seed_everything
 from anndist.sampler import ResumableDistributedSampler
-from distributed import run_spawn
+from spawn_ranks import run_spawn
 from models import flat_params, make_dataset, make_model
 
 HOOKS = ["on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_batch_begin",

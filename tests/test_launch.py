@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from launch import ROOT, child_env, python, torchrun
+from processes import ROOT, child_env, python, torchrun
 
 EXAMPLE = ROOT / "launch" / "train_digits.py"
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, process_group
-from distributed import run_spawn
+from spawn_ranks import run_spawn
 from models import make_dataset, make_model
 
 INTERVAL = 2

@@ -1,7 +1,7 @@
 """anndist's accumulation matches Hugging Face Accelerate's on 2 ranks (full windows)."""
 import torch
 
-from launch import ROOT, torchrun
+from processes import ROOT, torchrun
 from models import make_model
 
 

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 
 from anndist import PREEMPTED_EXIT_CODE, Callback, PreemptionCallback, Trainer, latest_checkpoint
 from anndist.slurm import RequeueError, requeue
-from distributed import run_spawn
-from launch import ROOT, child_env
+from spawn_ranks import run_spawn
+from processes import ROOT, child_env
 from models import make_dataset, make_model
 
 BATCHES_PER_EPOCH = 8  # 64 samples / batch 8 on one rank; 4 per rank on two

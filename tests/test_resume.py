@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from anndist import latest_checkpoint
-from launch import python, torchrun
+from processes import python, torchrun
 
 ENTRY = Path(__file__).with_name("ckpt_train.py")
 TORCHRUN_FAST_RESTART = ("--max-restarts=1", "--monitor-interval=0.2")

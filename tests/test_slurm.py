@@ -19,7 +19,7 @@ import torch
 from anndist import latest_checkpoint
 from anndist.checkpoint_file import read_checkpoint
 from anndist.slurm import RequeueError, requeue
-from launch import ROOT, child_env
+from processes import ROOT, child_env
 from slurm_cluster import SlurmCluster, unavailable_reason
 
 pytestmark = pytest.mark.slurm

@@ -2,7 +2,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from anndist import Trainer
-from distributed import run_spawn
+from spawn_ranks import run_spawn
 from models import flat_params, make_dataset, make_model
 
 

@@ -170,7 +170,7 @@ def agreement_on_two_ranks(rank: int, world_size: int) -> dict[str, float]:
 
 
 def agreement() -> None:
-    from distributed import run_spawn
+    from spawn_ranks import run_spawn
     best = run_spawn(agreement_on_two_ranks, 2)[0]
     without, with_agreement = 1e6 * best["without"], 1e6 * best["with"]
     print(f"agreement, 2 gloo ranks, steps of small-model compute and one gradient all-reduce: "

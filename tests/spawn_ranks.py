@@ -1,7 +1,7 @@
 """Run a function on N real processes joined in a gloo process group (spawn + FileStore).
 
 Faster than torchrun for tests that only need a real group: no agent, no port to pick. Each rank's
-return value comes back through a file. Use ``torchrun`` (see ``launch.py``) for end-to-end paths.
+return value comes back through a file. Use ``torchrun`` (see ``processes.py``) for end-to-end paths.
 """
 from __future__ import annotations
 
