@@ -3,14 +3,12 @@ from .batch import split_batch, to_device
 from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, LoggingCallback,
                         MetricsCallback, ModelCheckpoint, PreemptionCallback, ProfilingCallback, ProgressBarCallback,
                         TensorBoardCallback)
-from .checkpoint import latest_checkpoint, save_in_dir
-from .checkpoint_file import CheckpointError
+from .checkpoint import CheckpointError, latest_checkpoint
 from .env import DistEnv, detect_env
 from .optimization import NonFiniteLossError
 from .seed import seed_everything
-from .trainer import Trainer
-
-__version__ = "0.1.0"
+from .trainer import Trainer, save_in_dir
+from .version import __version__
 
 __all__ = [
     "Trainer", "Callback", "CallbackList", "CallbackError", "LoggingCallback", "seed_everything",

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import process_group
+from . import collectives
 from .batch import prepare_batch
 from .precision import Precision
 
@@ -43,7 +43,7 @@ def evaluate(module: torch.nn.Module, loader: Iterable, criterion: Callable, dev
                 totals[3] += n
     finally:
         module.train(was_training)
-    process_group.all_reduce(totals)
+    collectives.all_reduce(totals)
     loss_sum, correct, samples, cls_samples = totals.tolist()
     if samples == 0:
         raise ValueError("evaluate() got a loader that yields no samples on any rank")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("anndist")
+logger = logging.getLogger(__name__)
 
 
 class JsonlWriter:

@@ -1,8 +1,9 @@
-"""Rank-aware logging, decided once: rank 0 prints info, other ranks speak only for warnings.
+"""Rank-aware logging, decided once per process: rank 0 prints info, other ranks only warnings.
 
-``get_logger(rank)`` returns the ``anndist`` logger with a handler whose records carry a
-``[rank N]`` prefix on ranks other than 0, and a filter that drops their info and debug lines, so
-call sites never test the rank themselves.
+The Trainer calls :func:`configure` with its rank when it is built. Modules log through
+``logging.getLogger(__name__)`` (children of the ``anndist`` logger), and so can users' callbacks
+(``logging.getLogger("anndist.my_callback")``): non-zero ranks are quiet by configuration, and
+their warnings carry a ``[rank N]`` prefix, so no call site ever tests the rank.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import sys
 from typing import IO
 
+ROOT = "anndist"
 _HANDLER_NAME = "anndist-rank-aware"
 
 
@@ -23,10 +25,10 @@ class _RankFilter(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.WARNING
 
 
-def get_logger(rank: int = 0) -> logging.Logger:
-    """The ``anndist`` logger, configured for ``rank`` (idempotent; respects a user's own handlers)."""
-    logger = logging.getLogger("anndist")
-    handler = next((h for h in logger.handlers if h.get_name() == _HANDLER_NAME), None)
+def configure(rank: int) -> logging.Logger:
+    """Give the ``anndist`` logger a console handler for ``rank`` (idempotent; keeps a user's handlers)."""
+    logger = logging.getLogger(ROOT)
+    handler = _handler()
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.set_name(_HANDLER_NAME)
@@ -43,5 +45,9 @@ def get_logger(rank: int = 0) -> logging.Logger:
 
 def set_console_stream(stream: IO[str]) -> IO[str] | None:
     """Point the rank-aware console handler at ``stream`` (e.g. above a progress bar); return the old one."""
-    handler = next((h for h in logging.getLogger("anndist").handlers if h.get_name() == _HANDLER_NAME), None)
+    handler = _handler()
     return handler.setStream(stream) if handler is not None else None
+
+
+def _handler() -> logging.Handler | None:
+    return next((h for h in logging.getLogger(ROOT).handlers if h.get_name() == _HANDLER_NAME), None)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import process_group
+from . import collectives
 from .precision import Precision
 
 NONFINITE_POLICIES = ("error", "skip")
@@ -82,14 +82,13 @@ class OptimizerStep:
     def _nonfinite(self, window_losses: list[torch.Tensor], where: str) -> bool:
         # Every rank is here (the norm is of all-reduced gradients), so this gather cannot hang.
         local_bad = any(not torch.isfinite(loss).item() for loss in window_losses)
-        bad_ranks = [r for r, bad in enumerate(process_group.all_gather_object(local_bad)) if bad]
-        if not bad_ranks and self.precision.scaler is not None:
+        bad_ranks = [r for r, bad in enumerate(collectives.all_gather_object(local_bad)) if bad]
+        if not bad_ranks and self.precision.scales_loss:
             return self.precision.step(self.optimizer)  # an fp16 overflow: the scaler skips and backs off
         what = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradient norm with finite losses"
         if self.on_nonfinite == "error":
             raise NonFiniteLossError(
                 f"{what} at {where}; pass on_nonfinite='skip' to skip such steps, or lower the learning rate"
             )
-        if self.precision.scaler is not None:
-            self.precision.step(self.optimizer)  # lets the scaler record the skip and back off
+        self.precision.skip(self.optimizer)
         return False

@@ -11,7 +11,7 @@ from typing import Any, ContextManager
 
 import torch
 
-logger = logging.getLogger("anndist")
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -37,12 +37,13 @@ def resolve_amp_dtype(use_amp: bool, amp_dtype: str | None, device: torch.device
 
 
 class Precision:
-    """Autocast for forward and loss, scaling of the backward pass, and the scaler's state."""
+    """Autocast for forward and loss (when ``dtype`` is set); backward and step as they are."""
+
+    scales_loss = False  # an overflow is expected and handled by skipping the step (fp16 only)
 
     def __init__(self, dtype: torch.dtype | None, device: torch.device) -> None:
         self.dtype = dtype
         self.device = device
-        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     def autocast(self) -> ContextManager[Any]:
         if self.dtype is None:
@@ -50,26 +51,59 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        loss.backward()
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
+        """Bring the gradients to their true scale before they are checked or clipped."""
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Step the optimizer (the scaler may skip it on overflow); return whether it stepped."""
-        if self.scaler is None:
-            optimizer.step()
-            return True
+        """Step the optimizer; return whether it stepped."""
+        optimizer.step()
+        return True
+
+    def skip(self, optimizer: torch.optim.Optimizer) -> None:
+        """Record a step that is skipped (a non-finite gradient under ``on_nonfinite="skip"``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore (a checkpoint written with fp16 carries a scaler state that is ignored here)."""
+
+
+class ScaledPrecision(Precision):
+    """fp16: the loss is scaled before backward; an overflow makes the scaler skip the step and back off."""
+
+    scales_loss = True
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(dtype, device)
+        self.scaler = torch.amp.GradScaler(device.type)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
         scale_before = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
         # The scale only shrinks after an overflow, the one case where the step was skipped.
         return self.scaler.get_scale() >= scale_before
 
+    def skip(self, optimizer: torch.optim.Optimizer) -> None:
+        self.step(optimizer)  # the gradients hold inf/NaN, so the scaler records the skip and backs off
+
     def state_dict(self) -> dict[str, Any]:
-        return self.scaler.state_dict() if self.scaler is not None else {}
+        return self.scaler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.scaler is not None and state:
+        if state:
             self.scaler.load_state_dict(state)
+
+
+def make_precision(dtype: torch.dtype | None, device: torch.device) -> Precision:
+    """The precision policy for an autocast ``dtype`` (None: full precision)."""
+    return ScaledPrecision(dtype, device) if dtype == torch.float16 else Precision(dtype, device)

@@ -84,3 +84,20 @@ def _python_state_to_tensor(state: tuple) -> dict[str, Any]:
 
 def _python_state_from_tensor(state: dict[str, Any]) -> tuple:
     return (state["version"], tuple(int(x) for x in state["internal"].tolist()), state["gauss"])
+
+
+class RNGState:
+    """This rank's RNG streams as a checkpoint entry: each rank saves and restores its own.
+
+    A rank that did not exist when the checkpoint was written keeps the stream it was seeded with.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        if self.rank < len(states):
+            set_rng_state(states[self.rank])

@@ -2,16 +2,17 @@
 
 Read ``fit`` top to bottom: per epoch, per micro-batch: forward and backward (inside DDP's
 ``no_sync`` except on the last micro-batch of an accumulation window), then one optimizer step per
-window. Everything else (logging, checkpoints, profiling, preemption) lives in callbacks.
+window (``train_step.py``). Where the run is lives in ``self.state`` (``train_state.py``); what a
+checkpoint holds is ``self.run_state``, a set of objects with ``state_dict()`` that the checkpoint
+code saves and restores without knowing the Trainer. Everything else (logging, checkpoints,
+profiling, preemption) lives in callbacks.
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import sys
 import time
-import weakref
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -20,19 +21,27 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import checkpoint, process_group
-from .accumulation import Window, with_last
-from .batch import prepare_batch
+from . import checkpoint, collectives, log, process_group
+from .accumulation import with_last
+from .agreement import StopAgreement
 from .callbacks.base import Callback, CallbackList
+from .callbacks.checkpoint import ModelCheckpoint
 from .callbacks.preemption import PreemptionCallback
 from .callbacks.progress import ProgressBarCallback, progress_bar_wanted
+from .checkpoint.folder import resolve as resolve_checkpoint
 from .config import TrainerConfig
 from .env import DistEnv, detect_env
 from .evaluation import evaluate as evaluate_loader
 from .optimization import OptimizerStep
-from .precision import Precision
-from .sampler import is_rebuildable, shard_eval_loader, shard_train_loader, start_epoch
-from .seed import rank_seed, seed_everything
+from .precision import make_precision
+from .loaders import RankLoaders
+from .sampler import start_epoch
+from .seed import RNGState, rank_seed, seed_everything
+from .train_state import EpochSums, TrainState
+from .train_step import TrainStep
+
+logger = logging.getLogger(__name__)
+HISTORY_KEYS = ("train_loss", "val_loss", "val_accuracy")
 
 
 class Trainer:
@@ -40,15 +49,15 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
                  callbacks: Sequence[Callback] | None = None, **options: Any) -> None:
-        self.config = TrainerConfig.from_options(model, optimizer, criterion, options)
-        cfg = self.config
+        self.config = cfg = TrainerConfig.from_options(model, optimizer, criterion, options)
         self.env: DistEnv = detect_env(os.environ)
         self.device = cfg.device or _default_device(self.env)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.created_process_group = process_group.init_process_group(
             self.env, cfg.backend or process_group.default_backend(self.device), cfg.dist_timeout)
-        self.rank, self.world_size = process_group.rank(), process_group.world_size()
+        self.rank, self.world_size = collectives.rank(), collectives.world_size()
+        log.configure(self.rank)  # the one rank-zero decision for every log line
         self.local_rank = self.env.local_rank if self.env.is_distributed else 0
         self.is_main_process = self.rank == 0
 
@@ -62,25 +71,28 @@ class Trainer:
             seed_everything(rank_seed(cfg.seed, self.rank))
 
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
-        self.precision = Precision(cfg.amp_dtype, self.device)
+        self.precision = make_precision(cfg.amp_dtype, self.device)
         self.callbacks = _with_defaults(CallbackList(callbacks, rank=self.rank), cfg)
         self._optimizer_step = OptimizerStep(
             optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
             cfg.max_grad_norm, cfg.on_nonfinite)
-        self._agreement = process_group.Agreement(self.device, cfg.stop_check_period)
-        self._train_source: Iterable | None = None  # the user's loader behind self._train_loader
-        self._train_loader: Iterable | None = None
-        self._eval_loaders: "weakref.WeakKeyDictionary[Any, DataLoader]" = weakref.WeakKeyDictionary()
-        self._non_blocking = self.device.type == "cuda"
-        self.epoch = 0             # the epoch being trained, or the next one to train
-        self.global_step = 0       # optimizer steps taken
-        self.batch_in_epoch = 0    # micro-batches of ``epoch`` already trained (after a step)
-        self.epoch_complete = False  # True inside on_epoch_end: a checkpoint then resumes at the next epoch
-        self.epoch_loss_sum: torch.Tensor | float = 0.0  # this rank's sum of loss * samples in ``epoch`` so far
-        self.epoch_samples = 0     # this rank's samples of ``epoch`` trained (after a step)
+        self._step = TrainStep(self.model, self.module, criterion, self.precision, self._optimizer_step,
+                               cfg.gradient_accumulation_steps, cfg.sum_reduction, self.device)
+        self._agreement = StopAgreement(self.device, cfg.stop_check_period)
+        self.state = TrainState(self.world_size, cfg.seed)
+        self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
+        self.run_state = self._make_run_state()
+        self._loaders = RankLoaders(self.world_size, self.rank, cfg.seed or 0,
+                                    cfg.rebuild_train_loader, cfg.rebuild_eval_loader)
         self.pending_auto_resume = cfg.auto_resume  # the first fit() looks for a checkpoint
         self.stop_training = False
-        self.history: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ progress (in self.state)
+    epoch = property(lambda self: self.state.epoch, doc="The epoch being trained, or the next one to train.")
+    global_step = property(lambda self: self.state.global_step, doc="Optimizer steps taken.")
+    batch_in_epoch = property(lambda self: self.state.batch_in_epoch,
+                              doc="Micro-batches of ``epoch`` this rank has trained (after a step).")
+    history = property(lambda self: self.state.history, doc="Per-epoch lists: train_loss, val_loss, ...")
 
     # ------------------------------------------------------------------ training
     def fit(self, train_loader: Iterable, num_epochs: int, val_loader: Iterable | None = None,
@@ -91,96 +103,76 @@ class Trainer:
         ``checkpoint_dir``) to continue a run exactly where it was saved; see docs/checkpoints.md.
         """
         _check_epochs(num_epochs)
-        checkpoint.resume(self, resume_from)
-        loader = self._prepare_train_loader(train_loader)
+        self._resume(resume_from)
+        loader = self._loaders.train(train_loader)
         self.stop_training = False
-        self.callbacks.call("on_train_begin", trainer=self, logs={"num_epochs": num_epochs, "start_epoch": self.epoch})
         try:
+            self.callbacks.call("on_train_begin", trainer=self, logs={"num_epochs": num_epochs, "start_epoch": self.epoch})
             while self.epoch < num_epochs and not self.stop_training:
                 logs = self._train_epoch(loader, val_loader)
                 if logs is None:  # stopped mid-epoch: the position stays for a checkpoint
                     break
-                self.epoch_complete = True
+                self.state.epoch_done = True
                 self.callbacks.call("on_epoch_end", self.epoch, trainer=self, logs=logs)
-                self.epoch, self.batch_in_epoch, self.epoch_complete = self.epoch + 1, 0, False
+                self.state.finish_epoch()
                 self.stop_training = self._agreement.decide(self.stop_training)
             self.callbacks.call("on_train_end", trainer=self, logs={"history": self.history})
-        except BaseException:
+        except BaseException as exc:
+            self.callbacks.call_on_exception(exc, trainer=self)
             self._abort()
             raise
         return self.history
 
     def _train_epoch(self, loader: Iterable, val_loader: Iterable | None) -> dict[str, float] | None:
         """Train one epoch and evaluate; None when a stop cut the epoch short (no ``on_epoch_end``)."""
-        epoch, started = self.epoch, time.perf_counter()
-        seed = self.config.seed or 0
-        skip = self.batch_in_epoch
+        epoch, started, skip = self.epoch, time.perf_counter(), self.batch_in_epoch
         if isinstance(loader, DataLoader):
-            start_epoch(loader, epoch, seed, self.rank, skip * (loader.batch_size or 0))
+            start_epoch(loader, epoch, self.config.seed or 0, self.rank, skip * (loader.batch_size or 0))
         elif skip:
             raise RuntimeError("cannot resume mid-epoch with a train loader that is not a DataLoader")
         self.callbacks.call("on_epoch_begin", epoch, trainer=self, logs=_position(loader, skip))
         self.model.train()
-        if not skip:
-            self.epoch_loss_sum, self.epoch_samples = 0.0, 0
-        # A resumed epoch continues the partial sums its checkpoint carried, so train_loss is exact.
-        loss_sum = self.epoch_loss_sum = torch.as_tensor(self.epoch_loss_sum, dtype=torch.float64, device=self.device)
-        samples = self._run_batches(loader, skip, loss_sum)
-        if samples is None:
+        if not skip:  # a resumed epoch continues the partial sums its checkpoint carried
+            self.epoch_sums.reset()
+        if not self._run_batches(loader, skip):
             return None
-        logs = self._epoch_train_metrics(loss_sum, samples)
+        logs = self._epoch_train_metrics()
         if val_loader is not None:
             logs.update(self.evaluate(val_loader))
         self._step_epoch_scheduler(logs)
         logs["epoch_time"] = time.perf_counter() - started
-        for key in ("train_loss", "val_loss", "val_accuracy"):
-            if key in logs:
-                self.history.setdefault(key, []).append(logs[key])
+        self.state.record(logs, HISTORY_KEYS)
         return logs
 
-    def _run_batches(self, loader: Iterable, first_idx: int, loss_sum: torch.Tensor) -> int | None:
-        """Train the epoch's micro-batches; return this rank's sample count, or None if stopped early."""
-        cfg, cbs = self.config, self.callbacks
-        k = cfg.gradient_accumulation_steps
-        window = Window(k, cfg.sum_reduction, getattr(loader, "batch_size", None))
-        samples = self.epoch_samples
+    def _run_batches(self, loader: Iterable, first_idx: int) -> bool:
+        """Train the epoch's micro-batches; return False if a stop cut the epoch short."""
+        cbs, state, sums, k = self.callbacks, self.state, self.epoch_sums, self.config.gradient_accumulation_steps
+        self._step.begin_epoch(getattr(loader, "batch_size", None))
         for batch_idx, (batch, is_last) in enumerate(with_last(loader), start=first_idx):
-            cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": self.epoch})
+            cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": state.epoch})
             ends_window = is_last or (batch_idx + 1) % k == 0
-            loss, n = self._forward_backward(batch, window, sync=ends_window)
-            loss_sum.add_(loss, alpha=n)
-            samples += n
+            loss, n = self._step.micro_batch(batch, sync=ends_window)
+            sums.loss_sum.add_(loss, alpha=n)
+            sums.samples += n
             cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
             stepped = False
             if ends_window:
-                stepped = self._optimizer_step(window.correction(), window.losses, self._where(batch_idx))
-                self.global_step += stepped
-                self.batch_in_epoch, self.epoch_samples = batch_idx + 1, samples
-                window.reset()
+                stepped = self._step.finish_window(self._where(batch_idx))
+                state.global_step += stepped
+                state.batch_in_epoch = batch_idx + 1
             cbs.call("on_batch_end", batch_idx, trainer=self,
                      logs={"loss": loss, "batch_size": n, "ends_window": ends_window, "stepped": stepped})
             if ends_window and self._agreement.propose(self.stop_training):
                 self.stop_training = True
                 self._agreement.settle()
-                return None
-        return samples
+                return False
+        return True
 
-    def _forward_backward(self, batch: Any, window: Window, sync: bool) -> tuple[torch.Tensor, int]:
-        inputs, targets, n = prepare_batch(batch, self.device, self._non_blocking)
-        no_sync = self.model.no_sync() if not sync and self.model is not self.module else contextlib.nullcontext()
-        with no_sync:
-            with self.precision.autocast():
-                loss = self.criterion(self.model(inputs), targets)
-            weight = window.weight(n)
-            self.precision.backward(loss * weight if weight != 1.0 else loss)
-        loss = loss.detach()
-        window.add(loss, n)
-        return loss, n
-
-    def _epoch_train_metrics(self, loss_sum: torch.Tensor, samples: int) -> dict[str, float]:
-        totals = torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64, device=self.device)])
+    def _epoch_train_metrics(self) -> dict[str, float]:
+        sums = self.epoch_sums
+        totals = torch.stack([sums.loss_sum, torch.tensor(float(sums.samples), dtype=torch.float64, device=self.device)])
         self._agreement.settle()
-        process_group.all_reduce(totals)
+        collectives.all_reduce(totals)
         total_loss, total_samples = totals.tolist()
         return {"train_loss": total_loss / total_samples if total_samples else float("nan")}
 
@@ -204,42 +196,19 @@ class Trainer:
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         """Loss (and accuracy for classification) over exactly the loader's samples, identical on every rank."""
         self.callbacks.call("on_evaluate_begin", trainer=self, logs={})
-        metrics = evaluate_loader(self.module, self._prepare_eval_loader(loader), self.criterion,
-                                  self.device, self.precision, self._non_blocking)
+        metrics = evaluate_loader(self.module, self._loaders.eval(loader), self.criterion,
+                                  self.device, self.precision, self._step.non_blocking)
         self.callbacks.call("on_evaluate_end", trainer=self, logs=dict(metrics))
         return metrics
 
-    # ------------------------------------------------------------------ loaders
-    def _prepare_train_loader(self, loader: Iterable) -> Iterable:
-        if isinstance(loader, DataLoader) and self.config.rebuild_train_loader and is_rebuildable(loader):
-            if self._train_source is not loader:
-                self._train_source = loader
-                self._train_loader = shard_train_loader(loader, self.world_size, self.rank, self.config.seed or 0)
-            return self._train_loader
-        return loader
-
-    def _prepare_eval_loader(self, loader: Iterable) -> Iterable:
-        if not (isinstance(loader, DataLoader) and self.config.rebuild_eval_loader and is_rebuildable(loader)):
-            return loader
-        if loader not in self._eval_loaders:
-            self._eval_loaders[loader] = shard_eval_loader(loader, self.world_size, self.rank)
-        return self._eval_loaders[loader]
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """The run's state except RNG: model, optimizer, scheduler, scaler, progress, history, callbacks."""
-        return {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.precision.state_dict(),
-            "progress": {"epoch": self.epoch + self.epoch_complete, "global_step": self.global_step,
-                         "batch_in_epoch": 0 if self.epoch_complete else self.batch_in_epoch,
-                         "world_size": self.world_size,
-                         "seed": self.config.seed},
-            "history": {key: list(values) for key, values in self.history.items()},
-            "callbacks": self.callbacks.state_dict(),
-        }
+    # ------------------------------------------------------------------ checkpoints
+    def _make_run_state(self) -> checkpoint.RunState:
+        states = {"model": self.module, "optimizer": self.optimizer, "scaler": self.precision,
+                  "train_state": self.state, "callbacks": self.callbacks}
+        if self.scheduler is not None:
+            states["scheduler"] = self.scheduler
+        return checkpoint.RunState(states, {"rng": RNGState(self.rank), "epoch_sums": self.epoch_sums},
+                                   ready_to_save=self._check_window_closed)
 
     def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> Path:
         """Save everything needed to continue this run exactly to ``path``; call it on **every rank**.
@@ -248,23 +217,65 @@ class Trainer:
         every rank's RNG state; all ranks return once the file is complete. ``metadata`` (numbers,
         strings, tensors, lists, dicts) comes back from ``load_checkpoint``. See docs/checkpoints.md.
         """
-        return checkpoint.save_checkpoint(self, path, metadata)
+        return checkpoint.save(path, self.run_state, metadata)
+
+    def save_in_dir(self, dirpath: str | os.PathLike, name: str | None = None, **metadata: Any) -> Path:
+        """Save to ``dirpath/name.ckpt`` (``step-<global step>.ckpt`` when name is None) and point ``latest`` at it."""
+        name = name if name is not None else checkpoint.step_name(self.global_step)
+        return checkpoint.CheckpointFolder(dirpath).save(self.run_state, name, metadata)
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Restore a checkpoint on **every rank** (each rank its own RNG streams); return its metadata."""
-        return checkpoint.load_checkpoint(self, path)
+        metadata = checkpoint.load(path, self.run_state)
+        logger.info("resumed from %s: epoch %d, optimizer step %d, %d batch(es) into the epoch",
+                    path, self.epoch, self.global_step, self.batch_in_epoch)
+        return metadata
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state every rank shares (model, optimizer, scheduler, scaler, train_state, callbacks); no RNG."""
+        return {name: obj.state_dict() for name, obj in self.run_state.states.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.precision.load_state_dict(state.get("scaler") or {})
-        progress = state["progress"]
-        self.epoch, self.global_step = progress["epoch"], progress["global_step"]
-        self.batch_in_epoch = progress["batch_in_epoch"]
-        self.history = {key: list(values) for key, values in state.get("history", {}).items()}
-        self.callbacks.load_state_dict(state.get("callbacks", {}))
+        for name, obj in self.run_state.states.items():
+            if name in state:
+                obj.load_state_dict(state[name])
+
+    def _resume(self, resume_from: str | os.PathLike | None) -> None:
+        """fit()'s ``resume_from`` or ``auto_resume``: rank 0 picks the file, every rank loads that one."""
+        if resume_from is None and not self.pending_auto_resume:
+            return
+        if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
+            raise TypeError(
+                f"resume_from must be a path, 'latest' or None, got {type(resume_from).__name__} {resume_from!r}")
+        self.pending_auto_resume = False
+        found = collectives.run_collectively(lambda: self._locate(resume_from) if self.is_main_process else None)
+        path = collectives.broadcast_object(found)
+        if path is None:
+            logger.info("auto_resume: no checkpoint in %s yet, starting from scratch", self.config.checkpoint_dir)
+            return
+        self.load_checkpoint(path)
+
+    def _locate(self, resume_from: str | os.PathLike | None) -> str | None:
+        if resume_from is None:  # auto_resume: a missing checkpoint means a first start
+            found = checkpoint.latest_checkpoint(self.config.checkpoint_dir)
+            return None if found is None else str(found)
+        return str(resolve_checkpoint(resume_from, self._checkpoint_folder()))
+
+    def _checkpoint_folder(self) -> Path | None:
+        """``checkpoint_dir``, else the folder of the one ModelCheckpoint that names one."""
+        if self.config.checkpoint_dir is not None:
+            return Path(self.config.checkpoint_dir)
+        folders = {Path(cb.dirpath) for cb in self.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath}
+        return folders.pop() if len(folders) == 1 else None
+
+    def _check_window_closed(self) -> None:
+        # The optimizer zeroes gradients (to None) after each step, so gradients here mean a half-done
+        # accumulation window, which a checkpoint cannot hold: resuming would silently drop it.
+        if any(p.grad is not None for p in self.module.parameters()):
+            raise RuntimeError(
+                f"save_checkpoint() was called in the middle of an accumulation window (epoch {self.epoch}, "
+                f"after optimizer step {self.global_step}): the gradients accumulated so far cannot be "
+                "checkpointed; save from on_batch_end when logs['ends_window'] is true, at on_epoch_end, or after fit()")
 
     # ------------------------------------------------------------------ teardown
     def release_distributed(self) -> None:
@@ -319,3 +330,8 @@ def _check_epochs(num_epochs: Any) -> None:
         raise TypeError(f"num_epochs must be an int, got {type(num_epochs).__name__} {num_epochs!r}")
     if num_epochs < 0:
         raise ValueError(f"num_epochs={num_epochs} is negative; pass the number of epochs to train (>= 0)")
+
+
+def save_in_dir(trainer: Trainer, dirpath: str | os.PathLike, name: str | None = None, **metadata: Any) -> Path:
+    """``trainer.save_in_dir(...)``, as a function (call it on every rank)."""
+    return trainer.save_in_dir(dirpath, name, **metadata)

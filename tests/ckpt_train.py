@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from models import flat_params, make_dataset, make_model
 
-from anndist import Callback, ModelCheckpoint, Trainer, process_group
+from anndist import Callback, ModelCheckpoint, Trainer, collectives
 
 SEED, BATCH, ACCUMULATION, EPOCHS = 7, 4, 2, 3
 
@@ -139,7 +139,7 @@ def train(spec: dict) -> tuple[Trainer, dict]:
         "params": flat_params(trainer.module), "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "begin": probe.begin, "history": history, "world_size": trainer.world_size,
         "end": {"epoch": trainer.epoch, "global_step": trainer.global_step, "batch_in_epoch": trainer.batch_in_epoch},
-        "reads": process_group.all_gather_object(dataset.reads),
+        "reads": collectives.all_gather_object(dataset.reads),
         "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
     }
     return trainer, result

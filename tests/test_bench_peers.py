@@ -20,7 +20,7 @@ from spawn_ranks import run_spawn
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench" / "peers"))
 import workload  # noqa: E402
 
-from anndist.process_group import Agreement  # noqa: E402
+from anndist.agreement import StopAgreement  # noqa: E402
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -43,7 +43,7 @@ def _audited_training(rank, world_size, use_no_sync, steps):
     ddp = DDP(model)
     audit.register(ddp)
     optimizer = workload.build_optimizer(model.parameters())
-    agreement = Agreement(torch.device("cpu"))
+    agreement = StopAgreement(torch.device("cpu"))
     inputs, targets = torch.rand(4, 64), torch.randint(0, 10, (4,))
     for i in range(steps * workload.K):
         last = (i + 1) % workload.K == 0

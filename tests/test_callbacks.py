@@ -60,3 +60,27 @@ def test_state_of_stateful_callbacks_round_trips():
     target = CallbackList([Named("a", log), Callback(), Named("b", log)])
     target.load_state_dict(state)
     assert [cb.count for cb in target.callbacks if isinstance(cb, Named)] == [3, 5]
+
+
+class SeesExceptions(Callback):
+    def __init__(self, fail=False):
+        self.seen, self.fail = [], fail
+
+    def on_exception(self, exc, trainer, logs=None):
+        self.seen.append((type(exc).__name__, trainer.global_step))
+        if self.fail:
+            raise RuntimeError("cleanup failed too")
+
+
+def test_on_exception_runs_on_every_callback_and_never_hides_the_error():
+    first, second = SeesExceptions(fail=True), SeesExceptions()
+    with pytest.raises(CallbackError, match="Raises.on_batch_end raised KeyError"):
+        _trainer([Raises(), first, second]).fit(DataLoader(make_dataset(32), batch_size=4), num_epochs=1)
+    # batch_idx 2 ended the third window: three optimizer steps were taken before the hook raised
+    assert first.seen == second.seen == [("CallbackError", 3)]
+
+
+def test_on_exception_is_not_called_when_fit_succeeds():
+    watcher = SeesExceptions()
+    _trainer([watcher]).fit(DataLoader(make_dataset(16), batch_size=8), num_epochs=1)
+    assert watcher.seen == []

@@ -10,7 +10,7 @@ import torch
 
 from anndist import (Callback, CallbackError, CheckpointError, ModelCheckpoint, Trainer, latest_checkpoint,
                      save_in_dir)
-from anndist.checkpoint_file import FORMAT, atomic_link
+from anndist.checkpoint.file import FORMAT, atomic_link
 from ckpt_train import EPOCHS, make_run
 from models import flat_params, make_model
 
@@ -83,14 +83,15 @@ def test_checkpoint_holds_the_whole_run_and_loads_weights_only(tmp_path):
     trainer, _ = _trained()
     trainer.save_checkpoint(tmp_path / "a.ckpt", note="hello", lr=[0.1, 0.2], tensor=torch.ones(2))
     payload = torch.load(tmp_path / "a.ckpt", weights_only=True)
-    assert payload["format"] == FORMAT and payload["format_version"] == 1
+    assert payload["format"] == FORMAT and payload["format_version"] == 2
     assert payload["versions"] == {"anndist": "0.1.0", "torch": str(torch.__version__)}
-    state = payload["trainer"]
-    assert set(state) == {"model", "optimizer", "scheduler", "scaler", "progress", "history", "callbacks"}
-    assert state["progress"] == {"epoch": 1, "global_step": 13, "batch_in_epoch": 0, "world_size": 1, "seed": 7}
+    state = payload["states"]
+    assert set(state) == {"model", "optimizer", "scheduler", "scaler", "train_state", "callbacks"}
+    assert state["train_state"] == {"epoch": 1, "global_step": 13, "batch_in_epoch": 0, "world_size": 1, "seed": 7,
+                                    "history": trainer.history}
     assert state["scheduler"]["last_epoch"] == 13 and state["optimizer"]["state"]
     (rank,) = payload["ranks"]
-    assert set(rank["rng"]) >= {"python", "numpy", "torch"} and rank["epoch_samples"] == 100
+    assert set(rank["rng"]) >= {"python", "numpy", "torch"} and rank["epoch_sums"]["samples"] == 100
     assert payload["metadata"]["note"] == "hello" and torch.equal(payload["metadata"]["tensor"], torch.ones(2))
     # A fresh Trainer gets it all back, and the metadata.
     fresh, _, _ = make_run([])

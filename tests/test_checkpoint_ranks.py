@@ -41,7 +41,7 @@ def _ranks(rank: int, world_size: int, root: str) -> dict:
         best.on_epoch_end(epoch, trainer, logs={"val_loss": scores[rank]})  # saves on both ranks or neither
         best_scores.append(best.best_score)
     return {"after_save": after_save, "after_load": after_load, "ranks_in_file": len(saved["ranks"]),
-            "world_in_file": saved["trainer"]["progress"]["world_size"], "best_scores": best_scores}
+            "world_in_file": saved["states"]["train_state"]["world_size"], "best_scores": best_scores}
 
 
 def test_rank0_alone_writes_and_every_rank_gets_its_own_rng_back(tmp_path):

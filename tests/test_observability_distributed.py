@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, process_group
+from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, collectives
 from spawn_ranks import run_spawn
 from models import make_dataset, make_model
 
@@ -43,7 +43,7 @@ class SlowOnRank(Dataset):
 def _spy_reductions(logging_cb, trainer):
     """Record the optimizer step of every collective started inside LoggingCallback.on_batch_end."""
     steps, inside, original_hook = [], [False], logging_cb.on_batch_end
-    originals = {name: getattr(process_group, name) for name in ("all_reduce", "all_reduce_async", "all_gather_object",
+    originals = {name: getattr(collectives, name) for name in ("all_reduce", "all_reduce_async", "all_gather_object",
                                                                   "broadcast_object", "barrier")}
 
     def hook(batch_idx, trainer_, logs=None):
@@ -62,7 +62,7 @@ def _spy_reductions(logging_cb, trainer):
 
     logging_cb.on_batch_end = hook
     for name in originals:
-        setattr(process_group, name, spy(name))
+        setattr(collectives, name, spy(name))
     return steps
 
 

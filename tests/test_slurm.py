@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from anndist import latest_checkpoint
-from anndist.checkpoint_file import read_checkpoint
+from anndist.checkpoint.file import read_checkpoint
 from anndist.slurm import RequeueError, requeue
 from processes import ROOT, child_env
 from slurm_cluster import SlurmCluster, unavailable_reason
@@ -162,7 +162,7 @@ def test_sigterm_as_at_a_time_limit_leaves_a_complete_checkpoint(cluster, tmp_pa
     path = latest_checkpoint(ckpt)
     assert path is not None, sorted(p.name for p in ckpt.iterdir())
     payload = read_checkpoint(path)  # a complete, readable anndist checkpoint (raises if torn)
-    progress = payload["trainer"]["progress"]
+    progress = payload["states"]["train_state"]
     assert progress["global_step"] == stopped_at and 0 < stopped_at < EPOCHS * 23
     assert progress["world_size"] == 2 and len(payload["ranks"]) == 2
     assert payload["metadata"] == {"reason": "preempted", "signal": "SIGTERM"}

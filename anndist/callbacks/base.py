@@ -1,6 +1,6 @@
 """Callbacks: the only way to add behaviour to the Trainer.
 
-Nine hooks, called on every rank in list order (so a callback may take part in collectives):
+Nine lifecycle hooks, called on every rank in list order (so a callback may take part in collectives):
 
     on_train_begin
       on_epoch_begin(epoch)
@@ -10,20 +10,25 @@ Nine hooks, called on every rank in list order (so a callback may take part in c
       on_epoch_end(epoch)
     on_train_end
 
+and a tenth, ``on_exception(exc)``, called on every rank when ``fit`` raises (a callback or the
+training step failed, or a rank got an error from a collective), before the process group is torn
+down: callbacks release what they hold there (signal handlers, open files, profiler hooks).
 ``docs/callbacks.md`` lists what each hook's ``logs`` holds.
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
 
+logger = logging.getLogger(__name__)
+
 HOOKS = (
     "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_batch_begin",
-    "on_batch_end", "on_backward_end", "on_evaluate_begin", "on_evaluate_end",
+    "on_batch_end", "on_backward_end", "on_evaluate_begin", "on_evaluate_end", "on_exception",
 )
-_INDEXED = {"on_epoch_begin", "on_epoch_end", "on_batch_begin", "on_batch_end", "on_backward_end"}
 
 
 class Callback:
@@ -38,6 +43,7 @@ class Callback:
     def on_backward_end(self, batch_idx: int, trainer: "Trainer", logs: dict | None = None) -> None: ...
     def on_evaluate_begin(self, trainer: "Trainer", logs: dict | None = None) -> None: ...
     def on_evaluate_end(self, trainer: "Trainer", logs: dict | None = None) -> None: ...
+    def on_exception(self, exc: BaseException, trainer: "Trainer", logs: dict | None = None) -> None: ...
 
 
 class CallbackError(RuntimeError):
@@ -83,6 +89,15 @@ class CallbackList:
                 raise CallbackError(
                     f"{type(callback).__name__}.{hook} raised {type(exc).__name__}: {exc} (rank {self.rank})"
                 ) from exc
+
+    def call_on_exception(self, exc: BaseException, trainer: "Trainer") -> None:
+        """``on_exception`` on every callback; a failure there is logged, never raised over ``exc``."""
+        for callback in self._by_hook["on_exception"]:
+            try:
+                callback.on_exception(exc, trainer, {})
+            except Exception as error:  # the original exception is the one to report
+                logger.error("%s.on_exception raised %s: %s (while handling %s)",
+                             type(callback).__name__, type(error).__name__, error, type(exc).__name__)
 
     def state_dict(self) -> dict[str, Any]:
         """State of the callbacks that have ``state_dict()``, keyed by class name and position."""

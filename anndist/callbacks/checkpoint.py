@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import process_group
-from ..checkpoint import checkpoint_path, commit_latest, save_checkpoint, step_checkpoints, step_name
-from ..checkpoint_file import atomic_link, fsync_dir
+from .. import collectives
+from ..checkpoint import CheckpointFolder, step_name
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -85,33 +84,19 @@ class ModelCheckpoint(Callback):
         score = float(logs[self.monitor])
         better = math.isfinite(score) and (
             self.best_score is None or (score < self.best_score if self.mode == "min" else score > self.best_score))
-        better, score = process_group.broadcast_object((better, score))
+        better, score = collectives.broadcast_object((better, score))
         if better:
             self.best_score, self.best_step = score, trainer.global_step
         return better
 
     def _save(self, trainer: "Trainer", periodic: bool, best: bool) -> None:
-        folder = self.dirpath
-        path = checkpoint_path(folder, step_name(trainer.global_step) if periodic else BEST)
-
-        def commit(written: Path) -> None:  # rank 0, once the file is complete
-            if periodic and best:
-                atomic_link(written, checkpoint_path(folder, BEST))  # a second name, no second write
-            commit_latest(written)
-            if periodic:
-                self._prune(written)
-
+        """One save: ``step-N.ckpt`` (periodic) or ``best.ckpt``; a periodic save that is also the best
+        gets ``best.ckpt`` as a second name. Rank 0 then points ``latest`` at it and prunes."""
         self.last_saved_step = trainer.global_step
         metadata = {"monitor": self.monitor, "best_score": self.best_score} if self.monitor else {}
-        save_checkpoint(trainer, path, metadata, commit=commit)
-
-    def _prune(self, newest: Path) -> None:
-        if self.keep_last is None:
-            return
-        for _, old in step_checkpoints(self.dirpath)[:-self.keep_last]:
-            if old != newest:
-                old.unlink(missing_ok=True)
-        fsync_dir(self.dirpath)
+        CheckpointFolder(self.dirpath).save(
+            trainer.run_state, step_name(trainer.global_step) if periodic else BEST, metadata,
+            aliases=[BEST] if periodic and best else [], keep_last=self.keep_last if periodic else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_score": self.best_score, "best_step": self.best_step, "last_saved_step": self.last_saved_step}

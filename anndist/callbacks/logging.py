@@ -6,12 +6,12 @@ requeued or resumed run appends to the same file (``python -m anndist.plot`` dra
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..jsonl import JsonlWriter
-from ..log import get_logger
 from .metrics import MetricsCallback
 
 if TYPE_CHECKING:
@@ -32,20 +32,12 @@ class LoggingCallback(MetricsCallback):
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a path (str or os.PathLike) or None, got {type(log_dir).__name__} {log_dir!r}")
         self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.logger = get_logger()
+        self.logger = logging.getLogger(__name__)
         self._file: JsonlWriter | None = None
 
     @property
     def metrics_path(self) -> Path | None:
         return self.log_dir / METRICS_FILE if self.log_dir is not None else None
-
-    def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
-        self.logger = get_logger(trainer.rank)
-        super().on_train_begin(trainer, logs)
-
-    def on_evaluate_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
-        self.logger = get_logger(trainer.rank)  # evaluate() may run before any fit
-        super().on_evaluate_end(trainer, logs)
 
     def open(self, trainer: "Trainer") -> None:
         if self.log_dir is not None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import process_group
+from .. import collectives
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -60,8 +60,6 @@ class MetricsCallback(Callback):
 
     # ---------------------------------------------------------------- hooks
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
-        if self.writes:
-            self.close()  # a previous fit that raised never reached on_train_end
         self._reductions.clear()
         self.writes, self._in_fit = trainer.is_main_process, True
         if self.writes:
@@ -97,6 +95,13 @@ class MetricsCallback(Callback):
 
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
         self._write_reductions(wait=True)  # a run stopped mid-epoch has no epoch end
+        self._end_fit()
+
+    def on_exception(self, exc: BaseException, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._reductions.clear()  # a peer may be gone: never wait for a reduction here
+        self._end_fit()
+
+    def _end_fit(self) -> None:
         self._in_fit = False
         if self.writes:
             self.close()
@@ -141,7 +146,7 @@ class _Reduction:
 
     def __init__(self, totals: torch.Tensor, record: dict[str, Any], lr: float, elapsed: float) -> None:
         self.record, self.lr, self.elapsed = record, lr, elapsed
-        self.work = process_group.all_reduce_async(totals)  # every rank is at this same optimizer step
+        self.work = collectives.all_reduce_async(totals)  # every rank is at this same optimizer step
         self.event: torch.cuda.Event | None = None
         self.totals = totals
         if totals.is_cuda:

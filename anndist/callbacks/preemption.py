@@ -14,28 +14,30 @@ the same step, whichever ranks got the signal. Then, in ``on_train_end``, on eve
    requeued and the exit status is 128 + the signal number, as if the signal had killed the process.
 
 SIGTERM does not requeue by default: it is also what ``scancel`` sends, and a cancelled job must
-stay cancelled. Handlers are installed for the duration of ``fit()`` only, from the main thread.
+stay cancelled. Handlers are installed for the duration of ``fit()`` only, from the main thread, and
+handed back in ``on_train_end`` or, when ``fit()`` raised, in ``on_exception``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 import weakref
-from types import CodeType, FrameType
+from types import FrameType
 from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.distributed as dist
 
-from .. import process_group
-from ..checkpoint import save_in_dir
-from ..log import get_logger
+from .. import collectives
 from ..slurm import RequeueError, job_id, requeue
 from .base import Callback
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
+
+logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75
 _DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM) if s is not None)
@@ -70,23 +72,20 @@ class PreemptionCallback(Callback):
         finally:
             self._uninstall()
 
+    def on_exception(self, exc: BaseException, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._uninstall()  # the signals keep their default action again: a second one ends the process
+
     # ------------------------------------------------------------------ signal handlers
     def _install(self, trainer: "Trainer") -> None:
         self._uninstall()  # still installed if the previous fit() ended by an exception
         if threading.current_thread() is not threading.main_thread():
-            get_logger(trainer.rank).warning(
+            logger.warning(
                 "PreemptionCallback: fit() runs outside the main thread, where Python cannot install signal "
                 "handlers; SIGUSR1/SIGTERM keep their default action (pass handle_signals=False to silence this)")
             return
-        from ..trainer import Trainer  # late: the Trainer module imports this one
-
-        trainer_ref, fit_code = weakref.ref(trainer), Trainer.fit.__code__
+        trainer_ref = weakref.ref(trainer)
 
         def handler(signum: int, frame: FrameType | None) -> None:
-            if not _running(frame, fit_code):  # fit() ended by an exception: act as if never installed
-                self._uninstall()
-                os.kill(os.getpid(), signum)
-                return
             # Only flags here (a handler may interrupt anything); the agreement does the rest.
             self.received.add(signum)
             current = trainer_ref()
@@ -107,15 +106,14 @@ class PreemptionCallback(Callback):
         if not trainer.stop_training:  # agreed on every rank, so every rank skips the reduction alike
             return []
         got = torch.tensor([s in self.received for s in self.signals], dtype=torch.int32, device=trainer.device)
-        process_group.all_reduce(got, op=dist.ReduceOp.MAX)  # once per fit(), not per step
+        collectives.all_reduce(got, op=dist.ReduceOp.MAX)  # once per fit(), not per step
         signals = [s for s, flag in zip(self.signals, got.tolist()) if flag]
         if signals and self._num_epochs is not None and trainer.epoch >= self._num_epochs:
-            get_logger(trainer.rank).info("%s arrived after the last epoch: training is complete", _names(signals))
+            logger.info("%s arrived after the last epoch: training is complete", _names(signals))
             return []
         return signals
 
     def _stop(self, trainer: "Trainer", signals: list[int]) -> None:
-        logger = get_logger(trainer.rank)
         names = _names(signals)
         logger.info("%s received: every rank stopped after optimizer step %d (epoch %d)",
                     names, trainer.global_step, trainer.epoch)
@@ -123,18 +121,18 @@ class PreemptionCallback(Callback):
         if checkpoint_dir is None:
             logger.info("no checkpoint_dir: nothing saved and the job is not requeued; pass checkpoint_dir=... "
                         "and auto_resume=True to the Trainer to continue after a preemption")
-            process_group.barrier()
+            collectives.barrier()
             self._exit(128 + signals[0])
             return
-        path = save_in_dir(trainer, checkpoint_dir, reason="preempted", signal=names)
+        path = trainer.save_in_dir(checkpoint_dir, reason="preempted", signal=names)
         logger.info("saved %s", path)
         if set(signals) & set(self.requeue_signals) and trainer.is_main_process:
-            self._requeue(logger)
-        process_group.barrier()  # no rank exits (which may end the job step) before the requeue is asked
+            self._requeue()
+        collectives.barrier()  # no rank exits (which may end the job step) before the requeue is asked
         self._exit(PREEMPTED_EXIT_CODE)
 
     @staticmethod
-    def _requeue(logger) -> None:
+    def _requeue() -> None:
         job = job_id(os.environ)
         if job is None:
             logger.info("not a SLURM job: nothing to requeue; run again to resume from the checkpoint")
@@ -149,15 +147,6 @@ class PreemptionCallback(Callback):
     def _exit(self, code: int) -> None:
         if self.exit:
             raise SystemExit(code)
-
-
-def _running(frame: FrameType | None, code: CodeType) -> bool:
-    """Whether ``code`` (Trainer.fit) is on the stack the signal interrupted."""
-    while frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _check_signals(name: str, signals: Iterable[int]) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ With ``trace_dir``, a ``torch.profiler`` trace of the ``trace_steps`` window is 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import socket
 import sys
@@ -21,14 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import process_group
-from ..log import get_logger
+from .. import collectives
 from .base import Callback
 from .profile_report import PHASES, format_table, summarize
 from .trace import TraceWindow, check_trace_steps
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
+
+logger = logging.getLogger(__name__)
 
 
 class ProfilingCallback(Callback):
@@ -58,7 +60,6 @@ class ProfilingCallback(Callback):
 
     # ---------------------------------------------------------------- hooks
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
-        self.logger = get_logger(trainer.rank)
         self._clock = _CudaClock() if trainer.device.type == "cuda" else _HostClock()
         self._times = {name: array("d") for name in ("step", "local", *PHASES)}
         self._samples = 0
@@ -69,8 +70,6 @@ class ProfilingCallback(Callback):
         self._host_last = time.perf_counter()
         if self.profile_memory and trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
-        if self._hook is not None:  # left by a fit that raised
-            self._hook.remove()
         self._hook = trainer.module.register_forward_hook(self._forward_done)
         self._trace = TraceWindow(self.trace_dir, self.trace_steps, trainer, self.profile_memory) \
             if self.trace_dir is not None else None
@@ -110,20 +109,28 @@ class ProfilingCallback(Callback):
                     self._trace.step_ends(trainer.global_step)
         self._host_last = time.perf_counter()
 
-    def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+    def on_exception(self, exc: BaseException, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._remove_hook()  # no table: other ranks may be gone, so no gather
         if self._trace is not None:
-            self._trace.finish(trainer.global_step, self.logger)
+            self._trace.abandon()
+
+    def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._remove_hook()
+        if self._trace is not None:
+            self._trace.finish(trainer.global_step, logger)
         self._resolve(block=True)
         mine = summarize(trainer.rank, socket.gethostname(), self._times, self._samples,
                          *self._peak_memory(trainer.device))
-        self.summaries = process_group.all_gather_object(mine)  # every rank is at train end
+        self.summaries = collectives.all_gather_object(mine)  # every rank is at train end
         self.table = format_table(self.summaries)
-        self.logger.info(self.table)
+        logger.info(self.table)
 
     # ---------------------------------------------------------------- internals
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
     def _resolve(self, block: bool) -> None:
         """Turn completed steps' marks into times; with ``block``, wait for the device first."""
         if block and self._pending:

@@ -73,6 +73,12 @@ class TraceWindow:
             logger.info("no trace written: training ended at optimizer step %d, before the trace window "
                         "%d-%d", step, self.start, self.stop - 1)
 
+    def abandon(self) -> None:
+        """Stop a running profiler without writing (``fit`` raised)."""
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
+
     def _export(self) -> None:
         self.profiler.stop()
         self.path.parent.mkdir(parents=True, exist_ok=True)

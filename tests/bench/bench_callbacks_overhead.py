@@ -88,13 +88,13 @@ def worker(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from anndist import LoggingCallback, ProfilingCallback
-    from anndist.log import get_logger, set_console_stream
+    from anndist.log import configure, set_console_stream
     from train_digits import digits_datasets
 
     train_set, _ = digits_datasets()
     loader = DataLoader(train_set, batch_size=32, shuffle=True)
     log_dir = tempfile.mkdtemp(prefix="anndist-bench-")
-    logger = get_logger(int(os.environ.get("RANK", 0)))
+    logger = configure(int(os.environ.get("RANK", 0)))
     variants = {
         "none": lambda: [],
         "logging": lambda: [LoggingCallback(log_interval=10, log_dir=log_dir)],

@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from anndist import Trainer  # noqa: E402
-from anndist.checkpoint_state import build_payload, rank_state  # noqa: E402
+from anndist.checkpoint.payload import build  # noqa: E402
 
 
 def make_trainer(million_params: float) -> Trainer:
@@ -76,7 +76,9 @@ def fresh_save(payload: dict, folder: Path, counter: list[int]) -> None:
 
 def bench(million_params: float, folder: Path, repeats: int) -> None:
     trainer = make_trainer(million_params)
-    payload = build_payload(trainer, [rank_state(trainer)], {})
+    run = trainer.run_state
+    payload = build({name: obj.state_dict() for name, obj in run.states.items()},
+                    [{name: obj.state_dict() for name, obj in run.rank_states.items()}], {})
     path = folder / "bench.ckpt"
     trainer.save_checkpoint(path)  # every method then replaces or deletes a file of the same size
     counter = [0]

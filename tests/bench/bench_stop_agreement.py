@@ -42,7 +42,7 @@ def measure(rounds: int, epochs: int, period: float) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from anndist import Trainer, process_group
+    from anndist import Trainer, collectives
     from train_digits import digits_datasets, digits_model
 
     torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def measure(rounds: int, epochs: int, period: float) -> None:
                               seed=42, handle_signals=False, stop_check_period=modes[mode] or 0.0)
             owner = owner or trainer  # the first Trainer created the process group
             spent = _instrument(trainer, modes[mode] is not None)
-            process_group.barrier()
+            collectives.barrier()
             started, cpu_started = time.perf_counter(), time.process_time()
             trainer.fit(loader, num_epochs=epochs)
             steps = trainer.global_step

@@ -12,7 +12,7 @@ which stays meaningful on a busy machine (contention only ever adds time). Parts
   * batch helpers: ``split_batch``, two ``to_device``, ``batch_size`` per micro-batch (batch.py);
   * callback logs: three ``CallbackList.call`` per micro-batch, each with a fresh ``logs`` dict, even
     with no callback registered (trainer.py);
-  * agreement: ``Agreement.propose`` after every step, an async MAX all-reduce (process_group.py), on 2
+  * agreement: ``StopAgreement.propose`` after every step, an async MAX all-reduce (agreement.py), on 2
     gloo ranks next to a gradient-sized all-reduce per step.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from anndist import CallbackList, Trainer  # noqa: E402
 from anndist.batch import batch_size, split_batch, to_device  # noqa: E402
 from anndist.optimization import OptimizerStep  # noqa: E402
 from anndist.precision import Precision  # noqa: E402
-from anndist.process_group import Agreement  # noqa: E402
+from anndist.agreement import StopAgreement  # noqa: E402
 
 REPEATS = 7
 
@@ -148,7 +148,7 @@ def agreement_on_two_ranks(rank: int, world_size: int) -> dict[str, float]:
     model = workload.build_model("small")
     inputs = torch.rand(workload.SIZES["small"].batch, workload.SIZES["small"].inputs)
     gradients = torch.zeros(sum(p.numel() for p in model.parameters()))
-    agreement = Agreement(torch.device("cpu"))
+    agreement = StopAgreement(torch.device("cpu"))
 
     def loop(with_agreement: bool) -> Callable[[], int]:
         def run() -> int:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 FORMAT = "anndist.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: anndist 0.1 (read and upgraded by payload.upgrade)
 TEMP_SUFFIX = ".tmp"
 
 
@@ -86,7 +86,7 @@ def fsync_dir(folder: Path) -> None:
 
 
 def write_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
-    """Serialise ``payload`` (a dict built by ``checkpoint_state``) to ``path`` atomically."""
+    """Serialise ``payload`` (a dict built by ``payload.build``) to ``path`` atomically."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint path {path} is a folder; pass a file name such as {path / 'last.ckpt'}")

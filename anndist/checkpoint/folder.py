@@ -1,0 +1,144 @@
+"""A folder of checkpoints: ``step-<global step>.ckpt`` files, named ones (``best.ckpt``,
+``preempt.ckpt``) and ``latest``, a one-line pointer to the newest complete checkpoint.
+
+The pointer is the commit: rank 0 rewrites it atomically only after the checkpoint it names is
+complete, and readers trust it first. If it is missing or names a damaged file, the newest whole
+``*.ckpt`` by recorded progress is used instead, each damaged one skipped with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from .file import CheckpointError, atomic_link, fsync_dir, is_temp, read_checkpoint, write_text
+from .payload import progress_key, upgrade
+from .protocol import RunState, save
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+SUFFIX = ".ckpt"
+_STEP_NAME = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+class CheckpointFolder:
+    """Saves into one folder and keeps its ``latest`` pointer, aliases and ``keep_last`` pruning."""
+
+    def __init__(self, dirpath: str | os.PathLike) -> None:
+        self.dirpath = Path(dirpath)
+
+    def save(self, run: RunState, name: str, metadata: dict[str, Any] | None = None,
+             aliases: Sequence[str] = (), keep_last: int | None = None) -> Path:
+        """Save ``run`` as ``name`` on every rank; once complete, rank 0 links ``aliases`` to it, points
+        ``latest`` at it and keeps the newest ``keep_last`` step checkpoints."""
+        path = self.path(name)
+        publish = functools.partial(self._publish, aliases=[self.path(a) for a in aliases], keep_last=keep_last)
+        return save(path, run, metadata or {}, publish=publish)
+
+    def path(self, name: str) -> Path:
+        return checkpoint_path(self.dirpath, name)
+
+    def _publish(self, written: Path, aliases: list[Path], keep_last: int | None) -> None:
+        for alias in aliases:
+            atomic_link(written, alias)  # a second name, no second write
+        write_text(self.dirpath / LATEST, written.name + "\n")
+        for stale in self.dirpath.iterdir():  # temporary files of writers that died
+            if is_temp(stale):
+                stale.unlink(missing_ok=True)
+        if keep_last is not None:
+            for _, old in step_checkpoints(self.dirpath)[:-keep_last]:
+                if old != written:
+                    old.unlink(missing_ok=True)
+            fsync_dir(self.dirpath)
+
+
+def step_name(global_step: int) -> str:
+    return f"step-{global_step:09d}"
+
+
+def checkpoint_path(dirpath: str | os.PathLike, name: str) -> Path:
+    if not isinstance(name, str) or not name or "/" in name or os.sep in name or name.startswith("."):
+        raise ValueError(f"checkpoint name={name!r} must be a plain file name such as 'preempt' "
+                         "(no folders, no leading '.')")
+    if name == LATEST:
+        raise ValueError(f"checkpoint name={name!r} is reserved for the pointer file; choose another name")
+    return Path(dirpath) / (name if name.endswith(SUFFIX) else name + SUFFIX)
+
+
+def step_checkpoints(dirpath: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(global step, path)`` of the ``step-*.ckpt`` files in ``dirpath``, oldest first."""
+    found = []
+    for path in Path(dirpath).iterdir():
+        match = _STEP_NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``dirpath`` (None if there is none); see the module docstring."""
+    dirpath = Path(dirpath)
+    if not dirpath.is_dir():
+        return None
+    pointed = _pointer_target(dirpath)
+    if pointed is not None:
+        problem = _problem(pointed)
+        if problem is None:
+            return pointed
+        logger.warning("skipping checkpoint %s named by %s: %s", pointed, dirpath / LATEST, problem)
+    ranked = []
+    for path in dirpath.glob(f"*{SUFFIX}"):
+        if is_temp(path) or path == pointed:
+            continue
+        try:
+            ranked.append((progress_key(upgrade(read_checkpoint(path, mmap=True))), path.stat().st_mtime, path))
+        except (CheckpointError, OSError) as exc:
+            logger.warning("skipping checkpoint %s: %s", path, exc)
+    return max(ranked)[2] if ranked else None
+
+
+def resolve(resume_from: str | os.PathLike, default_dir: Path | None) -> Path:
+    """The file ``fit(resume_from=...)`` means: a file, a folder's latest, or ``"latest"`` of ``default_dir``."""
+    if resume_from == LATEST:
+        if default_dir is None:
+            raise ValueError(
+                "resume_from='latest' needs to know the checkpoint folder: pass checkpoint_dir=... to the Trainer "
+                "(or give exactly one ModelCheckpoint a dirpath), or pass the folder itself as resume_from")
+        folder = default_dir
+    else:
+        folder = Path(resume_from)
+    if not folder.is_dir():
+        return folder  # a file: loading it names it if it is missing or damaged
+    found = latest_checkpoint(folder)
+    if found is None:
+        raise FileNotFoundError(
+            f"resume_from={str(resume_from)!r}: no complete checkpoint in {folder}; start without resume_from, "
+            "or pass auto_resume=True to the Trainer to resume only when a checkpoint exists")
+    return found
+
+
+def _pointer_target(dirpath: Path) -> Path | None:
+    pointer = dirpath / LATEST
+    try:
+        name = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        logger.warning("ignoring unreadable pointer %s: %s", pointer, exc)
+        return None
+    if not name or "/" in name or name.startswith("."):
+        logger.warning("ignoring pointer %s: %r is not a checkpoint file name", pointer, name)
+        return None
+    return dirpath / name
+
+
+def _problem(path: Path) -> str | None:
+    try:
+        read_checkpoint(path, mmap=True)
+    except (CheckpointError, OSError) as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,95 @@
+"""Saving and loading a run's state, called on **every rank**.
+
+A run's state is a set of objects with ``state_dict()``/``load_state_dict()``, in the manner of
+torchtitan's ``CheckpointManager(states=...)``; this module sees nothing else. ``RunState.states`` are
+the same on every rank and rank 0's copy is saved. ``RunState.rank_states`` are each rank's own (RNG
+streams, partial sums): every rank's copy is saved, in rank order, and on load each object receives
+the list of all saved copies (``load_rank_state_dicts``) and takes what it needs, which is also how
+a resume on another number of ranks works.
+
+Save: gather the rank states to rank 0; build the payload; rank 0 writes it atomically and then runs
+``publish(path)`` (the ``latest`` pointer, aliases, pruning); then the ranks compare notes
+(``run_collectively``): that is the barrier, and it turns a failed write on rank 0 into an error on
+every rank instead of a hang. Load: every rank reads the file, checks every state before changing
+anything, then restores its objects.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .. import collectives
+from .file import CheckpointError, read_checkpoint, write_checkpoint
+from .payload import build, check_metadata, upgrade, warn_versions
+
+logger = logging.getLogger(__name__)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class RankStateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None: ...
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds, as objects. ``ready_to_save`` raises when a save now would lose work."""
+
+    states: dict[str, Stateful]
+    rank_states: dict[str, RankStateful] = field(default_factory=dict)
+    ready_to_save: Callable[[], None] = lambda: None
+
+
+def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
+         publish: Callable[[Path], None] | None = None) -> Path:
+    """Write ``run`` to ``path`` (rank 0, atomically), then ``publish(path)`` on rank 0; every rank returns the path."""
+    path = Path(path)
+    check_metadata(metadata)
+    run.ready_to_save()
+    ranks = collectives.all_gather_object({name: obj.state_dict() for name, obj in run.rank_states.items()})
+    # Every rank builds the states: a state_dict() may itself be collective.
+    payload = build({name: obj.state_dict() for name, obj in run.states.items()}, ranks, metadata)
+    writes = collectives.rank() == 0
+
+    def write() -> None:
+        if writes:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_checkpoint(path, payload)
+            if publish is not None:
+                publish(path)
+
+    collectives.run_collectively(write)
+    return path
+
+
+def load(path: str | os.PathLike, run: RunState) -> dict[str, Any]:
+    """Restore ``run`` from ``path`` on every rank (each rank its own rank states); return the metadata."""
+    path = Path(path)
+    return collectives.run_collectively(lambda: _restore(run, upgrade(read_checkpoint(path)), str(path)))
+
+
+def _restore(run: RunState, payload: dict[str, Any], source: str) -> dict[str, Any]:
+    saved, ranks = payload["states"], payload["ranks"]
+    missing = sorted(set(run.states) - set(saved)) + sorted(set(run.rank_states) - set(ranks[0] if ranks else {}))
+    if missing:
+        raise CheckpointError(f"checkpoint {source} holds no state for {missing}; it was saved by another kind of run")
+    for name, obj in run.states.items():  # check everything before changing anything
+        check = getattr(obj, "check_state_dict", None)
+        if check is not None:
+            check(saved[name], source)
+    try:
+        for name, obj in run.states.items():
+            obj.load_state_dict(saved[name])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {source} does not fit this Trainer's model/optimizer: {exc}") from exc
+    for name, obj in run.rank_states.items():
+        obj.load_rank_state_dicts([rank[name] for rank in ranks])
+    warn_versions(payload.get("versions", {}), source)
+    return dict(payload.get("metadata", {}))

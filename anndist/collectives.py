@@ -1,0 +1,77 @@
+"""The collectives anndist uses, written so that they are no-ops in a single process.
+
+Each is called on **every rank** at the same point of the program; that is what keeps ranks in
+step. ``run_collectively`` runs a local action (a file write on rank 0, a load on every rank) and
+turns a failure on any rank into an error on every rank instead of a hang.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    if is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """In-place all-reduce (sum by default) when distributed; returns ``tensor``."""
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_async(tensor: torch.Tensor) -> Any:
+    """Start an in-place sum all-reduce; return its work handle (``wait``, ``is_completed``), or None
+    when not distributed (the tensor is then already the result)."""
+    if is_initialized() and world_size() > 1:
+        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+    return None
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a one-element list when not distributed)."""
+    if not (is_initialized() and world_size() > 1):
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def run_collectively(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (no one waits forever)."""
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:  # re-raised below, after the ranks have compared notes
+        error = exc
+    failed = [r for r, e in enumerate(all_gather_object(error is not None)) if e]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"rank(s) {failed} failed in a collective step; see their tracebacks")
+    return result

@@ -1,0 +1,98 @@
+"""Where a run is: the state a checkpoint must carry to continue a run exactly.
+
+``TrainState`` is the same on every rank: epoch, optimizer steps, position in the epoch, history.
+``EpochSums`` is each rank's own: its partial sum of the epoch's train loss and its sample count,
+so a resumed epoch reports the same ``train_loss`` as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class TrainState:
+    """Progress of a run. ``epoch_done`` is True inside ``on_epoch_end``: a checkpoint taken there
+    resumes at the start of the next epoch, which is what ``state_dict`` records."""
+
+    def __init__(self, world_size: int, seed: int | None) -> None:
+        self.world_size, self.seed = world_size, seed
+        self.epoch = 0            # the epoch being trained, or the next one to train
+        self.global_step = 0      # optimizer steps taken
+        self.batch_in_epoch = 0   # micro-batches of ``epoch`` this rank trained (after a step)
+        self.epoch_done = False
+        self.history: dict[str, list[float]] = {}
+
+    def finish_epoch(self) -> None:
+        self.epoch, self.batch_in_epoch, self.epoch_done = self.epoch + 1, 0, False
+
+    def record(self, logs: dict[str, Any], keys: tuple[str, ...]) -> None:
+        for key in keys:
+            if key in logs:
+                self.history.setdefault(key, []).append(logs[key])
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batch = (self.epoch + 1, 0) if self.epoch_done else (self.epoch, self.batch_in_epoch)
+        return {"epoch": epoch, "global_step": self.global_step, "batch_in_epoch": batch,
+                "world_size": self.world_size, "seed": self.seed,
+                "history": {key: list(values) for key, values in self.history.items()}}
+
+    def check_state_dict(self, state: dict[str, Any], source: str) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(
+                f"checkpoint {source} was trained with seed={state.get('seed')!r} but this Trainer has "
+                f"seed={self.seed!r}; the data order depends on the seed, so pass seed={state.get('seed')!r} to resume")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.batch_in_epoch, self.epoch_done = int(state["batch_in_epoch"]), False
+        if int(state["world_size"]) != self.world_size:
+            self.batch_in_epoch = self._rescaled_position(int(state["world_size"]))
+        self.history = {key: list(values) for key, values in state.get("history", {}).items()}
+
+    def _rescaled_position(self, saved_world: int) -> int:
+        """Per-rank batches already trained, for this world size: the same number of samples seen.
+
+        With the same per-rank batch size, ``batch_in_epoch * saved_world`` batches of the epoch's
+        global order were consumed; the sampler's order does not depend on the world size, so every
+        new rank starts at the same global position.
+        """
+        consumed = self.batch_in_epoch * saved_world
+        batches, leftover = divmod(consumed, self.world_size)
+        logger.warning(
+            "checkpoint written by %d rank(s), resuming on %d: model, optimizer and position (%d batches of "
+            "epoch %d consumed over all ranks) carry over; per-rank RNG streams, the global batch per step and "
+            "the sampler's padding differ, so the run does not continue bit for bit",
+            saved_world, self.world_size, consumed, self.epoch)
+        if leftover:
+            logger.warning("%d batch(es) of epoch %d cannot be split over %d ranks and will be trained again",
+                           leftover, self.epoch, self.world_size)
+        return batches
+
+
+class EpochSums:
+    """This rank's sum of ``loss * samples`` and its samples in the current epoch (float64 on the device)."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.samples = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": float(self.loss_sum), "samples": int(self.samples)}
+
+    def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        if len(states) == self.world_size:
+            loss_sum, samples = states[self.rank]["loss_sum"], states[self.rank]["samples"]
+        elif self.rank == 0:  # on another world size only the epoch's global sums matter: rank 0 carries them
+            loss_sum, samples = sum(s["loss_sum"] for s in states), sum(s["samples"] for s in states)
+        else:
+            loss_sum, samples = 0.0, 0
+        self.loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=self.device)
+        self.samples = int(samples)

@@ -1,0 +1,88 @@
+"""The package's shape: its import graph has no cycle, and the checkpoint code does not know the Trainer.
+
+Run-time imports only: imports under ``if TYPE_CHECKING:`` are for annotations and never run. An
+import inside a function counts too (a late import that dodges a cycle is still a cycle).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import anndist
+
+PACKAGE = Path(anndist.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """Modules of anndist that ``path`` imports when it runs."""
+    tree = ast.parse(path.read_text())
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    skipped = {id(node) for node in ast.walk(tree) if isinstance(node, ast.If)
+               and "TYPE_CHECKING" in ast.unparse(node.test) for node in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from . import x` names a module
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    return {name for name in found if name in modules and name != me}
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): runtime_imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_import_graph_has_no_cycle():
+    edges = graph()
+    # A package's __init__ importing its own submodules is how packages work, not a cycle.
+    for name in edges:
+        edges[name] = {t for t in edges[name] if not name.startswith(t + ".")}
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_checkpoint_code_imports_neither_the_trainer_nor_callbacks():
+    edges = graph()
+    for name, targets in edges.items():
+        if name.startswith("anndist.checkpoint"):
+            assert not {t for t in targets if t.startswith(("anndist.trainer", "anndist.callbacks"))}, name
