@@ -1,25 +1,51 @@
-"""Accumulation windows: which micro-batches end a window, and how each sample is weighted."""
+"""Accumulation windows: which micro-batches end a window, and how each sample or item is weighted.
+
+Two modes, fixed by what the loss step returns:
+
+- **samples** (a loss that is a mean over the batch's samples): each micro-batch's loss is weighted
+  ``n / (K * B)`` (B the loader's batch size), which is exact for full windows; a window holding a
+  different number of samples ``S`` (the epoch's last, short one) gets its gradient multiplied by
+  ``K * B / S`` before the step, so every sample weighs ``1 / S``. With ``reduction="sum"`` the
+  losses are summed as they are.
+- **items** (``compute_loss`` returns ``(loss, num_items)``): each micro-batch's mean loss is weighted
+  by its ``num_items``, so the backward passes add up per-item losses. When the window's last
+  micro-batch has its loss, an asynchronous all-reduce of the window's item count starts (it runs
+  while that micro-batch's backward does); at the step the gradient is multiplied by ``W / total``:
+  after DDP's average over W ranks that is the sum of every item's loss gradient over the window on
+  all ranks divided by their total, which is what one large batch computes, however unevenly the
+  items fall. One small collective per optimizer step, none per micro-batch.
+"""
 from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
 import torch
 
+from . import collectives
+
 
 class Window:
-    """Bookkeeping of one accumulation window: loss weights and the end-of-window correction.
+    """Bookkeeping of one accumulation window: loss weights and the end-of-window correction."""
 
-    With mean-reduced losses each micro-batch's loss is weighted ``n / (K * B)`` (B the loader's batch
-    size), which is exact for full windows; a window holding a different number of samples ``S`` (the
-    epoch's last, short one) gets its gradient multiplied by ``K * B / S`` before the step, so every
-    sample weighs ``1 / S``. With ``reduction="sum"`` the losses are summed as they are.
-    """
-
-    def __init__(self, k: int, sum_reduction: bool, nominal_batch: int | None) -> None:
-        self.k, self.weighs, self.nominal = k, not sum_reduction, nominal_batch
+    def __init__(self, k: int, sum_reduction: bool, nominal_batch: int | None, world_size: int = 1) -> None:
+        self.k, self.weighs, self.nominal, self.world_size = k, not sum_reduction, nominal_batch, world_size
+        self.by_items: bool | None = None  # decided by the first micro-batch, then enforced
         self.samples, self.losses = 0, []
+        self.items: Any = 0
+        self._total: torch.Tensor | None = None
+        self._work: Any = None
 
-    def weight(self, n: int) -> float:
+    def weight(self, n: int, num_items: Any) -> Any:
+        """The factor of this micro-batch's loss in the backward pass."""
+        by_items = num_items is not None
+        if self.by_items is None:
+            self.by_items = by_items
+        elif self.by_items != by_items:
+            raise TypeError("compute_loss returned num_items for some micro-batches and not for others; return "
+                            "(loss, num_items) always, or a loss alone always")
+        if by_items:
+            self.items = self.items + num_items
+            return num_items
         if not self.weighs:
             return 1.0
         if self.nominal is None:
@@ -30,13 +56,30 @@ class Window:
         self.samples += n
         self.losses.append(loss)
 
-    def correction(self) -> float:
+    def count_items(self, device: torch.device) -> None:
+        """Start the all-reduce of the window's item count (items mode; before the last backward)."""
+        if self.by_items:
+            self._total = torch.as_tensor(self.items, dtype=torch.float64, device=device).reshape(1).clone()
+            self._work = collectives.all_reduce_async(self._total)
+
+    def correction(self, where: str) -> float:
+        """The factor the window's gradient is multiplied by before the step."""
+        if self.by_items:
+            if self._work is not None:
+                self._work.wait()
+            total = float(self._total.item())
+            if total <= 0:
+                raise ValueError(
+                    f"compute_loss returned num_items=0 on every rank for {where}: there is nothing to average "
+                    "over; make sure each window holds items that count (labels other than the ignore index)")
+            return self.world_size / total
         if not self.weighs or self.samples == 0:
             return 1.0
         return self.k * self.nominal / self.samples
 
     def reset(self) -> None:
-        self.samples, self.losses = 0, []
+        self.samples, self.losses, self.items = 0, [], 0
+        self._total = self._work = None
 
 
 def with_last(iterable: Iterable) -> Iterator[tuple[Any, bool]]:

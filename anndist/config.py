@@ -40,6 +40,13 @@ class TrainerConfig:
         (every step's own all-reduce cost 5-10% of the digits step on 2 ranks); a stop takes effect
         within about the period, still at the same step on every rank. Steps slower than the period
         agree after every step.
+    compute_loss: ``compute_loss(model, batch) -> loss | (loss, num_items)`` replaces the loss step (the
+        batch is on the device; ``model`` is the DDP wrapper when distributed); with ``num_items``,
+        accumulation weighs every item equally across micro-batches and ranks (see accumulation.py).
+    metrics: ``{"name": metric}``, objects with ``update(preds, targets)``, ``compute()``, ``reset()``
+        (torchmetrics works as it is), reported as ``val_<name>``, exact over the dataset on any ranks.
+    metric_inputs: ``metric_inputs(outputs, batch) -> (preds, targets)`` for the metrics; by default
+        the outputs and targets (criterion), else the output's ``logits`` and the batch's ``labels``.
     handle_signals: install a ``PreemptionCallback`` (SIGUSR1/SIGTERM: stop all ranks at the same step,
         checkpoint, requeue on SLURM, exit 75) unless ``callbacks`` holds one; see docs/slurm.md.
     """
@@ -64,6 +71,9 @@ class TrainerConfig:
     auto_resume: bool = False
     stop_check_period: float = 0.05
     handle_signals: bool = True
+    compute_loss: Any = None
+    metrics: Any = None  # after validation: a dict
+    metric_inputs: Any = None
     sum_reduction: bool = False  # derived: criterion.reduction == "sum"
 
     @classmethod
@@ -90,6 +100,7 @@ class TrainerConfig:
                 or not 0 <= self.stop_check_period < float("inf"):
             raise ValueError(f"stop_check_period={self.stop_check_period!r} must be a number of seconds >= 0 "
                              "(0 agrees on stop_training after every optimizer step)")
+        self._validate_loss_and_metrics()
         if not isinstance(self.handle_signals, bool):
             raise TypeError(f"handle_signals must be True or False, got {type(self.handle_signals).__name__} "
                             f"{self.handle_signals!r}")
@@ -107,6 +118,25 @@ class TrainerConfig:
             raise ValueError(f"dist_timeout={self.dist_timeout!r} must be a positive timedelta or seconds")
         self._validate_checkpointing()
         self.amp_dtype = resolve_amp_dtype(self.use_amp, self.amp_dtype, self.device or _probe_device())
+
+    def _validate_loss_and_metrics(self) -> None:
+        for name in ("compute_loss", "metric_inputs"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be a function, got {type(value).__name__} {value!r}")
+        metrics = {} if self.metrics is None else self.metrics
+        if not isinstance(metrics, dict):
+            raise TypeError(f"metrics must be a dict of name -> metric, got {type(metrics).__name__}; "
+                            "e.g. metrics={'f1': MulticlassF1Score(num_classes)}")
+        for name, metric in metrics.items():
+            if not isinstance(name, str) or not name.isidentifier() or name in ("loss", "accuracy"):
+                raise ValueError(f"metrics name {name!r} must be an identifier other than 'loss' and 'accuracy' "
+                                 "(it is reported as val_<name>)")
+            missing = [m for m in ("update", "compute", "reset") if not callable(getattr(metric, m, None))]
+            if missing:
+                raise TypeError(f"metrics[{name!r}] ({type(metric).__name__}) has no {missing}; a metric needs "
+                                "update(preds, targets), compute() and reset(), as torchmetrics' metrics have")
+        self.metrics = dict(metrics)
 
     def _validate_checkpointing(self) -> None:
         if self.checkpoint_dir is not None:
@@ -131,8 +161,9 @@ def _check_model_optimizer_criterion(model: Any, optimizer: Any, criterion: Call
         raise TypeError("model is already wrapped in DistributedDataParallel; pass the bare module, the Trainer wraps it")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not callable(criterion):
-        raise TypeError(f"criterion must be callable as criterion(outputs, targets), got {type(criterion).__name__}")
+    if criterion is not None and not callable(criterion):
+        raise TypeError(f"criterion must be callable as criterion(outputs, targets) or None (the model computes "
+                        f"its own loss), got {type(criterion).__name__}")
     model_params = {id(p) for p in model.parameters()}
     foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in model_params)
     if foreign:

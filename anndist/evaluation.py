@@ -1,17 +1,27 @@
 """Evaluation over exactly the samples of a dataset, reduced over all ranks.
 
-Each rank sums ``loss * batch_size`` (and correct predictions) over its shard; one all-reduce adds
-the sums and counts, so the result equals a single process evaluating the whole dataset, to float
-tolerance, whatever the world size or batch size. The bare module is used: no DDP collectives.
+Each rank sums ``loss * n`` (n: the batch's items when the loss step gives ``num_items``, else its
+samples), and correct predictions for classification, over its shard; one all-reduce adds the sums
+and counts, so the result equals a single process evaluating the whole dataset, to float tolerance,
+whatever the world size or batch size. The bare module is used: no DDP collectives.
+
+Metrics (``Trainer(metrics={"f1": ...})``) see each batch's predictions and targets. A torchmetrics
+``Metric`` is updated on each rank and synchronises its own states in ``compute()`` (every rank
+calls it, in the same order); any other object with ``update``/``compute``/``reset`` is updated once
+with the whole dataset's predictions, gathered from every rank. Either way every sample counts once
+(the evaluation shards are not padded), and every rank gets the same values.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import sys
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from . import collectives
-from .batch import prepare_batch
+from .batch import prepare_batch, split_batch, to_device
+from .loss import (call_model, call_on_inputs, check_result, default_metric_inputs, loss_of, model_loss,
+                   sample_count)
 from .precision import Precision
 
 
@@ -22,32 +32,105 @@ def is_classification(outputs: Any, targets: Any) -> bool:
             and not targets.is_floating_point() and not targets.is_complex())
 
 
-@torch.no_grad()
-def evaluate(module: torch.nn.Module, loader: Iterable, criterion: Callable, device: torch.device,
-             precision: Precision, non_blocking: bool = False) -> dict[str, float]:
-    """Return ``{"val_loss", "val_accuracy"?}`` over the whole dataset (accuracy for classification)."""
-    # float64 sums: loss_sum, correct, samples, samples from classification batches
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
-    was_training = module.training
-    module.eval()
-    try:
-        for batch in loader:
-            inputs, targets, n = prepare_batch(batch, device, non_blocking)
-            with precision.autocast():
-                outputs = module(inputs)
-                loss = criterion(outputs, targets)
-            totals[0] += loss.detach().double() * n
-            totals[2] += n
-            if is_classification(outputs, targets):
-                totals[1] += (outputs.argmax(dim=1) == targets).sum()
-                totals[3] += n
-    finally:
-        module.train(was_training)
-    collectives.all_reduce(totals)
-    loss_sum, correct, samples, cls_samples = totals.tolist()
-    if samples == 0:
-        raise ValueError("evaluate() got a loader that yields no samples on any rank")
-    metrics = {"val_loss": loss_sum / samples}
-    if cls_samples == samples:
-        metrics["val_accuracy"] = correct / samples
-    return metrics
+class Evaluator:
+    """Runs the loss step (and the metrics' inputs) over a loader; see the module docstring."""
+
+    def __init__(self, criterion: Callable | None, compute_loss: Callable | None, metrics: Mapping[str, Any],
+                 metric_inputs: Callable[[Any, Any], tuple[Any, Any]] | None, device: torch.device,
+                 precision: Precision) -> None:
+        self.criterion, self.compute_loss, self.metrics = criterion, compute_loss, dict(metrics)
+        self.metric_inputs, self.device, self.precision = metric_inputs, device, precision
+        self.non_blocking = device.type == "cuda"
+
+    @torch.no_grad()
+    def __call__(self, module: torch.nn.Module, loader: Iterable) -> dict[str, float]:
+        # float64 sums: loss_sum, correct, loss weights (items or samples), samples of classification batches
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        gathered: dict[str, list[tuple[Any, Any]]] = {name: [] for name in self.metrics if not _syncs_itself(self.metrics[name])}
+        for metric in self.metrics.values():
+            metric.reset()
+        was_training = module.training
+        module.eval()
+        try:
+            for batch in loader:
+                self._batch(module, batch, totals, gathered)
+        finally:
+            module.train(was_training)
+        collectives.all_reduce(totals)
+        loss_sum, correct, weight, cls_samples = totals.tolist()
+        if weight == 0:
+            raise ValueError("evaluate() got a loader that yields no samples on any rank")
+        results = {"val_loss": loss_sum / weight}
+        if cls_samples and cls_samples == weight:
+            results["val_accuracy"] = correct / cls_samples
+        results.update(self._compute_metrics(gathered))
+        return results
+
+    def _batch(self, module: torch.nn.Module, batch: Any, totals: torch.Tensor, gathered: dict) -> None:
+        with self.precision.autocast():
+            if self.compute_loss is None and self.criterion is not None:
+                inputs, targets, n = prepare_batch(batch, self.device, self.non_blocking)
+                outputs = call_on_inputs(module, inputs)
+                loss, weight = self.criterion(outputs, targets), n
+            else:
+                batch = to_device(batch, self.device, self.non_blocking)
+                loss, weight, outputs, targets = self._custom_loss(module, batch)
+        totals[0] += loss.detach().double() * weight
+        totals[2] += weight
+        if self.criterion is not None and self.compute_loss is None and is_classification(outputs, targets):
+            totals[1] += (outputs.argmax(dim=1) == targets).sum()
+            totals[3] += weight
+        if self.metrics:
+            preds, labels = self._metric_inputs(module, batch, outputs, targets)
+            for name, metric in self.metrics.items():
+                if name in gathered:
+                    gathered[name].append((preds.detach().cpu(), labels.detach().cpu()))
+                else:
+                    metric.update(preds, labels)
+
+    def _custom_loss(self, module: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, Any, Any, Any]:
+        """A model that computes its own loss, or the user's compute_loss: (loss, weight, outputs, targets)."""
+        if self.compute_loss is model_loss:  # keep the outputs for the metrics
+            outputs = call_model(module, batch)
+            return loss_of(outputs), sample_count(batch, False), outputs, None
+        loss, num_items = check_result(self.compute_loss(module, batch))
+        weight = num_items if num_items is not None else sample_count(batch, self.criterion is not None)
+        return loss, weight, None, None
+
+    def _metric_inputs(self, module: torch.nn.Module, batch: Any, outputs: Any, targets: Any) -> tuple[Any, Any]:
+        if outputs is None:  # the loss step hid the outputs: one more forward, for the metrics only
+            with self.precision.autocast():
+                outputs = _call(module, batch, self.criterion is not None)
+            if self.criterion is not None:
+                targets = _targets(batch)
+        if self.metric_inputs is not None:
+            return self.metric_inputs(outputs, batch)
+        if self.criterion is not None:
+            return outputs, targets
+        return default_metric_inputs(outputs, batch)
+
+    def _compute_metrics(self, gathered: dict[str, list[tuple[Any, Any]]]) -> dict[str, Any]:
+        results = {}
+        for name, metric in self.metrics.items():
+            if name in gathered:
+                parts = [pair for rank_parts in collectives.all_gather_object(gathered[name]) for pair in rank_parts]
+                metric.reset()
+                if parts:
+                    metric.update(torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts]))
+            value = metric.compute()
+            results[f"val_{name}"] = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        return results
+
+
+def _syncs_itself(metric: Any) -> bool:
+    """A torchmetrics Metric all-gathers its own states in compute()."""
+    torchmetrics = sys.modules.get("torchmetrics")
+    return torchmetrics is not None and isinstance(metric, torchmetrics.Metric)
+
+
+def _call(module: torch.nn.Module, batch: Any, criterion: bool) -> Any:
+    return call_on_inputs(module, split_batch(batch)[0]) if criterion else call_model(module, batch)
+
+
+def _targets(batch: Any) -> Any:
+    return split_batch(batch)[1]

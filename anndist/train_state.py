@@ -74,7 +74,9 @@ class TrainState:
 
 
 class EpochSums:
-    """This rank's sum of ``loss * samples`` and its samples in the current epoch (float64 on the device)."""
+    """This rank's sum of ``loss * n`` and of ``n`` in the current epoch, where n is the micro-batch's
+    items (``num_items``) or samples. The loss sum is float64 on the device (no sync per batch); the
+    count stays a Python int while counts are ints."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -82,17 +84,24 @@ class EpochSums:
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.samples = 0
+        self.items: Any = 0
+
+    def add(self, loss: torch.Tensor, n: Any) -> None:
+        if isinstance(n, int):
+            self.loss_sum.add_(loss, alpha=n)
+        else:
+            self.loss_sum.add_(loss.double() * n)
+        self.items = self.items + n
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_sum": float(self.loss_sum), "samples": int(self.samples)}
+        return {"loss_sum": float(self.loss_sum), "items": float(self.items)}
 
     def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
         if len(states) == self.world_size:
-            loss_sum, samples = states[self.rank]["loss_sum"], states[self.rank]["samples"]
+            loss_sum, items = states[self.rank]["loss_sum"], states[self.rank]["items"]
         elif self.rank == 0:  # on another world size only the epoch's global sums matter: rank 0 carries them
-            loss_sum, samples = sum(s["loss_sum"] for s in states), sum(s["samples"] for s in states)
+            loss_sum, items = sum(s["loss_sum"] for s in states), sum(s["items"] for s in states)
         else:
-            loss_sum, samples = 0.0, 0
+            loss_sum, items = 0.0, 0
         self.loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=self.device)
-        self.samples = int(samples)
+        self.items = int(items) if float(items).is_integer() else items

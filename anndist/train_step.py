@@ -19,42 +19,57 @@ import torch
 from torch import nn
 
 from .accumulation import Window
-from .batch import prepare_batch
+from .batch import prepare_batch, to_device
+from .loss import call_on_inputs, check_result, sample_count
 from .optimization import OptimizerStep
 from .precision import Precision
 
 
 class TrainStep:
-    """Runs micro-batches and optimizer steps on ``model`` (the DDP wrapper, or ``module`` alone)."""
+    """Runs micro-batches and optimizer steps on ``model`` (the DDP wrapper, or ``module`` alone).
 
-    def __init__(self, model: nn.Module, module: nn.Module, criterion: Callable, precision: Precision,
-                 optimizer_step: OptimizerStep, accumulation_steps: int, sum_reduction: bool,
-                 device: torch.device) -> None:
-        self.model, self.module, self.criterion = model, module, criterion
+    ``compute_loss(model, batch)`` is the user's loss step (see ``loss.py``); None means the
+    criterion path, kept as the short path it always was: split, move, ``criterion(model(inputs), targets)``.
+    """
+
+    def __init__(self, model: nn.Module, module: nn.Module, criterion: Callable | None,
+                 compute_loss: Callable | None, precision: Precision, optimizer_step: OptimizerStep,
+                 accumulation_steps: int, sum_reduction: bool, device: torch.device, world_size: int) -> None:
+        self.model, self.module, self.criterion, self.compute_loss = model, module, criterion, compute_loss
         self.precision, self.optimizer_step = precision, optimizer_step
-        self.k, self.sum_reduction, self.device = accumulation_steps, sum_reduction, device
+        self.k, self.sum_reduction, self.device, self.world_size = accumulation_steps, sum_reduction, device, world_size
         self.non_blocking = device.type == "cuda"
-        self.window = Window(accumulation_steps, sum_reduction, None)
+        self.window = Window(accumulation_steps, sum_reduction, None, world_size)
 
     def begin_epoch(self, nominal_batch: int | None) -> None:
         """Start a fresh window; ``nominal_batch`` (the loader's batch size) weighs full windows exactly."""
-        self.window = Window(self.k, self.sum_reduction, nominal_batch)
+        self.window = Window(self.k, self.sum_reduction, nominal_batch, self.world_size)
 
-    def micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int]:
-        """Forward and backward of one micro-batch; return its detached loss and its sample count."""
-        inputs, targets, n = prepare_batch(batch, self.device, self.non_blocking)
+    def micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
+        """Forward and backward of one micro-batch; return its detached loss, samples and items (or samples)."""
         distributed = self.model is not self.module
         with self.model.no_sync() if distributed and not sync else contextlib.nullcontext():
             with self.precision.autocast():
-                loss = self.criterion(self.model(inputs), targets)
-            weight = self.window.weight(n)
-            self.precision.backward(loss * weight if weight != 1.0 else loss)
+                loss, n, num_items = self.loss(batch)
+            weight = self.window.weight(n, num_items)
+            if sync:
+                self.window.count_items(self.device)  # overlaps the backward below
+            self.precision.backward(loss if isinstance(weight, float) and weight == 1.0 else loss * weight)
         loss = loss.detach()
         self.window.add(loss, n)
-        return loss, n
+        return loss, n, n if num_items is None else num_items
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, int, Any]:
+        """``(loss, samples, num_items or None)`` of one micro-batch, moved to the device here."""
+        if self.compute_loss is None:
+            inputs, targets, n = prepare_batch(batch, self.device, self.non_blocking)
+            return self.criterion(call_on_inputs(self.model, inputs), targets), n, None
+        batch = to_device(batch, self.device, self.non_blocking)
+        loss, num_items = check_result(self.compute_loss(self.model, batch))
+        return loss, sample_count(batch, self.criterion is not None), num_items
 
     def finish_window(self, where: str) -> bool:
         """The optimizer step that ends the window; return False when it was skipped."""
-        stepped = self.optimizer_step(self.window.correction(), self.window.losses, where)
+        stepped = self.optimizer_step(self.window.correction(where), self.window.losses, where)
         self.window.reset()
         return stepped

@@ -31,9 +31,12 @@ from .callbacks.progress import ProgressBarCallback, progress_bar_wanted
 from .checkpoint.folder import resolve as resolve_checkpoint
 from .config import TrainerConfig
 from .env import DistEnv, detect_env
-from .evaluation import evaluate as evaluate_loader
+from .batch import split_batch
+from .evaluation import Evaluator
+from .loss import call_on_inputs, model_loss
 from .optimization import OptimizerStep
 from .precision import make_precision
+from .prediction import predict
 from .loaders import RankLoaders
 from .sampler import start_epoch
 from .seed import RNGState, rank_seed, seed_everything
@@ -45,9 +48,10 @@ HISTORY_KEYS = ("train_loss", "val_loss", "val_accuracy")
 
 
 class Trainer:
-    """Trains ``model`` with ``optimizer`` on ``criterion(outputs, targets)``; see ``TrainerConfig`` for options."""
+    """Trains ``model`` with ``optimizer``: on ``criterion(outputs, targets)``, on the loss the model
+    computes itself (no criterion), or on ``compute_loss``; see ``TrainerConfig`` for options."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable | None = None,
                  callbacks: Sequence[Callback] | None = None, **options: Any) -> None:
         self.config = cfg = TrainerConfig.from_options(model, optimizer, criterion, options)
         self.env: DistEnv = detect_env(os.environ)
@@ -76,8 +80,12 @@ class Trainer:
         self._optimizer_step = OptimizerStep(
             optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
             cfg.max_grad_norm, cfg.on_nonfinite)
-        self._step = TrainStep(self.model, self.module, criterion, self.precision, self._optimizer_step,
-                               cfg.gradient_accumulation_steps, cfg.sum_reduction, self.device)
+        loss_step = self._loss_step()
+        self._step = TrainStep(self.model, self.module, criterion, loss_step, self.precision, self._optimizer_step,
+                               cfg.gradient_accumulation_steps, cfg.sum_reduction, self.device, self.world_size)
+        self.metrics = {name: _to(metric, self.device) for name, metric in cfg.metrics.items()}
+        self._evaluator = Evaluator(criterion, loss_step, self.metrics, cfg.metric_inputs, self.device, self.precision)
+        self._history_keys = HISTORY_KEYS + tuple(f"val_{name}" for name in self.metrics)
         self._agreement = StopAgreement(self.device, cfg.stop_check_period)
         self.state = TrainState(self.world_size, cfg.seed)
         self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
@@ -141,7 +149,7 @@ class Trainer:
             logs.update(self.evaluate(val_loader))
         self._step_epoch_scheduler(logs)
         logs["epoch_time"] = time.perf_counter() - started
-        self.state.record(logs, HISTORY_KEYS)
+        self.state.record(logs, self._history_keys)
         return logs
 
     def _run_batches(self, loader: Iterable, first_idx: int) -> bool:
@@ -151,9 +159,8 @@ class Trainer:
         for batch_idx, (batch, is_last) in enumerate(with_last(loader), start=first_idx):
             cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": state.epoch})
             ends_window = is_last or (batch_idx + 1) % k == 0
-            loss, n = self._step.micro_batch(batch, sync=ends_window)
-            sums.loss_sum.add_(loss, alpha=n)
-            sums.samples += n
+            loss, n, items = self._step.micro_batch(batch, sync=ends_window)
+            sums.add(loss, items)
             cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
             stepped = False
             if ends_window:
@@ -161,7 +168,8 @@ class Trainer:
                 state.global_step += stepped
                 state.batch_in_epoch = batch_idx + 1
             cbs.call("on_batch_end", batch_idx, trainer=self,
-                     logs={"loss": loss, "batch_size": n, "ends_window": ends_window, "stepped": stepped})
+                     logs={"loss": loss, "batch_size": n, "num_items": items, "ends_window": ends_window,
+                           "stepped": stepped})
             if ends_window and self._agreement.propose(self.stop_training):
                 self.stop_training = True
                 self._agreement.settle()
@@ -170,7 +178,7 @@ class Trainer:
 
     def _epoch_train_metrics(self) -> dict[str, float]:
         sums = self.epoch_sums
-        totals = torch.stack([sums.loss_sum, torch.tensor(float(sums.samples), dtype=torch.float64, device=self.device)])
+        totals = torch.stack([sums.loss_sum, torch.as_tensor(sums.items, dtype=torch.float64, device=self.device)])
         self._agreement.settle()
         collectives.all_reduce(totals)
         total_loss, total_samples = totals.tolist()
@@ -194,12 +202,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Loss (and accuracy for classification) over exactly the loader's samples, identical on every rank."""
+        """Loss, accuracy (classification with a criterion) and ``metrics`` over exactly the loader's
+        samples, as ``val_*`` keys, identical on every rank."""
         self.callbacks.call("on_evaluate_begin", trainer=self, logs={})
-        metrics = evaluate_loader(self.module, self._loaders.eval(loader), self.criterion,
-                                  self.device, self.precision, self._step.non_blocking)
+        metrics = self._evaluator(self.module, self._loaders.eval(loader))
         self.callbacks.call("on_evaluate_end", trainer=self, logs=dict(metrics))
         return metrics
+
+    def predict(self, loader: Iterable, main_process_only: bool = False) -> torch.Tensor | None:
+        """The model's outputs (``logits`` of a ``ModelOutput``) for every sample once, in dataset order,
+        on every rank (on rank 0 only with ``main_process_only``); see ``prediction.py`` for the memory."""
+        return predict(self.module, self._loaders.eval(loader), self.criterion is not None and
+                       self.config.compute_loss is None, self.device, self.precision, main_process_only)
+
+    def compute_loss(self, model: nn.Module, batch: Any) -> Any:
+        """One micro-batch's loss, the batch already on the device: override it in a subclass (or pass
+        ``compute_loss=``) to return a scalar or ``(loss, num_items)``; see ``loss.py``."""
+        if self.criterion is None:
+            return model_loss(model, batch)
+        inputs, targets = split_batch(batch)
+        return self.criterion(call_on_inputs(model, inputs), targets)
+
+    def _loss_step(self) -> Callable | None:
+        """The loss function the step calls; None keeps the criterion's short path."""
+        if self.config.compute_loss is not None:
+            return self.config.compute_loss
+        if type(self).compute_loss is not Trainer.compute_loss:
+            return self.compute_loss
+        return None if self.criterion is not None else model_loss
 
     # ------------------------------------------------------------------ checkpoints
     def _make_run_state(self) -> checkpoint.RunState:
@@ -317,6 +347,11 @@ def _position(loader: Iterable, skip: int) -> dict[str, int | None]:
     except TypeError:
         remaining = None
     return {"first_batch": skip, "num_batches": None if remaining is None else skip + remaining}
+
+
+def _to(metric: Any, device: torch.device) -> Any:
+    """A metric that is a module (torchmetrics) keeps its states on the Trainer's device."""
+    return metric.to(device) if isinstance(metric, nn.Module) else metric
 
 
 def _default_device(env: DistEnv) -> torch.device:

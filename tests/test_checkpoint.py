@@ -91,7 +91,7 @@ def test_checkpoint_holds_the_whole_run_and_loads_weights_only(tmp_path):
                                     "history": trainer.history}
     assert state["scheduler"]["last_epoch"] == 13 and state["optimizer"]["state"]
     (rank,) = payload["ranks"]
-    assert set(rank["rng"]) >= {"python", "numpy", "torch"} and rank["epoch_sums"]["samples"] == 100
+    assert set(rank["rng"]) >= {"python", "numpy", "torch"} and rank["epoch_sums"]["items"] == 100
     assert payload["metadata"]["note"] == "hello" and torch.equal(payload["metadata"]["tensor"], torch.ones(2))
     # A fresh Trainer gets it all back, and the metadata.
     fresh, _, _ = make_run([])

@@ -93,8 +93,8 @@ def test_dict_batches_and_nested_inputs_are_accepted():
             super().__init__()
             self.net = make_model()
 
-        def forward(self, inputs):
-            return self.net(inputs["a"] + inputs["b"][0])
+        def forward(self, a, b):  # mapping inputs are passed as keywords
+            return self.net(a + b[0])
 
     model = TwoInputs()
     batch = {"inputs": {"a": torch.randn(4, 8), "b": [torch.randn(4, 8)]}, "targets": torch.tensor([0, 1, 2, 0])}

@@ -49,7 +49,7 @@ def upgrade(payload: dict[str, Any]) -> dict[str, Any]:
               PROGRESS: progress, "callbacks": old.get("callbacks", {})}
     if old.get("scheduler") is not None:
         states["scheduler"] = old["scheduler"]
-    ranks = [{"rng": r["rng"], "epoch_sums": {"loss_sum": r["epoch_loss_sum"], "samples": r["epoch_samples"]}}
+    ranks = [{"rng": r["rng"], "epoch_sums": {"loss_sum": r["epoch_loss_sum"], "items": r["epoch_samples"]}}
              for r in payload["ranks"]]
     return {**payload, "format_version": FORMAT_VERSION, "states": states, "ranks": ranks}
 

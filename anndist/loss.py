@@ -1,0 +1,112 @@
+"""How a batch becomes a loss (and outputs), for every kind of job. Chosen once, when the Trainer is built:
+
+- **criterion**: the batch is ``(inputs, targets)`` or ``{"inputs": ..., "targets": ...}``; the loss is
+  ``criterion(model(inputs), targets)`` (a mapping ``inputs`` is passed as keywords).
+- **no criterion**: the model computes its own loss. A mapping batch is passed as keywords
+  (``model(**batch)``, as Hugging Face models expect), a tuple/list as positional arguments, anything
+  else as one argument; the loss is the output's ``.loss``, its ``"loss"`` key, or the output itself
+  when it is a scalar tensor.
+- **compute_loss(model, batch)**: the user's function (or a ``Trainer`` subclass's method) returns a
+  scalar loss, or ``(loss, num_items)`` where the loss is a mean over ``num_items`` items (tokens,
+  pixels, samples): accumulation then weighs every item equally (see ``accumulation.py``).
+
+Batches arrive here already on the device.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+
+from .batch import batch_size, first_tensor, split_batch
+
+LossResult = tuple[torch.Tensor, "torch.Tensor | int | None"]  # (scalar loss, num_items or None)
+
+
+def call_model(model: Any, batch: Any) -> Any:
+    """The model on a whole batch: a mapping as keywords, a tuple/list as positional arguments."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def call_on_inputs(model: Any, inputs: Any) -> Any:
+    """The model on a criterion batch's ``inputs``: today's contract, a mapping as keywords."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def loss_of(output: Any) -> torch.Tensor:
+    """The loss a model returned: ``.loss`` (transformers' ModelOutput), a ``"loss"`` key, or a scalar output."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
+        loss = output
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        raise TypeError(
+            f"the Trainer has no criterion, so the model must compute its loss, but it returned {_describe(output)}; "
+            "return a scalar tensor, an object with a .loss (as transformers' models do when given labels) or a "
+            "dict with a 'loss' key, or pass criterion=... or compute_loss=... to the Trainer")
+    return loss
+
+
+def model_loss(model: Any, batch: Any) -> torch.Tensor:
+    """The loss step of a model that computes its own loss (no criterion)."""
+    return loss_of(call_model(model, batch))
+
+
+def predictions_of(output: Any) -> Any:
+    """What predict() keeps of an output: ``logits`` when there are some, else the output itself."""
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    return output if logits is None else logits
+
+
+def check_result(result: Any) -> LossResult:
+    """``compute_loss``'s return value as ``(loss, num_items or None)``, or a TypeError saying what is wrong."""
+    loss, num_items = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        raise TypeError(f"compute_loss must return a scalar loss tensor or (loss, num_items), got {_describe(result)}; "
+                        "reduce the loss to one number, e.g. per_item.sum() / num_items")
+    if num_items is not None and not (isinstance(num_items, int) and not isinstance(num_items, bool)
+                                      or isinstance(num_items, torch.Tensor) and num_items.numel() == 1):
+        raise TypeError(f"compute_loss returned num_items={num_items!r}; it must be an int or a one-element tensor "
+                        "(the number of items the loss is a mean over)")
+    return loss, num_items
+
+
+def sample_count(batch: Any, criterion: bool) -> int:
+    """Samples in a batch on the device: the first dimension of the targets, else of the first tensor."""
+    if criterion:
+        inputs, targets = split_batch(batch)
+        return batch_size(inputs, targets)
+    tensor = first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        raise TypeError("cannot tell the batch size: the batch holds no tensor with a batch dimension")
+    return tensor.shape[0]
+
+
+def default_metric_inputs(output: Any, batch: Any) -> tuple[Any, Any]:
+    """For models without a criterion: the output's ``logits`` and the batch's ``labels``."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if labels is None:
+        raise TypeError("metrics need targets: the batch has no 'labels' key; pass metric_inputs=lambda output, "
+                        "batch: (predictions, targets) to the Trainer")
+    return predictions_of(output), labels
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {sorted(map(str, value))[:8]}"
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}: ({', '.join(_describe(v) for v in value[:3])})"
+    return f"a {type(value).__name__}"
+
+
+MetricInputs = Callable[[Any, Any], tuple[Any, Any]]

@@ -1,0 +1,82 @@
+"""predict(): every sample's output exactly once, in the dataset's order, on every rank.
+
+Each rank runs the bare module over its unpadded evaluation shard (rank r of W reads samples
+r, r+W, r+2W, ...), under ``no_grad`` and autocast when enabled; the outputs (``logits`` of a
+``ModelOutput``) are moved to the CPU and gathered, and sample i is taken from rank i mod W at
+position i div W: the dataset's order. Every rank ends up holding the outputs of the whole dataset in
+CPU memory (``main_process_only=True`` keeps them on rank 0 alone, the others get None). A loader
+that anndist does not shard (a custom sampler, an ``IterableDataset``) is gathered in rank order.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from . import collectives
+from .batch import split_batch, to_device
+from .loss import call_model, call_on_inputs, predictions_of
+from .precision import Precision
+from .sampler import ShardSampler
+
+
+@torch.no_grad()
+def predict(module: torch.nn.Module, loader: Iterable, with_criterion: bool, device: torch.device,
+            precision: Precision, main_process_only: bool = False) -> torch.Tensor | None:
+    was_training = module.training
+    module.eval()
+    try:
+        mine = [_outputs(module, to_device(batch, device, device.type == "cuda"), with_criterion, precision)
+                for batch in loader]
+    finally:
+        module.train(was_training)
+    local = torch.cat(mine) if mine else torch.empty(0)
+    shards = _gather(local, main_process_only)
+    if shards is None:
+        return None
+    if isinstance(getattr(loader, "sampler", None), ShardSampler):
+        return _interleave(shards)
+    return torch.cat([s for s in shards if s.numel()])
+
+
+def _outputs(module: torch.nn.Module, batch: Any, with_criterion: bool, precision: Precision) -> torch.Tensor:
+    with precision.autocast():
+        if with_criterion:  # a criterion batch may carry targets, or be the inputs alone
+            output = call_on_inputs(module, _inputs(batch))
+        else:
+            output = call_model(module, batch)
+    output = predictions_of(output)
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"predict() needs tensor outputs (or logits), the model returned a {type(output).__name__}")
+    return output.detach().cpu()
+
+
+def _inputs(batch: Any) -> Any:
+    try:
+        return split_batch(batch)[0]
+    except TypeError:
+        return batch
+
+
+def _gather(local: torch.Tensor, main_process_only: bool) -> list[torch.Tensor] | None:
+    if collectives.world_size() == 1:
+        return [local]
+    if not main_process_only:
+        return collectives.all_gather_object(local)
+    shards = [None] * collectives.world_size() if collectives.rank() == 0 else None
+    dist.gather_object(local, shards, dst=0)
+    return shards
+
+
+def _interleave(shards: list[torch.Tensor]) -> torch.Tensor:
+    """Sample i of the dataset is shard i mod W, position i div W."""
+    filled = [s for s in shards if s.numel()]
+    if not filled:
+        return torch.empty(0)
+    total, world = sum(s.shape[0] for s in shards), len(shards)
+    out = filled[0].new_empty((total, *filled[0].shape[1:]))
+    for rank, shard in enumerate(shards):
+        if shard.numel():
+            out[rank::world] = shard
+    return out
