@@ -55,7 +55,15 @@ def loss_of(output: Any) -> torch.Tensor:
 
 def model_loss(model: Any, batch: Any) -> torch.Tensor:
     """The loss step of a model that computes its own loss (no criterion)."""
-    return loss_of(call_model(model, batch))
+    try:
+        output = call_model(model, batch)
+    except TypeError as exc:
+        how = ("model(**batch)" if isinstance(batch, Mapping) else
+               "model(*batch)" if isinstance(batch, (tuple, list)) else "model(batch)")
+        raise TypeError(f"the Trainer has no criterion, so it calls {how} for the model to compute its own loss, "
+                        f"and that failed: {exc}; for (inputs, targets) batches pass criterion=..., or pass "
+                        "compute_loss=...") from exc
+    return loss_of(output)
 
 
 def predictions_of(output: Any) -> Any:

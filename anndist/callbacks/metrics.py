@@ -44,6 +44,7 @@ class MetricsCallback(Callback):
         self.writes = False  # decided once per fit: rank 0 writes, the others only reduce
         self._in_fit = False
         self._loss_sum: torch.Tensor | None = None
+        self._items: Any = 0  # the loss's weights: num_items when the loss step gives them, else samples
         self._samples = 0
         self._reductions: collections.deque[_Reduction] = collections.deque()  # started, not yet written
         self._since = time.perf_counter()
@@ -73,7 +74,12 @@ class MetricsCallback(Callback):
         loss, n = logs["loss"], logs["batch_size"]
         if self._loss_sum is None or self._loss_sum.device != loss.device:
             self._loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
-        self._loss_sum.add_(loss, alpha=n)  # stays on the device: no sync
+        items = logs.get("num_items", n)
+        if isinstance(items, int):
+            self._loss_sum.add_(loss, alpha=items)  # stays on the device: no sync
+        else:
+            self._loss_sum.add_(loss.double() * items)
+        self._items = self._items + items
         self._samples += n
         if self._reductions and self._reductions[0].ready():
             self._write_reductions(wait=False)
@@ -109,8 +115,9 @@ class MetricsCallback(Callback):
 
     # ---------------------------------------------------------------- internals
     def _start_reduction(self, trainer: "Trainer") -> None:
-        totals = torch.stack([self._loss_sum, torch.tensor(float(self._samples), dtype=torch.float64,
-                                                           device=self._loss_sum.device)])
+        device = self._loss_sum.device
+        totals = torch.stack([self._loss_sum, torch.as_tensor(self._items, dtype=torch.float64, device=device),
+                              torch.tensor(float(self._samples), dtype=torch.float64, device=device)])
         record = self._record(trainer, "step")
         self._reductions.append(_Reduction(totals, record, learning_rate(trainer.optimizer),
                                            time.perf_counter() - self._since))
@@ -125,7 +132,7 @@ class MetricsCallback(Callback):
     def _restart_interval(self) -> None:
         if self._loss_sum is not None:
             self._loss_sum.zero_()
-        self._samples = 0
+        self._items, self._samples = 0, 0
         self._since = time.perf_counter()
 
     def _emit(self, trainer: "Trainer", kind: str, **values: Any) -> None:
@@ -167,8 +174,8 @@ class _Reduction:
             self.event.synchronize()
         elif self.work is not None:
             self.work.wait()
-        loss_sum, samples = self.totals.tolist()
-        return {**self.record, "loss": loss_sum / samples, "lr": self.lr,
+        loss_sum, items, samples = self.totals.tolist()
+        return {**self.record, "loss": loss_sum / items, "lr": self.lr,
                 "samples_per_s": samples / self.elapsed if self.elapsed > 0 else float("nan")}
 
 
