@@ -38,7 +38,9 @@ class Evaluator:
     def __init__(self, criterion: Callable | None, compute_loss: Callable | None, metrics: Mapping[str, Any],
                  metric_inputs: Callable[[Any, Any], tuple[Any, Any]] | None, device: torch.device,
                  precision: Precision) -> None:
-        self.criterion, self.compute_loss, self.metrics = criterion, compute_loss, dict(metrics)
+        self.criterion, self.compute_loss = criterion, compute_loss
+        # A metric that is a module (torchmetrics) keeps its states on the Trainer's device.
+        self.metrics = {name: m.to(device) if isinstance(m, torch.nn.Module) else m for name, m in metrics.items()}
         self.metric_inputs, self.device, self.precision = metric_inputs, device, precision
         self.non_blocking = device.type == "cuda"
 

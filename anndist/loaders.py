@@ -1,4 +1,5 @@
-"""The loaders the Trainer actually reads: the user's, rebuilt per rank where that is safe.
+"""The loaders the Trainer actually reads (the user's, rebuilt per rank where that is safe), and
+the train loader's position in a checkpoint.
 
 Train loaders with a stock sampler are rebuilt once with the resumable distributed sampler; eval
 loaders with an unpadded shard sampler (one copy per user loader, kept while the user's loader
@@ -11,7 +12,7 @@ from typing import Any, Iterable
 
 from torch.utils.data import DataLoader
 
-from .sampler import is_rebuildable, shard_eval_loader, shard_train_loader
+from .sampler import ResumableDistributedSampler, is_rebuildable, shard_eval_loader, shard_train_loader
 
 
 class RankLoaders:
@@ -36,3 +37,43 @@ class RankLoaders:
         if loader not in self._eval:
             self._eval[loader] = shard_eval_loader(loader, self.world_size, self.rank)
         return self._eval[loader]
+
+
+def is_stateful(loader: Any) -> bool:
+    """A loader that saves and restores its own position (torchdata's ``StatefulDataLoader``)."""
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
+def resumes_by_index(loader: Any) -> bool:
+    """A loader anndist rebuilt: it starts an epoch part-way by skipping sample indices."""
+    return isinstance(loader, DataLoader) and isinstance(loader.sampler, ResumableDistributedSampler)
+
+
+class LoaderState:
+    """The train loader's own position as a checkpoint entry, each rank its own.
+
+    Only a stateful loader's state is kept, and only mid-epoch: at an epoch's end the loader simply
+    starts its next epoch. ``restored`` says whether the last load put the loader mid-epoch.
+    """
+
+    def __init__(self, rank: int, world_size: int, state: Any) -> None:
+        self.rank, self.world_size, self.train_state = rank, world_size, state
+        self.loader: Any = None
+        self.restored = False
+
+    def attach(self, loader: Any) -> None:
+        self.loader = loader if is_stateful(loader) and not resumes_by_index(loader) else None
+        self.restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        mid_epoch = not self.train_state.epoch_done and self.train_state.batch_in_epoch > 0
+        if self.loader is None or not mid_epoch:
+            return {}
+        return {"loader": self.loader.state_dict()}
+
+    def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        self.restored = False
+        if self.loader is None or len(states) != self.world_size or "loader" not in states[self.rank]:
+            return
+        self.loader.load_state_dict(states[self.rank]["loader"])
+        self.restored = True

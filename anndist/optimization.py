@@ -92,3 +92,22 @@ class OptimizerStep:
             )
         self.precision.skip(self.optimizer)
         return False
+
+
+def step_epoch_scheduler(scheduler: Any, monitor: str, logs: dict[str, float], evaluates_by_steps: bool) -> None:
+    """An epoch-interval scheduler at an epoch's end; ReduceLROnPlateau steps after each evaluation
+    instead when evaluations run every N steps (unless it watches train_loss)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step()
+    elif not evaluates_by_steps or monitor == "train_loss":
+        step_plateau(scheduler, monitor, logs)
+
+
+def step_plateau(scheduler: Any, monitor: str, logs: dict[str, float]) -> None:
+    """ReduceLROnPlateau on ``logs[monitor]`` (no-op for other schedulers)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return
+    if monitor not in logs:
+        raise ValueError(f"scheduler_monitor={monitor!r} is not among the metrics {sorted(logs)}; pass a "
+                         "val_loader or monitor 'train_loss'")
+    scheduler.step(logs[monitor])

@@ -31,10 +31,12 @@ def predict(module: torch.nn.Module, loader: Iterable, with_criterion: bool, dev
                 for batch in loader]
     finally:
         module.train(was_training)
+    _check_shapes([m.shape[1:] for m in mine], "batches of this rank")
     local = torch.cat(mine) if mine else torch.empty(0)
     shards = _gather(local, main_process_only)
     if shards is None:
         return None
+    _check_shapes([s.shape[1:] for s in shards if s.numel()], "ranks")
     if isinstance(getattr(loader, "sampler", None), ShardSampler):
         return _interleave(shards)
     return torch.cat([s for s in shards if s.numel()])
@@ -50,6 +52,14 @@ def _outputs(module: torch.nn.Module, batch: Any, with_criterion: bool, precisio
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"predict() needs tensor outputs (or logits), the model returned a {type(output).__name__}")
     return output.detach().cpu()
+
+
+def _check_shapes(shapes: list[torch.Size], where: str) -> None:
+    if len(set(shapes)) > 1:
+        raise ValueError(
+            f"predict() got outputs of different shapes across {where} ({sorted(set(map(tuple, shapes)))[:4]}): "
+            "they cannot be joined into one tensor per sample; pad every batch to one length (e.g. a collate_fn "
+            "with padding to a fixed max_length) or call the model on each batch yourself")
 
 
 def _inputs(batch: Any) -> Any:

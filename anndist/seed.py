@@ -89,15 +89,23 @@ def _python_state_from_tensor(state: dict[str, Any]) -> tuple:
 class RNGState:
     """This rank's RNG streams as a checkpoint entry: each rank saves and restores its own.
 
+    Loading only keeps the saved streams; ``apply()`` sets them. A run resumed mid-epoch applies them
+    after it has created the epoch's data iterator, because creating a DataLoader iterator draws from
+    the global torch RNG (a loader without its own generator), which the saved streams already include.
     A rank that did not exist when the checkpoint was written keeps the stream it was seeded with.
     """
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
+        self.pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return rng_state()
 
     def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
-        if self.rank < len(states):
-            set_rng_state(states[self.rank])
+        self.pending = states[self.rank] if self.rank < len(states) else None
+
+    def apply(self) -> None:
+        if self.pending is not None:
+            set_rng_state(self.pending)
+            self.pending = None

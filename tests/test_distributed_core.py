@@ -62,9 +62,9 @@ class SeedRecordingModel(nn.Module):
         self.net = make_model()
         self.seeds = []
 
-    def forward(self, inputs):
-        self.seeds.append(set(inputs["seed"].tolist()))
-        return self.net(inputs["x"])
+    def forward(self, x, seed):  # a dict of inputs arrives as keywords
+        self.seeds.append(set(seed.tolist()))
+        return self.net(x)
 
 
 class StopOnRank(Callback):
@@ -110,10 +110,12 @@ def _scenarios(rank, world_size):
     # The train loader's stock sampler is rebuilt; set_epoch runs every epoch.
     dataset = IndexLogging(40)
     trainer = _sgd_trainer(make_model(), seed=5)
-    trainer.fit(DataLoader(dataset, batch_size=4, shuffle=True, drop_last=True), num_epochs=2)
-    sampler = trainer._train_loader.sampler
+    user_loader = DataLoader(dataset, batch_size=4, shuffle=True, drop_last=True)
+    trainer.fit(user_loader, num_epochs=2)
+    rebuilt = trainer._loaders.train(user_loader)  # the loader fit read (built once per user loader)
+    sampler = rebuilt.sampler
     out["sampler"] = (type(sampler).__name__, sampler.num_replicas, sampler.rank, sampler.shuffle, sampler.seed,
-                      trainer._train_loader.batch_size, trainer._train_loader.drop_last)
+                      rebuilt.batch_size, rebuilt.drop_last)
     out["read"] = list(dataset.read)
 
     # Evaluation over exactly the dataset: 37 samples (odd), batch 5, even through a padded DistributedSampler.

@@ -56,21 +56,19 @@ class PreemptionCallback(Callback):
         self.exit = exit
         self.received: set[int] = set()  # signals this rank got during the current fit()
         self._previous: dict[int, object] = {}
-        self._num_epochs: int | None = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         self.received = set()
-        self._num_epochs = (logs or {}).get("num_epochs")
         self._install(trainer)
 
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
         try:
-            signals = self._agreed_signals(trainer)
-            if signals:
-                self._stop(trainer, signals)
+            signals = self._agreed_signals(trainer, completed=bool((logs or {}).get("completed")))
         finally:
             self._uninstall()
+        if signals:
+            self._stop(trainer, signals)
 
     def on_exception(self, exc: BaseException, trainer: "Trainer", logs: dict | None = None) -> None:
         self._uninstall()  # the signals keep their default action again: a second one ends the process
@@ -86,6 +84,10 @@ class PreemptionCallback(Callback):
         trainer_ref = weakref.ref(trainer)
 
         def handler(signum: int, frame: FrameType | None) -> None:
+            if signum in self.received:  # the second one: the default action, e.g. for a hung rank
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             # Only flags here (a handler may interrupt anything); the agreement does the rest.
             self.received.add(signum)
             current = trainer_ref()
@@ -101,15 +103,18 @@ class PreemptionCallback(Callback):
         self._previous.clear()
 
     # ------------------------------------------------------------------ stopping
-    def _agreed_signals(self, trainer: "Trainer") -> list[int]:
-        """Signals any rank received, when the run was cut short by them (same answer on every rank)."""
-        if not trainer.stop_training:  # agreed on every rank, so every rank skips the reduction alike
-            return []
+    def _agreed_signals(self, trainer: "Trainer", completed: bool) -> list[int]:
+        """Signals any rank received during fit, unless training completed (same answer on every rank).
+
+        The reduction runs on every rank whatever its own flags say: a signal can reach one rank after
+        the last stop agreement, so ``stop_training`` may differ between ranks here; the reduced
+        signals and ``completed`` (from the agreed position) do not.
+        """
         got = torch.tensor([s in self.received for s in self.signals], dtype=torch.int32, device=trainer.device)
         collectives.all_reduce(got, op=dist.ReduceOp.MAX)  # once per fit(), not per step
         signals = [s for s, flag in zip(self.signals, got.tolist()) if flag]
-        if signals and self._num_epochs is not None and trainer.epoch >= self._num_epochs:
-            logger.info("%s arrived after the last epoch: training is complete", _names(signals))
+        if signals and completed:
+            logger.info("%s arrived after the last optimizer step: training is complete", _names(signals))
             return []
         return signals
 
@@ -121,10 +126,12 @@ class PreemptionCallback(Callback):
         if checkpoint_dir is None:
             logger.info("no checkpoint_dir: nothing saved and the job is not requeued; pass checkpoint_dir=... "
                         "and auto_resume=True to the Trainer to continue after a preemption")
+            self._exit_on_sigterm()
             collectives.barrier()
             self._exit(128 + signals[0])
             return
         path = trainer.save_in_dir(checkpoint_dir, reason="preempted", signal=names)
+        self._exit_on_sigterm()  # the checkpoint is complete on every rank
         logger.info("saved %s", path)
         if set(signals) & set(self.requeue_signals) and trainer.is_main_process:
             self._requeue()
@@ -143,6 +150,13 @@ class PreemptionCallback(Callback):
             logger.error("%s", exc)
             return
         logger.warning("requeued SLURM job %s: its next run resumes from the checkpoint", job)
+
+    def _exit_on_sigterm(self) -> None:
+        # The first rank to exit makes torchrun SIGTERM the others, which may still be on their way out:
+        # ignoring it lets them finish with the same exit code instead of dying of the signal. SIG_IGN,
+        # not a Python handler: Python resets its own handlers to the default while it shuts down.
+        if self.exit and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _exit(self, code: int) -> None:
         if self.exit:

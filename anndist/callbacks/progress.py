@@ -63,14 +63,17 @@ class ProgressBarCallback(Callback):
         self.bar = self._tqdm(total=logs.get("num_batches"), initial=logs.get("first_batch", 0), desc=f"epoch {epoch}",
                               unit="batch", file=file, dynamic_ncols=True, leave=True)
         self._old_stream = set_console_stream(_AboveBar(self._tqdm, file))
-        self._loss_sum, self._samples, self._batches = None, 0, 0
+        self._loss_sum, self._items, self._samples, self._batches = None, 0, 0, 0
         self._last = self._started = time.perf_counter()
 
     def on_batch_end(self, batch_idx: int, trainer: "Trainer", logs: dict | None = None) -> None:
         if not self.active or self.bar is None:
             return
         loss, n = logs["loss"], logs["batch_size"]
-        self._loss_sum = loss.double() * n if self._loss_sum is None else self._loss_sum.add_(loss, alpha=n)
+        items = logs.get("num_items", n)  # the loss's weight: tokens when the loss step counts them
+        weighted = loss.double() * items
+        self._loss_sum = weighted if self._loss_sum is None else self._loss_sum.add_(weighted)
+        self._items += items
         self._samples += n
         self._batches += 1
         now = time.perf_counter()
@@ -91,12 +94,12 @@ class ProgressBarCallback(Callback):
     def _refresh(self, trainer: "Trainer", now: float) -> None:
         postfix: dict[str, Any] = {"step": trainer.global_step}
         if self._samples:
-            postfix["rank0 loss"] = f"{self._loss_sum.item() / self._samples:.4f}"  # one sync per refresh
+            postfix["rank0 loss"] = f"{self._loss_sum.item() / float(self._items):.4f}"  # one sync per refresh
             # Ranks take the same number of batches per step, so rank 0's count times the world size.
             postfix["samples/s"] = f"{self._samples * self._world_size / max(now - self._last, 1e-9):.0f}"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(self._batches)
-        self._loss_sum, self._samples, self._batches, self._last = None, 0, 0, now
+        self._loss_sum, self._items, self._samples, self._batches, self._last = None, 0, 0, 0, now
 
     def _close_bar(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,77 @@
+"""The Trainer's side of checkpoints: what a run saves (its ``RunState``), where, and how it resumes.
+
+In the manner of torchtitan's ``CheckpointManager``: the Trainer hands over its state objects once;
+this class saves and loads them through ``checkpoint/`` and never touches the Trainer itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from . import checkpoint, collectives
+from .checkpoint.folder import resolve as resolve_checkpoint
+from .seed import RNGState
+from .train_state import TrainState
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    def __init__(self, run: checkpoint.RunState, train_state: TrainState, rng: RNGState,
+                 checkpoint_dir: Path | None, default_dir: Callable[[], Path | None], auto_resume: bool) -> None:
+        self.run, self.train_state, self.rng = run, train_state, rng
+        self.checkpoint_dir, self.default_dir = checkpoint_dir, default_dir
+        self.pending_auto_resume = auto_resume  # the first fit() looks for a checkpoint
+
+    def save(self, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
+        return checkpoint.save(path, self.run, metadata)
+
+    def save_in_dir(self, dirpath: str | os.PathLike, name: str | None, metadata: dict[str, Any]) -> Path:
+        name = name if name is not None else checkpoint.step_name(self.train_state.global_step)
+        return checkpoint.CheckpointFolder(dirpath).save(self.run, name, metadata)
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        metadata = checkpoint.load(path, self.run)
+        state = self.train_state
+        if not state.batch_in_epoch:  # mid-epoch, the streams are set once the epoch's iterator exists
+            self.rng.apply()
+        logger.info("resumed from %s: epoch %d, optimizer step %d, %d batch(es) into the epoch",
+                    path, state.epoch, state.global_step, state.batch_in_epoch)
+        return metadata
+
+    def resume(self, resume_from: str | os.PathLike | None) -> None:
+        """fit()'s ``resume_from`` or ``auto_resume``: rank 0 picks the file, every rank loads that one."""
+        if resume_from is None and not self.pending_auto_resume:
+            return
+        if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
+            raise TypeError(
+                f"resume_from must be a path, 'latest' or None, got {type(resume_from).__name__} {resume_from!r}")
+        self.pending_auto_resume = False
+        main = collectives.rank() == 0
+        found = collectives.run_collectively(lambda: self._locate(resume_from) if main else None)
+        path = collectives.broadcast_object(found)
+        if path is None:
+            logger.info("auto_resume: no checkpoint in %s yet, starting from scratch", self.checkpoint_dir)
+            return
+        self.load(path)
+
+    def _locate(self, resume_from: str | os.PathLike | None) -> str | None:
+        if resume_from is None:  # auto_resume: a missing checkpoint means a first start
+            found = checkpoint.latest_checkpoint(self.checkpoint_dir)
+            return None if found is None else str(found)
+        return str(resolve_checkpoint(resume_from, self.default_dir()))
+
+
+def check_window_closed(module: Any, state: TrainState) -> None:
+    """Refuse a save in the middle of an accumulation window.
+
+    The optimizer zeroes gradients (to None) after each step, so gradients here mean a half-done
+    window, which a checkpoint cannot hold: resuming would silently drop it.
+    """
+    if any(p.grad is not None for p in module.parameters()):
+        raise RuntimeError(
+            f"save_checkpoint() was called in the middle of an accumulation window (epoch {state.epoch}, "
+            f"after optimizer step {state.global_step}): the gradients accumulated so far cannot be "
+            "checkpointed; save from on_batch_end when logs['ends_window'] is true, at on_epoch_end, or after fit()")

@@ -1,0 +1,51 @@
+"""How long a run trains and when it validates: ``fit``'s ``num_epochs``, ``max_steps`` and
+``eval_every_n_steps``, checked when ``fit`` starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import Any, Iterable
+
+from .train_state import TrainState
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    num_epochs: int | None
+    max_steps: int | None
+    eval_every_n_steps: int | None
+
+    @classmethod
+    def check(cls, num_epochs: Any, max_steps: Any, eval_every_n_steps: Any, train_loader: Iterable,
+              val_loader: Iterable | None) -> "RunPlan":
+        for name, value, minimum in (("num_epochs", num_epochs, 0), ("max_steps", max_steps, 1),
+                                     ("eval_every_n_steps", eval_every_n_steps, 1)):
+            _check_count(name, value, minimum)
+        if num_epochs is None and max_steps is None:
+            raise ValueError("fit() needs num_epochs=... or max_steps=... (or both: whichever comes first)")
+        if eval_every_n_steps is not None and val_loader is None:
+            raise ValueError(f"eval_every_n_steps={eval_every_n_steps} needs a val_loader to evaluate on")
+        if isinstance(train_loader, Iterator) and (num_epochs or 0) > 1:
+            raise ValueError(
+                f"train_loader is a one-shot iterator ({type(train_loader).__name__}): it is empty after the first "
+                f"epoch, so num_epochs={num_epochs} cannot be trained; pass something that can be iterated again "
+                "(a DataLoader, a list, or an object whose __iter__ returns a new iterator), or use max_steps")
+        return cls(num_epochs, max_steps, eval_every_n_steps)
+
+    def done(self, state: TrainState) -> bool:
+        return (self.num_epochs is not None and state.epoch >= self.num_epochs) or self.steps_done(state)
+
+    def steps_done(self, state: TrainState) -> bool:
+        return self.max_steps is not None and state.global_step >= self.max_steps
+
+    def evaluates_after(self, step: int) -> bool:
+        return self.eval_every_n_steps is not None and step % self.eval_every_n_steps == 0
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
