@@ -25,22 +25,25 @@ class MissingDependencyError(ImportError):
 
 
 def install_hint(module: str) -> str:
-    """The pip command that installs the optional package imported as ``module``."""
-    if module not in PACKAGES:
+    """The pip command that installs the optional package imported as ``module`` (or a submodule of it)."""
+    package = module.partition(".")[0]
+    if package not in PACKAGES:
         raise ValueError(f"{module!r} is not one of anndist's optional packages {sorted(PACKAGES)}")
-    extra = PACKAGES[module][1]
+    extra = PACKAGES[package][1]
     hint = f"pip install 'anndist[{extra}]'"
     return hint if extra == ALL_EXTRA else f"{hint} (or 'anndist[{ALL_EXTRA}]' for everything the examples use)"
 
 
 def require(module: str, needed_by: str) -> ModuleType:
-    """Import the optional package ``module`` for ``needed_by`` (a feature's name), or raise
-    :class:`MissingDependencyError` with a one-line message naming the fix."""
+    """Import the optional package ``module`` (``"sklearn.datasets"`` works too) for ``needed_by`` (a
+    feature's name), or raise :class:`MissingDependencyError` with a one-line message naming the fix."""
     hint = install_hint(module)
+    package = module.partition(".")[0]
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        pip_name = PACKAGES[module][0]
-        cause = "is not installed" if isinstance(exc, ModuleNotFoundError) and exc.name == module \
+        pip_name = PACKAGES[package][0]
+        cause = "is not installed" if isinstance(exc, ModuleNotFoundError) and exc.name in (package, module) \
             else f"fails to import ({type(exc).__name__}: {' '.join(str(exc).split())})"
-        raise MissingDependencyError(f"{needed_by} needs {pip_name}, which {cause}: {hint}", name=module) from exc
+        raise MissingDependencyError(f"{needed_by} needs {pip_name}, which {cause}: {hint}",
+                                     name=package) from exc
