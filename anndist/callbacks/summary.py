@@ -26,7 +26,7 @@ def run_summary(trainer: "Trainer", elapsed_s: float, first_step: int, metrics_p
     steps = f"step {trainer.global_step}"
     if first_step:
         steps += f" ({trainer.global_step - first_step} in this run, resumed at step {first_step})"
-    parts = [f"run ended after {elapsed_s:.1f}s: {steps}, {trainer.epoch} epoch(s)"]
+    parts = [f"run ended after {_duration(elapsed_s)}: {steps}, {trainer.epoch} epoch(s)"]
     checkpointers = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
     for cb in checkpointers:
         if cb.monitor is not None and cb.best_score is not None:
@@ -39,3 +39,15 @@ def run_summary(trainer: "Trainer", elapsed_s: float, first_step: int, metrics_p
     if metrics_path is not None:
         parts.append(f"metrics in {metrics_path}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """``0.42s``, ``12.4s``, ``3m 05s``, ``2h 03m``: precise for short runs, readable for long ones."""
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
