@@ -1,8 +1,8 @@
 """Checkpoints, preemption and resume: a run that may be cut off at any step and continues exactly.
 
-    python launch/checkpoint_resume.py --checkpoint-dir runs/resume     # run it; `kill -USR1 PID` stops
-    python launch/checkpoint_resume.py --checkpoint-dir runs/resume     # it (saved, exit 75); rerun: resumes
-    python launch/checkpoint_resume.py --checkpoint-dir runs/resume --preempt-at-step 50   # simulate it
+    python launch/checkpoint_resume.py --checkpoint-dir runs/resume --preempt-at-step 50   # saves, exits 75
+    python launch/checkpoint_resume.py --checkpoint-dir runs/resume     # resumes at step 50, runs to the end
+    (`kill -USR1 PID` or `kill -TERM PID` on a running one is the real thing: the same stop, save, exit 75)
     torchrun --standalone --nproc_per_node=2 --max-restarts=1 launch/checkpoint_resume.py \\
         --checkpoint-dir runs/resume --preempt-at-step 50               # torchrun restarts, the run resumes
     sbatch slurm/single_node.sbatch launch/checkpoint_resume.py --checkpoint-dir runs/resume  # requeue
