@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 import torch
@@ -24,10 +25,12 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from anndist import Callback, LoggingCallback, ModelCheckpoint, Trainer, seed_everything
-from anndist.log import get_logger
 from digits_data import digits_loaders
 from example_support import add_common_args, limit_threads, max_steps_setup, report_missing_dependency
 from train_digits import digits_model
+
+# A logger under "anndist": the Trainer configures it for its rank, so info prints on rank 0 only.
+log = logging.getLogger("anndist.examples")
 
 
 class EarlyStopping(Callback):
@@ -50,7 +53,7 @@ class EarlyStopping(Callback):
         self.waited += 1
         if self.waited >= self.patience:
             trainer.stop_training = True  # every rank sets it at this same epoch
-            get_logger(trainer.rank).info(  # prints on rank 0 only
+            log.info(
                 "early stop after epoch %d: %s has not improved by more than %g for %d epoch(s) (best %.4f, epoch %s)",
                 epoch, self.monitor, self.min_delta, self.waited, self.best, self.best_epoch)
 
@@ -83,8 +86,8 @@ class SamplesSeen(Callback):
         if dist.is_initialized():
             dist.all_reduce(total)  # every rank is here: the Trainer calls on_epoch_end on all of them
         self.totals.append(int(total.item()))
-        get_logger(trainer.rank).info("epoch %d: %d training samples read by %d rank(s) (rank 0 read %d)",
-                                      epoch, self.totals[-1], trainer.world_size, self.count)
+        log.info("epoch %d: %d training samples read by %d rank(s) (rank 0 read %d)",
+                 epoch, self.totals[-1], trainer.world_size, self.count)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
