@@ -1,7 +1,8 @@
 """Every example in launch/ under real torchrun on 2 ranks, each cut short with --max-steps.
 
-One torchrun launch per example (the machine is shared: few process starts, and a generous time
-limit per launch: 180 s, 240 s for the one with a restart, against 11-32 s measured on the 2-core VM at load average 4, 23-53 s at 8).
+One torchrun launch per example (the machine is shared: few process starts) with a generous time
+limit per launch, 180 s (240 s for the one with a restart), against 11-32 s measured on the 2-core
+VM at load average 4 and 23-53 s at load average 6-8.
 """
 import os
 import re
