@@ -6,6 +6,7 @@ from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackLi
 from .checkpoint import CheckpointError, latest_checkpoint
 from .env import DistEnv, detect_env
 from .optimization import NonFiniteLossError
+from .optional import MissingDependencyError
 from .seed import seed_everything
 from .trainer import Trainer, save_in_dir
 from .version import __version__
@@ -15,5 +16,5 @@ __all__ = [
     "MetricsCallback", "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback",
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
     "ModelCheckpoint", "CheckpointError", "save_in_dir", "latest_checkpoint",
-    "PreemptionCallback", "PREEMPTED_EXIT_CODE",
+    "PreemptionCallback", "PREEMPTED_EXIT_CODE", "MissingDependencyError",
 ]

@@ -2,7 +2,7 @@
 
     python -m anndist.plot RUN_DIR/metrics.jsonl -o curves.png
 
-Needs the optional extra ``plot`` (matplotlib). A resumed run that went back to an older
+Needs matplotlib (``pip install 'anndist[plot]'``; ``anndist[examples]`` includes it). A resumed run that went back to an older
 checkpoint logs some steps twice; the later record of a step wins, and each resume is drawn as a
 dotted vertical line.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .jsonl import read_jsonl
+from .optional import MissingDependencyError, require
 
 Curve = tuple[list[float], list[float]]
 _LABELS = {"loss": "train loss (logging interval)", "epoch train_loss": "train loss (epoch)",
@@ -45,10 +46,8 @@ def resumes(records: Sequence[dict[str, Any]]) -> list[int]:
 
 def plot_metrics(metrics: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the four panels of ``metrics`` (a metrics.jsonl) to the PNG ``out``; return its path."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise RuntimeError("anndist.plot needs matplotlib: pip install 'anndist[plot]'") from exc
+    require("matplotlib", "plotting")  # a one-line error naming the pip command
+    from matplotlib.figure import Figure
     records = read_jsonl(metrics)
     curves = load_curves(records)
     if not curves:
@@ -90,7 +89,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if not Path(args.metrics).is_file():
         parser.error(f"metrics file {args.metrics!r} does not exist; pass RUN_DIR/metrics.jsonl")
-    out = plot_metrics(args.metrics, args.output or Path(args.metrics).with_name("curves.png"))
+    try:
+        out = plot_metrics(args.metrics, args.output or Path(args.metrics).with_name("curves.png"))
+    except MissingDependencyError as exc:
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")  # one line, not a traceback
     print(f"wrote {out}")
     return out
 

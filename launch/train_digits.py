@@ -6,43 +6,35 @@ SLURM (``srun`` tasks or torchrun inside a job):
     python launch/train_digits.py --epochs 5
     bash launch/torchrun.sh --epochs 20 --log-dir runs/digits --profile
     python -m anndist.plot runs/digits/metrics.jsonl -o runs/digits/curves.png
+    python launch/train_digits.py --max-steps 5               # a quick try-out
+
+``digits_model`` and the data (``digits_data.py``) are shared with the other examples (launch/README.md).
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.utils.data import DataLoader, TensorDataset
 
 from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, seed_everything
-
-
-def digits_datasets(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    """1437 train / 360 validation images of 8x8 pixels, scaled to [0, 1]."""
-    features, labels = load_digits(return_X_y=True)
-    x_train, x_val, y_train, y_val = train_test_split(
-        features / 16.0, labels, test_size=0.2, random_state=seed, stratify=labels)
-    as_dataset = lambda x, y: TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(y))  # noqa: E731
-    return as_dataset(x_train, y_train), as_dataset(x_val, y_val)
+from digits_data import digits_datasets, digits_loaders  # noqa: F401 (benchmarks import digits_datasets from here)
+from example_support import add_common_args, limit_threads, max_steps_setup, report_missing_dependency
 
 
 def digits_model(hidden: int = 256, dropout: float = 0.1) -> nn.Module:
+    """The digits classifier: an MLP 64-256-10 on the flattened 8x8 images."""
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 10))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    add_common_args(parser, epochs=20)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision dtype")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--log-interval", type=int, default=20)
     parser.add_argument("--log-dir", default=None, help="append metrics.jsonl here (plot: python -m anndist.plot)")
     parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to LOG_DIR/tb")
     parser.add_argument("--profile", action="store_true", help="time each step's phases; a table at the end")
@@ -62,35 +54,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def observers(args: argparse.Namespace) -> list[Callback]:
-    """The callbacks that show the run: log lines (and metrics.jsonl), TensorBoard, profiling."""
-    callbacks: list[Callback] = [LoggingCallback(log_interval=args.log_interval, log_dir=args.log_dir)]
+    """The callbacks that show the run: TensorBoard, profiling, log lines (and metrics.jsonl).
+
+    LoggingCallback comes last so that its closing line is the run's last line.
+    """
+    callbacks: list[Callback] = []
     if args.tensorboard:
         callbacks.append(TensorBoardCallback(f"{args.log_dir}/tb", log_interval=args.log_interval))
     if args.profile:
         trace_dir = f"{args.log_dir}/traces" if args.trace_steps else None
         callbacks.append(ProfilingCallback(trace_dir=trace_dir, trace_steps=args.trace_steps))
+    callbacks.append(LoggingCallback(log_interval=args.log_interval, log_dir=args.log_dir))
     return callbacks
 
 
-@record
+@record  # under torchrun: the failing rank and its traceback in torchrun's summary
+@report_missing_dependency  # a missing optional package: one line, not a traceback per rank
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    limit_threads()
     seed_everything(args.seed)  # identical initial weights on every rank, run after run
-    train_set, val_set = digits_datasets()
+    train_loader, val_loader = digits_loaders(args.batch_size)
     model = digits_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    stop_callbacks, stop_options = max_steps_setup(args)
     trainer = Trainer(
         model, optimizer, nn.CrossEntropyLoss(),
-        callbacks=observers(args),
+        callbacks=stop_callbacks + observers(args),
         seed=args.seed, gradient_accumulation_steps=args.accumulation,
         use_amp=args.amp is not None, amp_dtype=args.amp, progress_bar=args.progress_bar,
-        checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None,
+        checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None, **stop_options,
     )
-    history = trainer.fit(
-        DataLoader(train_set, batch_size=args.batch_size, shuffle=True),
-        num_epochs=args.epochs,
-        val_loader=DataLoader(val_set, batch_size=256),
-    )
+    history = trainer.fit(train_loader, num_epochs=args.epochs, val_loader=val_loader)
     if args.save and trainer.is_main_process:
         torch.save(trainer.module.state_dict(), args.save)
     trainer.close()

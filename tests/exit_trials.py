@@ -4,6 +4,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 from processes import ROOT, child_env
 
@@ -15,12 +17,36 @@ def free_port() -> int:
 
 
 def launch_pair(script: str, world_size: int = 2, timeout: float = 120) -> list[int]:
+    """Exit codes of one launch of ``script`` on ``world_size`` ranks; every rank's stderr is echoed
+    when one of them fails. A launch still running after ``timeout`` seconds is killed and raises."""
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # stderr goes to files, not pipes: a rank that wrote more than a pipe holds would block, unread.
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in range(world_size)]
+    procs = [subprocess.Popen([sys.executable, script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs[r],
                               env=child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size),
                                             LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
              for r in range(world_size)]
-    return [p.wait(timeout=timeout) for p in procs]
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(0.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in procs:  # nothing outlives the launch, on a time-out or an error here
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    if codes is None or any(codes):
+        for rank, text in enumerate(outputs):
+            print(f"--- rank {rank} stderr ---\n{text[-3000:]}", file=sys.stderr)
+    if codes is None:
+        raise TimeoutError(f"a {world_size}-rank launch of {script} was still running after {timeout:.0f} s; killed")
+    return codes
 
 
 if __name__ == "__main__":

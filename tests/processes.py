@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,25 @@ def python(script: str | Path, *args: str, timeout: float = 240, env: dict[str, 
     return _run([sys.executable, str(script), *args], timeout, env, check)
 
 
+def run(cmd: list[str], timeout: float = 240, env: dict[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Any command (``bash launch/torchrun.sh ...``) under the same rules as ``torchrun`` and ``python``."""
+    return _run([str(part) for part in cmd], timeout, env, check)
+
+
 def _run(cmd: list[str], timeout: float, env: dict[str, str] | None, check: bool) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+    # A session of its own, so that a launch past its time limit is ended with all its processes
+    # (torchrun's workers too, which a kill of torchrun alone would leave running on a shared machine).
+    with subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            raise AssertionError(f"{' '.join(cmd)} still running after its {timeout:.0f} s limit, killed\n"
+                                 f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

@@ -2,17 +2,20 @@
 
 Lines go through Python ``logging`` (the rank-aware ``anndist`` logger), so they print once however
 many ranks run. With ``log_dir`` the same records are appended to ``log_dir/metrics.jsonl``; a
-requeued or resumed run appends to the same file (``python -m anndist.plot`` draws it).
+requeued or resumed run appends to the same file (``python -m anndist.plot`` draws it). Each
+``fit`` ends with one closing line (``summary.py``): time, steps, best metric, where the files went.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..jsonl import JsonlWriter
 from .metrics import MetricsCallback
+from .summary import run_summary
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
@@ -23,7 +26,8 @@ METRICS_FILE = "metrics.jsonl"
 class LoggingCallback(MetricsCallback):
     """Every ``log_interval`` optimizer steps: epoch, step, global interval loss, lr, job samples/s.
 
-    At each epoch end: the epoch's global train and val metrics and its time. See
+    At each epoch end: the epoch's global train and val metrics and its time; at the end of ``fit``
+    a closing line (time, steps, best monitored metric, checkpoint folder, metrics file). See
     :class:`MetricsCallback` for how the values are reduced (on logging steps only).
     """
 
@@ -38,6 +42,16 @@ class LoggingCallback(MetricsCallback):
     @property
     def metrics_path(self) -> Path | None:
         return self.log_dir / METRICS_FILE if self.log_dir is not None else None
+
+    def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._fit_started, self._first_step = time.perf_counter(), trainer.global_step  # after any resume
+        super().on_train_begin(trainer, logs)
+
+    def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        super().on_train_end(trainer, logs)
+        if trainer.is_main_process:  # the others would build the line for nothing
+            elapsed = time.perf_counter() - self._fit_started
+            self.logger.info(run_summary(trainer, elapsed, self._first_step, self.metrics_path))
 
     def open(self, trainer: "Trainer") -> None:
         if self.log_dir is not None:

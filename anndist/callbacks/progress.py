@@ -12,8 +12,8 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING, Any, Iterable, Mapping
 
-
 from ..log import set_console_stream
+from ..optional import require
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -38,11 +38,7 @@ class ProgressBarCallback(Callback):
     """One tqdm bar per epoch on rank 0; log lines print above it instead of breaking it."""
 
     def __init__(self, refresh_s: float = 0.5, file: IO[str] | None = None) -> None:
-        try:
-            from tqdm import tqdm
-        except ImportError as exc:
-            raise RuntimeError("ProgressBarCallback needs tqdm: pip install 'anndist[progress]' "
-                               "(or pass progress_bar=False)") from exc
+        tqdm = require("tqdm", "the progress bar (Trainer(progress_bar=True) or ProgressBarCallback)").tqdm
         if not isinstance(refresh_s, (int, float)) or isinstance(refresh_s, bool) or refresh_s < 0:
             raise ValueError(f"refresh_s={refresh_s!r} must be a number of seconds >= 0")
         self._tqdm, self.refresh_s, self.file = tqdm, float(refresh_s), file

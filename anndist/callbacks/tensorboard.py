@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..optional import require
 from .metrics import MetricsCallback
 
 if TYPE_CHECKING:
@@ -27,10 +28,8 @@ class TensorBoardCallback(MetricsCallback):
         super().__init__(log_interval)
         if not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a path (str or os.PathLike), got {type(log_dir).__name__} {log_dir!r}")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise RuntimeError("TensorBoardCallback needs tensorboard: pip install 'anndist[tensorboard]'") from exc
+        require("tensorboard", "TensorBoardCallback")  # a one-line error naming the pip command
+        from torch.utils.tensorboard import SummaryWriter
         self._summary_writer = SummaryWriter
         self.log_dir = os.fspath(log_dir)
         self.writer: Any = None
