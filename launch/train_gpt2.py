@@ -129,7 +129,8 @@ class MaxSteps(Callback):
 
     The ranks agree on ``stop_training`` one step after it is set when distributed (the agreement is
     read one proposal later; the Trainer runs with ``stop_check_period=0``), right away in one process;
-    ``global_step`` is the same on every rank, so each sets the flag where the run ends at ``max_steps``.
+    ``global_step`` is the same on every rank, so each sets the flag where the run ends at ``max_steps``
+    (under torchrun the earliest possible stop is after step 2: a flag is first proposed after step 1).
     """
 
     def __init__(self, max_steps: int) -> None:
