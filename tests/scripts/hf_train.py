@@ -12,7 +12,8 @@ model and Trainer: ``full`` (EPOCHS epochs), ``stopped`` (stopped mid-epoch at a
   and torchmetrics' macro F1 (``val_f1``).
 
 The full runs also record what the test checks the evaluation against: ``predict`` on the BERT
-validation set (with its labels), and each GPT-2 validation sequence's loss computed alone.
+validation set (with its labels), and each GPT-2 validation sequence's loss computed alone. Last,
+launch/train_gpt2.py's ``main`` runs with ``--max-steps 5 --checkpoint-dir DIR/example-ckpt``.
 
 Every rank writes ``DIR/rank{r}.pt``: per job and run the flat final weights, the history, the
 position where it began and ended; then ``finished: True`` once every Trainer is closed.
@@ -33,6 +34,7 @@ from torchmetrics.classification import MulticlassF1Score
 from transformers import BertConfig, BertForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
+import train_gpt2  # noqa: E402
 from train_gpt2 import CharVocab, gpt2_model, lm_datasets, pad_batch, token_loss, zen_text  # noqa: E402
 
 from anndist import Callback, Trainer, seed_everything  # noqa: E402
@@ -163,6 +165,9 @@ def main() -> None:
         for kind in ("full", "stopped", "resumed"):
             trainer, results[f"{job}/{kind}"] = run(job, kind, out / f"{job}-ckpt")
             trainers.append(trainer)
+    # The example's main() in this same launch (a torchrun start costs seconds): --max-steps on 2 ranks.
+    results["example"] = train_gpt2.main(["--max-steps", "5", "--accumulation", "3", "--epochs", "3",
+                                          "--checkpoint-dir", str(out / "example-ckpt")])
     results["world_size"] = trainers[0].world_size
     for trainer in reversed(trainers):  # the first one created the process group: it goes last
         trainer.close()
