@@ -18,8 +18,9 @@ and data (batch 8, K=2; token-weighted, needs transformers). Each world size (to
 ranks, then one plain process) is one launch in which the runners alternate for ``--rounds`` rounds,
 each run a fresh model and optimizer, the order flipped every round so drift cancels. A run's figure
 is rank 0's median time between optimizer steps (the first 3 left out), in wall and in process CPU
-time; the table shows the median over runs, the spread (max - min over runs, as % of the median) and
-anndist / hand. ``same weights`` says whether both runners of a path ended with equal weights.
+time; the table shows the median over runs with the spread in brackets (max - min over runs, as %
+of the median), and anndist / hand of the medians. ``same weights`` counts the rounds in which both
+runners of a path ended with bit-identical weights.
 """
 from __future__ import annotations
 
@@ -224,24 +225,21 @@ def main() -> None:
     if args.steps <= WARMUP + 1:
         parser.error(f"--steps must be > {WARMUP + 1}")
     print(f"model {args.model}, {args.steps} optimizer steps per run, {args.rounds} runs per runner, CPU gloo, "
-          "rank 0's median time per optimizer step; spread = (max - min) / median over runs\n")
-    print("| ranks | path | runner | wall ms/step | spread | CPU ms/step | spread | anndist/hand wall | CPU | same weights |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "rank 0's median time per optimizer step, median over runs (spread: (max - min) / median)\n")
+    print("| ranks | path | wall ms/step anndist | hand | anndist/hand | CPU ms/step anndist | hand | anndist/hand "
+          "| same weights |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for world in (2, 1):
         result = launch(args.model, world, args.steps, args.rounds)
-        for path, runner in RUNNERS:
-            runs = result["runs"][f"{path} {runner}"]
-            (wall, wall_spread), (cpu, cpu_spread) = summary(runs, "wall"), summary(runs, "cpu")
-            ratio, same = "", ""
-            if runner == "anndist":
-                hand = result["runs"][f"{path} hand"]
-                ratio = (f"{wall / summary(hand, 'wall')[0]:.3f} | {cpu / summary(hand, 'cpu')[0]:.3f}")
-                same = f"{sum(result['same'][path])}/{len(result['same'][path])}"
-            else:
-                ratio = " | "
-            print(f"| {world} | {path} | {runner} | {wall * 1e3:.2f} | {wall_spread:.0f}% | {cpu * 1e3:.2f} | "
-                  f"{cpu_spread:.0f}% | {ratio} | {same} |")
-
+        for path in ("compute_loss", "criterion"):
+            row = [str(world), path]
+            for key in ("wall", "cpu"):
+                (ours, our_spread), (hand, hand_spread) = (summary(result["runs"][f"{path} {runner}"], key)
+                                                           for runner in ("anndist", "hand"))
+                row += [f"{ours * 1e3:.2f} ({our_spread:.0f}%)", f"{hand * 1e3:.2f} ({hand_spread:.0f}%)",
+                        f"{ours / hand:.3f}"]
+            row.append(f"{sum(result['same'][path])}/{len(result['same'][path])}")
+            print("| " + " | ".join(row) + " |")
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
