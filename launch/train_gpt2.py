@@ -1,0 +1,193 @@
+"""Train a 2-layer GPT-2 character model on the Zen of Python (shipped with Python: no download).
+
+The loss is token-weighted: ``compute_loss`` returns ``(mean over the batch's tokens, tokens)``, so
+with accumulation every token of an optimizer step weighs the same, however the variable-length
+sequences fall into micro-batches and ranks. At the end rank 0 prints the validation perplexity
+(exp of the token-weighted validation loss) on the held-out last lines of the text.
+
+    python launch/train_gpt2.py --epochs 2
+    bash launch/torchrun.sh --script launch/train_gpt2.py --epochs 20 --accumulation 2
+    torchrun --standalone --nproc_per_node=2 launch/train_gpt2.py --max-steps 30 --checkpoint-dir runs/gpt2
+
+With ``--checkpoint-dir`` a run resumes from the folder's latest checkpoint (a later run with more
+epochs or steps continues where this one ended) and saves its final state there.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import io
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from anndist import Callback, LoggingCallback, Trainer, seed_everything
+
+PAD, IGNORE = 0, -100  # padding token id; the label of padded positions (ignored by the loss)
+MAX_LEN = 64           # the model's n_positions
+
+
+def zen_text() -> str:
+    """The Zen of Python: ``this.s`` is stored rot13-encoded; importing ``this`` prints it, so hush it."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    return codecs.decode(this.s, "rot13")
+
+
+class CharVocab:
+    """Characters of a text as token ids 1..N; id 0 is padding."""
+
+    def __init__(self, text: str) -> None:
+        self.chars = sorted(set(text))
+        self.ids = {char: i + 1 for i, char in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars) + 1
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.ids[char] for char in text], dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return "".join(self.chars[i - 1] for i in ids.tolist() if i != PAD)
+
+
+def windows(text: str, count: int, min_len: int, max_len: int, seed: int) -> list[str]:
+    """``count`` substrings of random lengths in [min_len, max_len] at random offsets (own RNG: reproducible)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        length = rng.randint(min_len, max_len)
+        start = rng.randrange(len(text) - length + 1)
+        out.append(text[start:start + length])
+    return out
+
+
+class TokenSequences(Dataset):
+    """Variable-length token id tensors."""
+
+    def __init__(self, texts: list[str], vocab: CharVocab) -> None:
+        self.items = [vocab.encode(t) for t in texts]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.items[index]
+
+
+def pad_batch(sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: ``input_ids``, ``attention_mask``, and ``labels`` with -100 on padding."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    input_ids = pad_sequence(sequences, batch_first=True, padding_value=PAD)
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, IGNORE)}
+
+
+def lm_datasets(train_count: int = 256, val_count: int = 64, min_len: int = 12, max_len: int = 48,
+                seed: int = 0) -> tuple[CharVocab, TokenSequences, TokenSequences]:
+    """The vocabulary, training windows of the text and validation windows of its last 3 lines (held out)."""
+    text = zen_text()
+    lines = text.strip().splitlines()
+    train_text, val_text = "\n".join(lines[:-3]), "\n".join(lines[-3:])
+    vocab = CharVocab(text)
+    return (vocab, TokenSequences(windows(train_text, train_count, min_len, max_len, seed), vocab),
+            TokenSequences(windows(val_text, val_count, min_len, max_len, seed + 1), vocab))
+
+
+def gpt2_model(vocab_size: int, seed: int | None = None) -> GPT2LMHeadModel:
+    """A 2-layer, 32-wide GPT-2 built from its config (random weights; ``seed`` makes them reproducible)."""
+    if seed is not None:
+        seed_everything(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=MAX_LEN, vocab_size=vocab_size,
+                        bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
+    return GPT2LMHeadModel(config)
+
+
+def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy: (mean over the batch's predicted tokens, their number).
+
+    The labels stay out of the model call: the model would compute its own (per-batch mean) loss.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                reduction="none")
+    num_tokens = (targets != IGNORE).sum()
+    return per_token.sum() / num_tokens.clamp(min=1), num_tokens
+
+
+class MaxSteps(Callback):
+    """Stop once ``max_steps`` optimizer steps are done, on every rank at the same step.
+
+    The ranks agree on ``stop_training`` one step after it is set when distributed (the agreement is
+    read one proposal later; the Trainer runs with ``stop_check_period=0``), right away in one process;
+    ``global_step`` is the same on every rank, so each sets the flag where the run ends at ``max_steps``
+    (under torchrun the earliest possible stop is after step 2: a flag is first proposed after step 1).
+    """
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+
+    def on_train_begin(self, trainer, logs=None):
+        if trainer.global_step >= self.max_steps:  # resumed past the limit: train nothing
+            trainer.stop_training = True
+
+    def on_batch_end(self, batch_idx, trainer, logs=None):
+        lag = 1 if trainer.world_size > 1 else 0
+        if logs["stepped"] and trainer.global_step >= self.max_steps - lag:
+            trainer.stop_training = True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per process and micro-batch")
+    parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="resume from this folder's latest checkpoint and save the final state there")
+    args = parser.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error("--max-steps must be >= 1")
+    return args
+
+
+@record
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    vocab, train_set, val_set = lm_datasets()
+    model = gpt2_model(len(vocab), seed=args.seed)  # identical initial weights on every rank
+    callbacks: list[Callback] = [LoggingCallback(log_interval=args.log_interval)]
+    if args.max_steps is not None:
+        callbacks.append(MaxSteps(args.max_steps))
+    trainer = Trainer(
+        model, torch.optim.AdamW(model.parameters(), lr=args.lr), compute_loss=token_loss, callbacks=callbacks,
+        seed=args.seed, gradient_accumulation_steps=args.accumulation, stop_check_period=0,
+        checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None,
+    )
+    val_loader = DataLoader(val_set, batch_size=32, collate_fn=pad_batch)
+    history = trainer.fit(DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=pad_batch),
+                          num_epochs=args.epochs, val_loader=val_loader)
+    if args.checkpoint_dir is not None:
+        trainer.save_in_dir(args.checkpoint_dir)
+    val_loss = trainer.evaluate(val_loader)["val_loss"]  # also after a stop mid-epoch, which skips evaluation
+    if trainer.is_main_process:
+        print(f"validation perplexity {math.exp(val_loss):.3f} (val_loss {val_loss:.4f}) after "
+              f"{trainer.global_step} optimizer steps on {trainer.world_size} process(es)", flush=True)
+    trainer.close()
+    return {"history": history, "val_loss": val_loss, "global_step": trainer.global_step}
+
+
+if __name__ == "__main__":
+    main()
