@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from anndist import Callback, LoggingCallback, ModelCheckpoint, Trainer, seed_everything
 from digits_data import digits_loaders
-from example_support import add_common_args, limit_threads, max_steps_setup, report_missing_dependency
+from example_support import add_common_args, limit_threads, report_missing_dependency
 from train_digits import digits_model
 
 
@@ -74,16 +74,15 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed)
     train_loader, val_loader = digits_loaders(args.batch_size)
     model = digits_model()
-    stop_callbacks, stop_options = max_steps_setup(args)
     callbacks = [ModelCheckpoint(every_n_steps=args.save_every, every_n_epochs=None, keep_last=args.keep_last),
-                 *stop_callbacks,
                  LoggingCallback(log_interval=args.log_interval, log_dir=args.checkpoint_dir)]
     if args.preempt_at_step is not None:
         callbacks.append(PreemptAtStep(args.preempt_at_step))
     trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss(),
                       callbacks=callbacks, seed=args.seed,  # a seed makes the resumed run continue bit for bit
-                      checkpoint_dir=args.checkpoint_dir, auto_resume=True, **stop_options)
-    history = trainer.fit(train_loader, num_epochs=args.epochs, val_loader=val_loader, resume_from=args.resume_from)
+                      checkpoint_dir=args.checkpoint_dir, auto_resume=True)
+    history = trainer.fit(train_loader, num_epochs=args.epochs, max_steps=args.max_steps, val_loader=val_loader,
+                          resume_from=args.resume_from)
     trainer.close()
     return history
 

@@ -26,7 +26,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from anndist import Callback, LoggingCallback, ModelCheckpoint, Trainer, seed_everything
 from digits_data import digits_loaders
-from example_support import add_common_args, limit_threads, max_steps_setup, report_missing_dependency
+from example_support import add_common_args, limit_threads, report_missing_dependency
 from train_digits import digits_model
 
 # A logger under "anndist": the Trainer configures it for its rank, so info prints on rank 0 only.
@@ -108,17 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed)
     train_loader, val_loader = digits_loaders(args.batch_size)
     model = digits_model()
-    stop_callbacks, stop_options = max_steps_setup(args)
     callbacks = [
         LoggingCallback(log_interval=args.log_interval),  # first: an epoch's line before what the others say
         ModelCheckpoint(monitor="val_loss", every_n_epochs=None),  # best.ckpt only, in checkpoint_dir
         EarlyStopping("val_loss", patience=args.patience, min_delta=args.min_delta),
         SamplesSeen(),
-        *stop_callbacks,
     ]
     trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss(),
-                      callbacks=callbacks, seed=args.seed, checkpoint_dir=args.checkpoint_dir, **stop_options)
-    history = trainer.fit(train_loader, num_epochs=args.epochs, val_loader=val_loader)
+                      callbacks=callbacks, seed=args.seed, checkpoint_dir=args.checkpoint_dir)
+    history = trainer.fit(train_loader, num_epochs=args.epochs, max_steps=args.max_steps, val_loader=val_loader)
     trainer.close()
     return history
 

@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from anndist import LoggingCallback, ProfilingCallback, Trainer, seed_everything
 from digits_data import NUM_CLASSES, digits_loaders
-from example_support import add_common_args, limit_threads, max_steps_setup, report_missing_dependency
+from example_support import add_common_args, limit_threads, report_missing_dependency
 
 
 def digits_cnn(channels: int = 16) -> nn.Module:
@@ -55,19 +55,17 @@ def main(argv: list[str] | None = None) -> dict:
     train_loader, val_loader = digits_loaders(args.batch_size, images=True)
     model = digits_cnn()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    stop_callbacks, stop_options = max_steps_setup(args)
     trainer = Trainer(
         model, optimizer, nn.CrossEntropyLoss(),
         # LoggingCallback last: its closing line comes after the profiling table.
-        callbacks=[ProfilingCallback(profile_memory=args.profile_memory), *stop_callbacks,
+        callbacks=[ProfilingCallback(profile_memory=args.profile_memory),
                    LoggingCallback(log_interval=args.log_interval)],
         seed=args.seed,
         use_amp=args.precision != "fp32", amp_dtype=None if args.precision == "fp32" else args.precision,
         gradient_accumulation_steps=args.accumulation,
         max_grad_norm=1.0,  # clipped once per optimizer step, after the accumulated gradients are complete
-        **stop_options,
     )
-    history = trainer.fit(train_loader, num_epochs=args.epochs, val_loader=val_loader)
+    history = trainer.fit(train_loader, num_epochs=args.epochs, max_steps=args.max_steps, val_loader=val_loader)
     trainer.close()
     return history
 

@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, seed_everything
 from digits_data import digits_datasets, digits_loaders  # noqa: F401 (benchmarks import digits_datasets from here)
-from example_support import add_common_args, limit_threads, max_steps_setup, report_missing_dependency
+from example_support import add_common_args, limit_threads, report_missing_dependency
 
 
 def digits_model(hidden: int = 256, dropout: float = 0.1) -> nn.Module:
@@ -77,15 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
     train_loader, val_loader = digits_loaders(args.batch_size)
     model = digits_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    stop_callbacks, stop_options = max_steps_setup(args)
     trainer = Trainer(
         model, optimizer, nn.CrossEntropyLoss(),
-        callbacks=stop_callbacks + observers(args),
+        callbacks=observers(args),
         seed=args.seed, gradient_accumulation_steps=args.accumulation,
         use_amp=args.amp is not None, amp_dtype=args.amp, progress_bar=args.progress_bar,
-        checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None, **stop_options,
+        checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None,
     )
-    history = trainer.fit(train_loader, num_epochs=args.epochs, val_loader=val_loader)
+    history = trainer.fit(train_loader, num_epochs=args.epochs, max_steps=args.max_steps, val_loader=val_loader)
     if args.save and trainer.is_main_process:
         torch.save(trainer.module.state_dict(), args.save)
     trainer.close()

@@ -124,28 +124,6 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     return per_token.sum() / num_tokens.clamp(min=1), num_tokens
 
 
-class MaxSteps(Callback):
-    """Stop once ``max_steps`` optimizer steps are done, on every rank at the same step.
-
-    The ranks agree on ``stop_training`` one step after it is set when distributed (the agreement is
-    read one proposal later; the Trainer runs with ``stop_check_period=0``), right away in one process;
-    ``global_step`` is the same on every rank, so each sets the flag where the run ends at ``max_steps``
-    (under torchrun the earliest possible stop is after step 2: a flag is first proposed after step 1).
-    """
-
-    def __init__(self, max_steps: int) -> None:
-        self.max_steps = max_steps
-
-    def on_train_begin(self, trainer, logs=None):
-        if trainer.global_step >= self.max_steps:  # resumed past the limit: train nothing
-            trainer.stop_training = True
-
-    def on_batch_end(self, batch_idx, trainer, logs=None):
-        lag = 1 if trainer.world_size > 1 else 0
-        if logs["stepped"] and trainer.global_step >= self.max_steps - lag:
-            trainer.stop_training = True
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
@@ -169,16 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
     vocab, train_set, val_set = lm_datasets()
     model = gpt2_model(len(vocab), seed=args.seed)  # identical initial weights on every rank
     callbacks: list[Callback] = [LoggingCallback(log_interval=args.log_interval)]
-    if args.max_steps is not None:
-        callbacks.append(MaxSteps(args.max_steps))
     trainer = Trainer(
         model, torch.optim.AdamW(model.parameters(), lr=args.lr), compute_loss=token_loss, callbacks=callbacks,
-        seed=args.seed, gradient_accumulation_steps=args.accumulation, stop_check_period=0,
+        seed=args.seed, gradient_accumulation_steps=args.accumulation,
         checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None,
     )
     val_loader = DataLoader(val_set, batch_size=32, collate_fn=pad_batch)
     history = trainer.fit(DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=pad_batch),
-                          num_epochs=args.epochs, val_loader=val_loader)
+                          num_epochs=args.epochs, max_steps=args.max_steps, val_loader=val_loader)
     if args.checkpoint_dir is not None:
         trainer.save_in_dir(args.checkpoint_dir)
     val_loss = trainer.evaluate(val_loader)["val_loss"]  # also after a stop mid-epoch, which skips evaluation
