@@ -6,16 +6,22 @@ fsynced so the rename itself survives a power cut. A kill at any moment therefor
 old file or the new one under the final name, never a torn one; what a kill can leave behind is a
 temporary file, whose name starts with ``.`` and ends with ``.tmp`` and which readers ignore.
 
-Reads use ``torch.load(weights_only=True)``: a checkpoint can hold tensors, numbers, strings, lists
-and dicts, never arbitrary pickled objects. Nothing here knows about ranks: callers decide who writes.
+Reads first check the CRC-32 that torch.save stores with every zip record (torch's reader does not,
+so a flipped byte inside a tensor would load as a wrong weight), then use
+``torch.load(weights_only=True)``: a checkpoint can hold tensors, numbers, strings, lists and dicts,
+never arbitrary pickled objects. Nothing here knows about ranks: callers decide who writes.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
 import os
 import shutil
+import struct
 import uuid
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -96,7 +102,8 @@ def write_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Pat
 
 
 def _save_checked(payload: Mapping[str, Any], file: Any, path: Path) -> None:
-    torch.save(dict(payload), file)
+    with _crc32_on():
+        torch.save(dict(payload), file)
     # Refuse to publish a file that torch.load(weights_only=True) would reject later, on resume.
     # The check reads only the pickle (not the tensor data) back from the page cache.
     file.flush()
@@ -108,14 +115,30 @@ def _save_checked(payload: Mapping[str, Any], file: Any, path: Path) -> None:
             "lists and dicts")
 
 
+@contextlib.contextmanager
+def _crc32_on() -> Any:
+    """Make torch.save record each record's CRC-32 (which reads check) even if the user turned it off."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None:  # torch versions without the option always compute it
+        yield
+        return
+    before = get()
+    torch.serialization.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """Load an anndist checkpoint; raise an error naming ``path`` if it is missing, torn or foreign.
+    """Load an anndist checkpoint; raise an error naming ``path`` if it is missing, torn, damaged or foreign.
 
-    ``mmap=True`` maps the tensor data instead of reading it: a cheap check that the file is whole.
+    Every record's CRC-32 is checked first, with or without ``mmap``. ``mmap=True`` then maps the tensor
+    data instead of copying it: the check that a file is whole and intact, without the cost of a load.
     """
     path = Path(path)
     if not path.exists():
@@ -128,12 +151,56 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         raise CheckpointError(
             f"checkpoint {path} ({path.stat().st_size} bytes) is truncated or not a torch.save file: it has no "
             "complete zip directory; it was cut short (a crash while copying it?) or is another kind of file")
+    problem = damaged_record(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} cannot be read, it is damaged: {problem}; use an earlier checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(_load_failure(path, exc)) from exc
     check_format(payload, path)
     return payload
+
+
+def damaged_record(path: Path) -> str | None:
+    """What is damaged inside the zip archive ``path`` (a record whose CRC-32 does not match), or None.
+
+    The data is read through a memory map, so checking costs one pass of zlib.crc32 over the file
+    and no copy. A record stored with CRC 0 is not checked: torch writes 0 for every record when
+    ``torch.utils.serialization.config.save.compute_crc32`` is off (anndist's own writes turn it on).
+    """
+    with open(path, "rb") as file:
+        try:
+            records = zipfile.ZipFile(file).infolist()
+        except (zipfile.BadZipFile, ValueError, struct.error) as exc:  # is_zipfile only reads the trailer
+            return f"its zip directory cannot be read ({exc})"
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
+            for record in records:
+                problem = _check_record(mapped, data, record)
+                if problem is not None:
+                    return problem
+    return None
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name length, extra field length
+
+
+def _check_record(mapped: mmap.mmap, data: memoryview, record: zipfile.ZipInfo) -> str | None:
+    where = f"record {record.filename!r} ({record.compress_size} bytes at offset {record.header_offset})"
+    header = mapped[record.header_offset:record.header_offset + _LOCAL_HEADER.size]
+    if len(header) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
+        return f"{where} has no zip header where the directory says"
+    _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+    start = record.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    if record.compress_type != zipfile.ZIP_STORED or start + record.compress_size > len(data):
+        return f"{where} is compressed or runs past the end of the file, which torch.save never writes"
+    if record.CRC == 0:
+        return None
+    with data[start:start + record.compress_size] as stored:
+        crc = zlib.crc32(stored)
+    if crc != record.CRC:
+        return f"{where} fails its CRC-32 check (recorded {record.CRC:08x}, read {crc:08x})"
+    return None
 
 
 def _load_failure(path: Path, exc: Exception) -> str:
