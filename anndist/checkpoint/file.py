@@ -17,6 +17,7 @@ import contextlib
 import errno
 import mmap
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -55,11 +56,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        full = _disk_full(exc)
+        if full is not None:  # torch reports it as "unexpected pos N vs M", the cause buried in the chain
+            raise OSError(full.errno, f"{_FULL[full.errno]} writing {path} ({_free(path.parent)}): free "
+                          "space there or write elsewhere; nothing under that name was changed") from exc
         raise
     fsync_dir(path.parent)
     return path
+
+
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error in ``exc``'s chain of causes, if there is one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free there now"
+    except OSError:
+        return "free space unknown"
 
 
 def atomic_link(source: Path, path: Path) -> Path:
@@ -204,12 +230,35 @@ def _check_record(mapped: mmap.mmap, data: memoryview, record: zipfile.ZipInfo) 
 
 
 def _load_failure(path: Path, exc: Exception) -> str:
-    unsafe = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
-    if unsafe:
-        return (f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses ({unsafe[0]}); "
-                "it was not written by anndist")
-    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+    message = str(exc)
+    if "Weights only load failed" in message:  # torch's weights-only unpickler refused something
+        return (f"checkpoint {path} was refused: torch.load(weights_only=True) does not load {_refused(message)} "
+                "that it holds; anndist checkpoints hold only tensors, numbers, strings, lists and dicts, so this "
+                "file was not written by anndist or was changed since")
+    detail = " ".join(_without_advice(message).split())[:300] or type(exc).__name__
     return f"checkpoint {path} cannot be read, it is damaged ({detail}); use an earlier checkpoint"
+
+
+_REFUSALS = (
+    (re.compile(r"GLOBAL (\S+) whose module (\S+) is blocked"), "the global {0} (its module {1} is blocked)"),
+    (re.compile(r"GLOBAL (\S+) was not an allowed global"), "the global {0} (not an allowed global)"),
+)
+
+
+def _refused(message: str) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load the file unsafely."""
+    for pattern, words in _REFUSALS:
+        match = pattern.search(message)
+        if match:
+            return words.format(*match.groups())
+    reason = " ".join(_without_advice(message).split())[:200]
+    return f"an object it does not rebuild ({reason})" if reason else "an object it does not rebuild"
+
+
+def _without_advice(message: str) -> str:
+    # torch's messages suggest weights_only=False, which would run whatever the file's pickle says.
+    advice = ("weights_only", "Weights only", "documentation", "Re-running", "trust")
+    return "\n".join(line for line in message.splitlines() if not any(word in line for word in advice))
 
 
 def check_format(payload: Any, path: Path) -> None:
