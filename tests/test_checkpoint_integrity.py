@@ -90,6 +90,38 @@ def test_damage_in_the_pickle_names_its_record(tmp_path):
         read_checkpoint(good)
 
 
+def central_entry(data: bytes, name: str) -> int:
+    """Offset of ``name``'s entry in the zip's central directory (46 fixed bytes, then the name)."""
+    pos = data.index(b"PK\x01\x02")
+    while data[pos:pos + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
+        if data[pos + 46:pos + 46 + name_len].decode() == name:
+            return pos
+        pos += 46 + name_len + extra_len + comment_len
+    raise AssertionError(f"no entry {name}")
+
+
+@pytest.mark.parametrize("damage", ["folder bit", "version needed", "disk count"])
+def test_damage_in_the_zip_directory_is_a_checkpoint_error(tmp_path, damage):
+    """Each found by flipping bits: torch read a record marked as a folder as nothing (a weight of
+    uninitialised memory), and zipfile raised BadZipFile or NotImplementedError past latest_checkpoint."""
+    trainer, train_loader, _ = make_run([])
+    trainer.fit(train_loader, 1)
+    path = trainer.save_checkpoint(tmp_path / "a.ckpt")
+    data = bytearray(path.read_bytes())
+    entry = central_entry(bytes(data), record_of(path, trainer.module[0].weight).filename)
+    if damage == "folder bit":
+        data[entry + 38] ^= 0x10  # external attributes: MS-DOS "directory"
+    elif damage == "version needed":
+        data[entry + 6] = 64  # zip 6.4, which zipfile does not implement
+    else:
+        data[data.index(b"PK\x06\x07") + 16] = 2  # the zip64 locator's number of disks
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} cannot be read, it is damaged"):
+        read_checkpoint(path)
+    assert latest_checkpoint(tmp_path) is None  # skipped, with a warning, rather than raising
+
+
 def test_files_are_written_with_crcs_even_when_torch_is_told_not_to(tmp_path):
     trainer, train_loader, _ = make_run([])
     trainer.fit(train_loader, 1)

@@ -173,7 +173,12 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         raise IsADirectoryError(
             f"checkpoint {path} is a folder; pass a checkpoint file, or resume_from={str(path)!r} to fit() "
             "to resume from the latest checkpoint in it")
-    if not zipfile.is_zipfile(path):  # reads the archive's trailer: a cut-short file has none
+    try:
+        whole = zipfile.is_zipfile(path)  # reads the archive's trailer: a cut-short file has none
+    except zipfile.BadZipFile as exc:  # a trailer that is there but contradicts itself
+        raise CheckpointError(f"checkpoint {path} cannot be read, it is damaged: its zip trailer is invalid "
+                              f"({exc}); use an earlier checkpoint") from exc
+    if not whole:
         raise CheckpointError(
             f"checkpoint {path} ({path.stat().st_size} bytes) is truncated or not a torch.save file: it has no "
             "complete zip directory; it was cut short (a crash while copying it?) or is another kind of file")
@@ -192,14 +197,16 @@ def damaged_record(path: Path) -> str | None:
     """What is damaged inside the zip archive ``path`` (a record whose CRC-32 does not match), or None.
 
     The data is read through a memory map, so checking costs one pass of zlib.crc32 over the file
-    and no copy. A record stored with CRC 0 is not checked: torch writes 0 for every record when
-    ``torch.utils.serialization.config.save.compute_crc32`` is off (anndist's own writes turn it on).
+    and no copy. A record stored with CRC 0 is not checked: torch writes 0 for every record after
+    ``torch.serialization.set_crc32_options(False)`` (anndist's own writes turn it back on).
     """
     with open(path, "rb") as file:
         try:
             records = zipfile.ZipFile(file).infolist()
-        except (zipfile.BadZipFile, ValueError, struct.error) as exc:  # is_zipfile only reads the trailer
-            return f"its zip directory cannot be read ({exc})"
+        except OSError:
+            raise
+        except Exception as exc:  # BadZipFile, NotImplementedError, struct.error...: the directory is garbage
+            return f"its zip directory cannot be read ({type(exc).__name__}: {exc})"
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
             for record in records:
                 problem = _check_record(mapped, data, record)
@@ -214,12 +221,14 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name l
 def _check_record(mapped: mmap.mmap, data: memoryview, record: zipfile.ZipInfo) -> str | None:
     where = f"record {record.filename!r} ({record.compress_size} bytes at offset {record.header_offset})"
     header = mapped[record.header_offset:record.header_offset + _LOCAL_HEADER.size]
-    if len(header) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header) if len(header) == _LOCAL_HEADER.size else (b"", 0, 0)
+    if signature != b"PK\x03\x04":
         return f"{where} has no zip header where the directory says"
-    _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
     start = record.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-    if record.compress_type != zipfile.ZIP_STORED or start + record.compress_size > len(data):
-        return f"{where} is compressed or runs past the end of the file, which torch.save never writes"
+    # torch's reader reads a record marked as a folder (DOS attribute 0x10) as nothing, silently.
+    if (record.compress_type != zipfile.ZIP_STORED or record.file_size != record.compress_size
+            or record.is_dir() or record.external_attr & 0x10 or start + record.compress_size > len(data)):
+        return f"{where} has a directory entry torch.save never writes (compressed, a folder, or past the end)"
     if record.CRC == 0:
         return None
     with data[start:start + record.compress_size] as stored:
