@@ -30,8 +30,8 @@ def explain_ddp_error(exc: BaseException, model: nn.Module | None = None) -> Exc
     names = _parameter_names(model, found.group(2).split()) if found and model is not None else []
     which = f" on rank {found.group(1)}" if found else ""
     if names:
-        shown = ", ".join(names[:_NAMES_SHOWN]) + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
-        which += f": {shown}"
+        more = len(names) - _NAMES_SHOWN
+        which += ": " + ", ".join(names[:_NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
     return RuntimeError(
         f"some of the model's parameters got no gradient in the last backward pass{which}. If the model "
         "leaves parameters out of some steps on purpose, pass ddp_kwargs={'find_unused_parameters': True} to "
