@@ -1,6 +1,9 @@
 """Trainer options, validated at construction so mistakes surface before any training starts."""
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
 import numbers
 import os
 from dataclasses import dataclass, field, fields
@@ -11,8 +14,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .env import detect_env
 from .optimization import NONFINITE_POLICIES
 from .precision import resolve_amp_dtype
+from .process_group import check_backend
 from .seed import check_seed
 
 
@@ -20,15 +25,17 @@ from .seed import check_seed
 class TrainerConfig:
     """Every keyword option of ``Trainer``.
 
-    use_amp / amp_dtype: autocast forward and loss; ``"bf16"`` (default where supported) or ``"fp16"``.
+    use_amp / amp_dtype: autocast forward and loss; ``"bf16"`` (default where supported) or ``"fp16"``
+        (or ``torch.bfloat16`` / ``torch.float16``).
     gradient_accumulation_steps: micro-batches per optimizer step (one all-reduce per step).
     max_grad_norm: clip the global gradient norm (after unscaling) once per step.
     scheduler / scheduler_interval / scheduler_monitor: an LR scheduler stepped per optimizer step
         (``"step"``) or per epoch (``"epoch"``; ``ReduceLROnPlateau`` is given ``scheduler_monitor``).
     on_nonfinite: ``"error"`` stops with an error naming step and ranks; ``"skip"`` skips such steps.
     seed: reproducible runs; each rank gets its own stream (seed + rank) once the weights are in sync.
-    device / backend / dist_timeout: override the device (``cuda:LOCAL_RANK`` or CPU), the backend
-        (NCCL for CUDA, gloo for CPU) and the collective timeout of a group the Trainer creates.
+    device / backend / dist_timeout: override the device (``cuda:LOCAL_RANK`` or CPU; ``"cuda"`` without
+        an index means ``cuda:LOCAL_RANK``), the backend (NCCL for CUDA, gloo for CPU) and the collective
+        timeout (seconds or a timedelta) of a group the Trainer creates.
     rebuild_train_loader / rebuild_eval_loader: shard stock-sampler loaders across ranks (see sampler.py).
     ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``.
     progress_bar: a tqdm bar on rank 0; None (default) shows it when stderr is a terminal and not under CI.
@@ -104,20 +111,34 @@ class TrainerConfig:
         if not isinstance(self.handle_signals, bool):
             raise TypeError(f"handle_signals must be True or False, got {type(self.handle_signals).__name__} "
                             f"{self.handle_signals!r}")
-        if self.scheduler is not None and getattr(self.scheduler, "optimizer", optimizer) is not optimizer:
+        self._validate_scheduler(optimizer)
+        if self.seed is not None:
+            check_seed(self.seed)
+        self._validate_distributed()
+        self._validate_checkpointing()
+        if not isinstance(self.use_amp, bool):  # "no" would be truthy and turn AMP on
+            raise TypeError(f"use_amp must be True or False, got {type(self.use_amp).__name__} {self.use_amp!r}")
+        self.amp_dtype = resolve_amp_dtype(self.use_amp, self.amp_dtype, self.device or _probe_device())
+
+    def _validate_scheduler(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scheduler is None:
+            return
+        missing = [m for m in ("step", "state_dict", "load_state_dict") if not callable(getattr(self.scheduler, m, None))]
+        if missing:
+            raise TypeError(f"scheduler ({type(self.scheduler).__name__}) has no {missing}; pass a "
+                            "torch.optim.lr_scheduler scheduler or an object with step(), state_dict() and "
+                            "load_state_dict() (a checkpoint saves and restores it)")
+        if getattr(self.scheduler, "optimizer", optimizer) is not optimizer:
             raise ValueError("scheduler was built on another optimizer; build it on the Trainer's optimizer")
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.scheduler_interval != "epoch":
             raise ValueError("ReduceLROnPlateau steps on a metric once per epoch; pass scheduler_interval='epoch'")
-        if self.seed is not None:
-            check_seed(self.seed)
-        if self.device is not None:
-            self.device = torch.device(self.device)
-        if isinstance(self.dist_timeout, numbers.Real):
-            self.dist_timeout = timedelta(seconds=float(self.dist_timeout))
-        if not isinstance(self.dist_timeout, timedelta) or self.dist_timeout.total_seconds() <= 0:
-            raise ValueError(f"dist_timeout={self.dist_timeout!r} must be a positive timedelta or seconds")
-        self._validate_checkpointing()
-        self.amp_dtype = resolve_amp_dtype(self.use_amp, self.amp_dtype, self.device or _probe_device())
+
+    def _validate_distributed(self) -> None:
+        """device, backend, dist_timeout, ddp_kwargs: checked here even in one process, where they go unused."""
+        self.device = _resolve_device(self.device)
+        check_backend(self.backend)
+        self.dist_timeout = _timeout(self.dist_timeout)
+        _check_ddp_kwargs(self.ddp_kwargs)
 
     def _validate_loss_and_metrics(self) -> None:
         for name in ("compute_loss", "metric_inputs"):
@@ -148,6 +169,61 @@ class TrainerConfig:
             raise TypeError(f"auto_resume must be True or False, got {self.auto_resume!r}")
         if self.auto_resume and self.checkpoint_dir is None:
             raise ValueError("auto_resume=True needs checkpoint_dir=...: the folder to look for checkpoints in")
+
+
+def _resolve_device(device: Any) -> torch.device | None:
+    """``device`` as a torch.device; ``"cuda"`` without an index is this process's GPU, ``cuda:LOCAL_RANK``."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device={device!r} is not a device ({exc}); pass e.g. 'cuda', 'cuda:0' or 'cpu', "
+                         "or None for cuda:LOCAL_RANK when there is a GPU, else the CPU") from None
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but this machine has no CUDA device (torch.cuda.is_available() is "
+                           "False: no GPU, or a CPU-only torch); pass device='cpu' or leave device out")
+    if resolved.index is None:  # torch.cuda.set_device and DDP need an index; one GPU per local rank
+        resolved = torch.device("cuda", detect_env(os.environ).local_rank % torch.cuda.device_count())
+    return resolved
+
+
+def _timeout(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):  # True would be one second
+        raise TypeError(f"dist_timeout must be a number of seconds or a timedelta, got {type(value).__name__} {value!r}")
+    else:
+        seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"dist_timeout={value!r} must be a positive, finite number of seconds or timedelta, "
+                         "e.g. 600 or timedelta(minutes=10)")
+    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
+
+
+_SET_BY_TRAINER = ("module", "device_ids")
+
+
+def _check_ddp_kwargs(ddp_kwargs: Any) -> None:
+    """Keys DistributedDataParallel would refuse only once there are two ranks, refused now."""
+    if not isinstance(ddp_kwargs, dict):
+        raise TypeError(f"ddp_kwargs must be a dict of DistributedDataParallel keyword arguments, got "
+                        f"{type(ddp_kwargs).__name__}; e.g. ddp_kwargs={{'find_unused_parameters': True}}")
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # a DDP that takes any keyword: nothing to check against
+    accepted = [name for name in parameters if name != "self" and name not in _SET_BY_TRAINER]
+    for key in ddp_kwargs:
+        if key in _SET_BY_TRAINER:
+            raise ValueError(f"ddp_kwargs key {key!r} is set by the Trainer (from the model and device=...); "
+                             "remove it, and pass device='cuda:N' to choose the GPU")
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(f"ddp_kwargs key {key!r} is not a parameter of DistributedDataParallel; {hint}"
+                            f"it takes {accepted}")
 
 
 def _probe_device() -> torch.device:

@@ -13,13 +13,18 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 
 
-def resolve_amp_dtype(use_amp: bool, amp_dtype: str | None, device: torch.device) -> torch.dtype | None:
+def resolve_amp_dtype(use_amp: bool, amp_dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for this device, or None for full precision."""
+    if amp_dtype is not None and not isinstance(amp_dtype, (str, torch.dtype)):
+        raise TypeError(f"amp_dtype must be 'bf16', 'fp16', torch.bfloat16, torch.float16 or None, got "
+                        f"{type(amp_dtype).__name__} {amp_dtype!r}")
     if amp_dtype is not None and amp_dtype not in _DTYPES:
-        raise ValueError(f"amp_dtype={amp_dtype!r} is not supported; use 'bf16' or 'fp16' (or None)")
+        raise ValueError(f"amp_dtype={amp_dtype!r} is not supported; use 'bf16' or 'fp16' (torch.bfloat16 or "
+                         "torch.float16), or None for the device's default")
     if not use_amp:
         if amp_dtype is not None:
             raise ValueError(f"amp_dtype={amp_dtype!r} needs use_amp=True")

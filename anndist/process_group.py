@@ -30,6 +30,23 @@ def default_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def check_backend(backend: Any) -> None:
+    """Raise an error naming ``backend`` unless torch knows it: "gloo", "nccl", "mpi", "ucc", "xccl", a
+    registered one, or a ``"device:backend"`` list such as ``"cpu:gloo,cuda:nccl"``; None is the default."""
+    if backend is None:
+        return
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'gloo' or 'nccl', or None (chosen from the device), "
+                        f"got {type(backend).__name__} {backend!r}")
+    if not dist.is_available():
+        return  # init_process_group says so, should a group ever be needed
+    known = [name for name in dist.Backend.backend_list if name != dist.Backend.UNDEFINED]
+    names = [part.rpartition(":")[2].strip().lower() for part in backend.split(",")]
+    if not all(name in known for name in names):
+        raise ValueError(f"backend={backend!r} is not a backend torch knows; use one of {known}, a list such as "
+                         "'cpu:gloo,cuda:nccl', or None (NCCL for CUDA, gloo for CPU)")
+
+
 def init_process_group(env: DistEnv, backend: str, timeout: timedelta) -> bool:
     """Create the default group for ``env`` unless one exists; return True if we created it."""
     global _owned

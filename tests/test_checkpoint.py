@@ -1,6 +1,7 @@
 """Checkpoint files and ModelCheckpoint in one process: atomic writes, contents, errors, latest, pruning."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from anndist import (Callback, CallbackError, CheckpointError, ModelCheckpoint, Trainer, latest_checkpoint,
                      save_in_dir)
+from anndist.checkpoint import file as file_module
 from anndist.checkpoint.file import FORMAT, atomic_link
 from ckpt_train import EPOCHS, make_run
 from models import flat_params, make_model
@@ -63,18 +65,37 @@ def test_write_is_temp_fsync_replace_fsync_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
 
 
-def test_failed_write_keeps_previous_checkpoint_and_leaves_no_temp(tmp_path, monkeypatch):
+class FullDisk:
+    """A file with ``room`` bytes left on its disk: a write past that fails with ENOSPC, as the kernel's does."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_full_disk_is_named_keeps_the_previous_checkpoint_and_leaves_no_temp(tmp_path, monkeypatch):
     trainer, _ = _trained()
     target = trainer.save_checkpoint(tmp_path / "run.ckpt")
     before = target.read_bytes()
-
-    def failing_save(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    # torch.save writes through the file object; the disk fills up after 2000 bytes.
+    monkeypatch.setattr(file_module, "open", lambda path, mode: FullDisk(open(path, mode), 2000), raising=False)
+    with pytest.raises(OSError, match=f"no space left on device writing {target}") as info:
         trainer.save_checkpoint(target)
+    assert info.value.errno == errno.ENOSPC and "unexpected pos" not in str(info.value)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
 
@@ -106,6 +127,13 @@ class Opaque:
     """An object that torch.load(weights_only=True) refuses."""
 
 
+class Shell:
+    """Unpickling it would run a shell command; torch.load(weights_only=True) blocks os.system."""
+
+    def __reduce__(self):
+        return os.system, ("echo unpickled",)
+
+
 class Stateful(Callback):
     def state_dict(self):
         return {"thing": Opaque()}
@@ -130,6 +158,8 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path):
     torch.save(trainer.module.state_dict(), foreign)
     pickled = tmp_path / "pickled.ckpt"
     torch.save({"format": FORMAT, "obj": Opaque()}, pickled)
+    shell = tmp_path / "shell.ckpt"
+    torch.save({"format": FORMAT, "obj": Shell()}, shell)
     damaged = tmp_path / "damaged.ckpt"
     data = bytearray(good.read_bytes())
     start = data.find(b"data.pkl") + 60  # inside the pickle: the archive stays whole
@@ -143,14 +173,15 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path):
         (torn, CheckpointError, "truncated"),
         (text, CheckpointError, "truncated or not a torch.save file"),
         (foreign, CheckpointError, "not an anndist checkpoint"),
-        (pickled, CheckpointError, "weights_only=True. refuses .*Unsupported global"),
+        (pickled, CheckpointError, r"refused: .* does not load the global test_checkpoint.Opaque \(not an allowed"),
+        (shell, CheckpointError, r"refused: .* does not load the global posix.system \(its module posix is blocked"),
         (damaged, CheckpointError, "cannot be read, it is damaged"),
         (tmp_path, IsADirectoryError, "is a folder"),
     ]
     for path, error, words in cases:
         with pytest.raises(error, match=words) as info:
             fresh.load_checkpoint(path)
-        assert str(path) in str(info.value)
+        assert str(path) in str(info.value) and "weights_only=False" not in str(info.value)
     assert fresh.global_step == 0  # nothing half-loaded
     narrow = make_model(hidden=8)
     other = Trainer(narrow, torch.optim.AdamW(narrow.parameters()), torch.nn.CrossEntropyLoss(), seed=7)

@@ -7,7 +7,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Trainer
-from anndist.precision import resolve_amp_dtype
+from anndist.config import TrainerConfig
+from anndist.precision import ScaledPrecision, resolve_amp_dtype
 from models import make_dataset, make_model
 
 
@@ -28,10 +29,52 @@ def _parts():
     ({"seed": "42"}, TypeError, "seed must be an int"),
     ({"dist_timeout": timedelta(0)}, ValueError, "dist_timeout"),
     ({"gradient_acumulation_steps": 2}, TypeError, "unknown option"),
+    ({"use_amp": "yes"}, TypeError, "use_amp must be True or False, got str 'yes'"),
+    ({"use_amp": "no"}, TypeError, "use_amp must be True or False, got str 'no'"),
+    ({"amp_dtype": torch.float32, "use_amp": True}, ValueError, "amp_dtype=torch.float32 is not supported"),
+    ({"amp_dtype": ["bf16"], "use_amp": True}, TypeError, "amp_dtype must be"),
+    ({"dist_timeout": True}, TypeError, "dist_timeout must be a number of seconds or a timedelta, got bool"),
+    ({"dist_timeout": float("nan")}, ValueError, "dist_timeout=nan must be"),
+    ({"dist_timeout": float("inf")}, ValueError, "dist_timeout=inf must be"),
+    ({"dist_timeout": -1}, ValueError, "dist_timeout=-1 must be"),
+    ({"dist_timeout": "600"}, TypeError, "dist_timeout must be a number of seconds or a timedelta, got str"),
+    ({"scheduler": object()}, TypeError, r"scheduler \(object\) has no \['step', 'state_dict', 'load_state_dict'\]"),
+    ({"backend": "glo"}, ValueError, "backend='glo' is not a backend torch knows"),
+    ({"backend": "cpu:gloo,cuda:nccll"}, ValueError, "backend='cpu:gloo,cuda:nccll' is not a backend torch knows"),
+    ({"backend": 1}, TypeError, "backend must be a string"),
+    ({"ddp_kwargs": [("find_unused_parameters", True)]}, TypeError, "ddp_kwargs must be a dict"),
+    ({"ddp_kwargs": {"find_unused_parameter": True}}, TypeError,
+     r"ddp_kwargs key 'find_unused_parameter' is not a parameter of DistributedDataParallel.*find_unused_parameters"),
+    ({"ddp_kwargs": {"device_ids": [0]}}, ValueError, "ddp_kwargs key 'device_ids' is set by the Trainer"),
+    ({"device": "gpu"}, ValueError, "device='gpu' is not a device"),
 ])
 def test_bad_options(options, error, match):
     with pytest.raises(error, match=match):
         Trainer(*_parts(), **options)
+
+
+def test_good_options_are_normalised():
+    trainer = Trainer(*_parts(), use_amp=True, amp_dtype=torch.float16, dist_timeout=30, backend="cpu:gloo,cuda:nccl",
+                      ddp_kwargs={"find_unused_parameters": True}, device="cpu")
+    assert isinstance(trainer.precision, ScaledPrecision) and trainer.precision.dtype == torch.float16
+    assert trainer.config.dist_timeout == timedelta(seconds=30)
+    assert Trainer(*_parts(), use_amp=True, amp_dtype=torch.bfloat16).precision.dtype == torch.bfloat16
+    assert Trainer(*_parts(), backend="GLOO", dist_timeout=timedelta(minutes=1)).config.dist_timeout.seconds == 60
+
+
+def test_cuda_without_an_index_means_the_local_rank(monkeypatch):
+    model, optimizer, criterion = _parts()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("RANK", "6")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    config = TrainerConfig.from_options(model, optimizer, criterion, {"device": "cuda"})
+    assert config.device == torch.device("cuda", 2)
+    assert TrainerConfig.from_options(model, optimizer, criterion, {"device": "cuda:1"}).device == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="device='cuda' but this machine has no CUDA device"):
+        TrainerConfig.from_options(model, optimizer, criterion, {"device": "cuda"})
 
 
 def test_model_must_be_a_module():

@@ -10,7 +10,11 @@ weight), times, median of ``--repeats`` runs:
                       that any atomic write needs (a new file each time; freeing the old one)
     save_checkpoint   trainer.save_checkpoint(path): state assembly, RNG gather, temp file, fsync,
                       the weights_only safety check, os.replace, fsync of the folder
-    load_checkpoint   trainer.load_checkpoint(path): weights_only load and restore
+    load_checkpoint   trainer.load_checkpoint(path): CRC-32 check, weights_only load and restore
+    load, unchecked   the same with the CRC-32 check skipped: what loads cost before the check
+    crc check         the CRC-32 check of every record alone (part of every read_checkpoint)
+    read mmap=True    read_checkpoint(path, mmap=True): what latest_checkpoint does per file (check + map)
+    torch.save no crc torch.save with torch's CRC-32 computation off: what the CRCs cost at save time
 
 Run by hand (never by CI), on a quiet machine, on the disk you train on:
 
@@ -31,6 +35,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from anndist import Trainer  # noqa: E402
+from anndist.checkpoint import file as checkpoint_file  # noqa: E402
+from anndist.checkpoint.file import damaged_record, read_checkpoint  # noqa: E402
 from anndist.checkpoint.payload import build  # noqa: E402
 
 
@@ -67,6 +73,22 @@ def plain_save(payload: dict, path: Path, fsync: bool) -> None:
         os.close(fd)
 
 
+def load_unchecked(trainer: Trainer, path: Path) -> None:
+    checkpoint_file.damaged_record = lambda path: None
+    try:
+        trainer.load_checkpoint(path)
+    finally:
+        checkpoint_file.damaged_record = damaged_record
+
+
+def save_without_crc(payload: dict, path: Path) -> None:
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(payload, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+
+
 def fresh_save(payload: dict, folder: Path, counter: list[int]) -> None:
     """torch.save to a new file, fsync, delete the previous one: the file work any atomic write does."""
     counter[0] += 1
@@ -88,6 +110,10 @@ def bench(million_params: float, folder: Path, repeats: int) -> None:
         "new file+fsync": lambda: fresh_save(payload, folder, counter),
         "save_checkpoint": lambda: trainer.save_checkpoint(path),
         "load_checkpoint": lambda: trainer.load_checkpoint(path),
+        "load, unchecked": lambda: load_unchecked(trainer, path),
+        "crc check": lambda: damaged_record(path),
+        "read mmap=True": lambda: read_checkpoint(path, mmap=True),
+        "torch.save no crc": lambda: save_without_crc(payload, folder / "plain.pt"),
     }, repeats)
     size_mb = path.stat().st_size / 1e6
     params = sum(p.numel() for p in trainer.module.parameters()) / 1e6
