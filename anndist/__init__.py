@@ -1,6 +1,6 @@
 """anndist: one training loop from one CPU to many GPU nodes, built on DistributedDataParallel."""
 from .batch import split_batch, to_device
-from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, LoggingCallback,
+from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, EarlyStopping, LoggingCallback,
                         MetricsCallback, ModelCheckpoint, PreemptionCallback, ProfilingCallback, ProgressBarCallback,
                         TensorBoardCallback)
 from .checkpoint import CheckpointError, latest_checkpoint
@@ -15,5 +15,5 @@ __all__ = [
     "MetricsCallback", "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback",
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
     "ModelCheckpoint", "CheckpointError", "save_in_dir", "latest_checkpoint",
-    "PreemptionCallback", "PREEMPTED_EXIT_CODE",
+    "PreemptionCallback", "PREEMPTED_EXIT_CODE", "EarlyStopping",
 ]
