@@ -2,7 +2,7 @@
 from .batch import split_batch, to_device
 from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, EarlyStopping, LoggingCallback,
                         MetricsCallback, ModelCheckpoint, PreemptionCallback, ProfilingCallback, ProgressBarCallback,
-                        TensorBoardCallback)
+                        TensorBoardCallback, MLflowCallback, WandbCallback)
 from .checkpoint import CheckpointError, latest_checkpoint
 from .env import DistEnv, detect_env
 from .optimization import NonFiniteLossError
@@ -15,5 +15,5 @@ __all__ = [
     "MetricsCallback", "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback",
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
     "ModelCheckpoint", "CheckpointError", "save_in_dir", "latest_checkpoint",
-    "PreemptionCallback", "PREEMPTED_EXIT_CODE", "EarlyStopping",
+    "PreemptionCallback", "PREEMPTED_EXIT_CODE", "EarlyStopping", "MLflowCallback", "WandbCallback",
 ]

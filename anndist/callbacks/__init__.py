@@ -8,6 +8,8 @@ from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from .profiling import ProfilingCallback
 from .progress import ProgressBarCallback
 from .tensorboard import TensorBoardCallback
+from .trackers import MLflowCallback, WandbCallback
 
-__all__ = ["Callback", "CallbackError", "CallbackList", "EarlyStopping", "LoggingCallback", "MetricsCallback", "ModelCheckpoint",
-           "PreemptionCallback", "PREEMPTED_EXIT_CODE", "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback"]
+__all__ = ["Callback", "CallbackError", "CallbackList", "EarlyStopping", "LoggingCallback", "MetricsCallback",
+           "MLflowCallback", "ModelCheckpoint", "PreemptionCallback", "PREEMPTED_EXIT_CODE", "ProfilingCallback",
+           "ProgressBarCallback", "TensorBoardCallback", "WandbCallback"]
