@@ -197,7 +197,8 @@ def _wandb_history(folder):
                 ids.append(record.run.run_id)
                 configs.append({item.key: json.loads(item.value_json) for item in record.run.config.update})
             elif kind == "history":
-                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}
                 for key, value in row.items():
                     if not key.startswith("_"):
                         history.setdefault(key, []).append((row["_step"], value))
@@ -227,7 +228,7 @@ def test_wandb_offline_run_resumed_with_the_same_id(tmp_path, monkeypatch):
     (lambda: MLflowCallback(run_name=5), TypeError, "run_name must be a non-empty string or None"),
     (lambda: MLflowCallback(log_interval=0), ValueError, "log_interval=0 must be an int >= 1"),
     (lambda: WandbCallback(None), TypeError, "project must be a non-empty string, got NoneType"),
-    (lambda: WandbCallback("p", mode="cloud"), ValueError, r"mode='cloud' is not one of \['online', 'offline', 'disabled'\]"),
+    (lambda: WandbCallback("p", mode="cloud"), ValueError, r"mode='cloud' is not one of \['online', 'offline', "),
     (lambda: WandbCallback("p", dir=1), TypeError, "dir must be a path"),
 ])
 def test_bad_arguments_name_the_argument(make, error, match):

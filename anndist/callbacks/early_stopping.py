@@ -55,17 +55,21 @@ class EarlyStopping(Callback):
     def __init__(self, monitor: str = "val_loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0,
                  restore_best_weights: bool = False) -> None:
         if not isinstance(monitor, str) or not monitor:
-            raise TypeError(f"monitor must be a metric name such as 'val_loss', got {type(monitor).__name__} {monitor!r}")
+            raise TypeError(
+                f"monitor must be a metric name such as 'val_loss', got {type(monitor).__name__} {monitor!r}")
         if isinstance(patience, bool) or not isinstance(patience, int):
-            raise TypeError(f"patience must be an int (evaluations without improvement), got {type(patience).__name__} {patience!r}")
+            raise TypeError(f"patience must be an int (evaluations without improvement), got "
+                            f"{type(patience).__name__} {patience!r}")
         if patience < 1:
-            raise ValueError(f"patience={patience} must be >= 1: the evaluations in a row without improvement before stopping")
+            raise ValueError(
+                f"patience={patience} must be >= 1: the evaluations in a row without improvement before stopping")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {list(MODES)}; 'min' for losses, 'max' for accuracies")
         if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)):
             raise TypeError(f"min_delta must be a number, got {type(min_delta).__name__} {min_delta!r}")
         if not (math.isfinite(min_delta) and min_delta >= 0):
-            raise ValueError(f"min_delta={min_delta!r} must be a finite number >= 0 (the margin an improvement must beat)")
+            raise ValueError(
+                f"min_delta={min_delta!r} must be a finite number >= 0 (the margin an improvement must beat)")
         if not isinstance(restore_best_weights, bool):
             raise TypeError(f"restore_best_weights must be True or False, got {restore_best_weights!r}")
         self.monitor, self.patience, self.mode = monitor, patience, mode

@@ -163,7 +163,8 @@ class MLflowCallback(TrackerCallback):
         from mlflow.entities import Metric
 
         millis = int(time * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(key, value, millis, step) for key, value in metrics.items()])
+        self._client.log_batch(self.run_id, metrics=[Metric(key, value, millis, step)
+                                                     for key, value in metrics.items()])
 
     def _last_logged_step(self) -> int:
         keys = self._client.get_run(self.run_id).data.metrics
@@ -243,7 +244,8 @@ def run_params(trainer: "Trainer", log_interval: int) -> dict[str, Any]:
         "world_size": trainer.world_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_grad_norm": cfg.max_grad_norm, "amp_dtype": str(cfg.amp_dtype).replace("torch.", ""),
         "seed": cfg.seed, "optimizer": type(optimizer).__name__, "lr": float(optimizer.param_groups[0]["lr"]),
-        "param_groups": len(optimizer.param_groups), "scheduler": type(trainer.scheduler).__name__ if trainer.scheduler is not None else None,
+        "param_groups": len(optimizer.param_groups),
+        "scheduler": type(trainer.scheduler).__name__ if trainer.scheduler is not None else None,
         "model": type(trainer.module).__name__,
         "parameters": sum(p.numel() for p in trainer.module.parameters()), "device": trainer.device.type,
         "log_interval": log_interval, "anndist": __version__, "torch": torch.__version__,
