@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import struct
+from unittest import mock
 
 import pytest
 import torch
@@ -95,23 +96,33 @@ def _run_then_resume(tmp_path, make_tracker, first_epochs=1, saved_after=1, tota
 
 
 # ---------------------------------------------------------------- MLflow
+@pytest.fixture
+def mlflow(monkeypatch):
+    """MLflow, with MLFLOW_ALLOW_FILE_STORE unset (the callback sets it) and restored after the test."""
+    module = pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'anndist[mlflow]'")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    return module
+
+
 def _mlflow_history(uri, experiment):
-    mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'anndist[mlflow]'")
-    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
-                                                         key=lambda m: (m.step, m.timestamp))]
-               for run in runs for key in run.data.metrics}
+    from mlflow.tracking import MlflowClient
+
+    with mock.patch.dict(os.environ, {"MLFLOW_ALLOW_FILE_STORE": "true"}):  # MLflow 3 refuses file stores otherwise
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                             key=lambda m: (m.step, m.timestamp))]
+                   for run in runs for key in run.data.metrics}
     return runs, history
 
 
 @pytest.mark.parametrize("first_epochs", [1, 2], ids=["saved-at-the-end", "crashed-after-the-save"])
-def test_mlflow_one_run_across_a_resume_with_increasing_steps(tmp_path, first_epochs):
-    pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'anndist[mlflow]'")
+def test_mlflow_one_run_across_a_resume_with_increasing_steps(tmp_path, first_epochs, mlflow):
     uri = f"file:{tmp_path}/mlruns"
     first, resumed, records = _run_then_resume(
         tmp_path, lambda: MLflowCallback(uri, experiment="tests", run_name="digits", log_interval=2), first_epochs)
     assert resumed.run_id == first.run_id is not None
+    assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"  # set for the file store, which MLflow 3 refuses otherwise
     runs, history = _mlflow_history(uri, "tests")
     assert [(r.info.run_id, r.info.run_name, r.info.status) for r in runs] == [(first.run_id, "digits", "FINISHED")]
     assert runs[0].data.params["world_size"] == "1" and runs[0].data.params["optimizer"] == "SGD"
@@ -125,8 +136,7 @@ def test_mlflow_one_run_across_a_resume_with_increasing_steps(tmp_path, first_ep
     assert [step for step, _ in history["train/loss"]] == list(range(2, 3 * STEPS_PER_EPOCH + 1, 2))
 
 
-def test_mlflow_evaluate_outside_fit_logs_to_the_same_run(tmp_path):
-    pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'anndist[mlflow]'")
+def test_mlflow_evaluate_outside_fit_logs_to_the_same_run(tmp_path, mlflow):
     uri = f"file:{tmp_path}/mlruns"
     tracker = MLflowCallback(uri, experiment="tests", log_interval=2)
     trainer = _trainer(tracker)
@@ -149,8 +159,7 @@ def _mlflow_on_ranks(rank, world_size, root):
     return {"before": before, "after": tracker.run_id}
 
 
-def test_mlflow_on_two_ranks_rank_zero_writes_one_run(tmp_path):
-    pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'anndist[mlflow]'")
+def test_mlflow_on_two_ranks_rank_zero_writes_one_run(tmp_path, mlflow):
     ranks = run_spawn(_mlflow_on_ranks, 2, str(tmp_path))
     runs, history = _mlflow_history(f"file:{tmp_path}/mlruns", "ranks")
     assert len(runs) == 1
