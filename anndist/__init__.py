@@ -1,8 +1,8 @@
 """anndist: one training loop from one CPU to many GPU nodes, built on DistributedDataParallel."""
 from .batch import split_batch, to_device
-from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, LoggingCallback,
+from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, EarlyStopping, LoggingCallback,
                         MetricsCallback, ModelCheckpoint, PreemptionCallback, ProfilingCallback, ProgressBarCallback,
-                        TensorBoardCallback)
+                        TensorBoardCallback, MLflowCallback, WandbCallback)
 from .checkpoint import CheckpointError, latest_checkpoint
 from .env import DistEnv, detect_env
 from .optimization import NonFiniteLossError
@@ -17,4 +17,5 @@ __all__ = [
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
     "ModelCheckpoint", "CheckpointError", "save_in_dir", "latest_checkpoint",
     "PreemptionCallback", "PREEMPTED_EXIT_CODE", "MissingDependencyError",
+    "EarlyStopping", "MLflowCallback", "WandbCallback",
 ]

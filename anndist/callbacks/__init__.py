@@ -1,12 +1,15 @@
 """Callbacks shipped with anndist. Write your own by subclassing :class:`Callback`."""
 from .base import Callback, CallbackError, CallbackList
 from .checkpoint import ModelCheckpoint
+from .early_stopping import EarlyStopping
 from .logging import LoggingCallback
 from .metrics import MetricsCallback
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from .profiling import ProfilingCallback
 from .progress import ProgressBarCallback
 from .tensorboard import TensorBoardCallback
+from .trackers import MLflowCallback, WandbCallback
 
-__all__ = ["Callback", "CallbackError", "CallbackList", "LoggingCallback", "MetricsCallback", "ModelCheckpoint",
-           "PreemptionCallback", "PREEMPTED_EXIT_CODE", "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback"]
+__all__ = ["Callback", "CallbackError", "CallbackList", "EarlyStopping", "LoggingCallback", "MetricsCallback",
+           "MLflowCallback", "ModelCheckpoint", "PreemptionCallback", "PREEMPTED_EXIT_CODE", "ProfilingCallback",
+           "ProgressBarCallback", "TensorBoardCallback", "WandbCallback"]

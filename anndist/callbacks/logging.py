@@ -75,8 +75,11 @@ def format_record(record: dict[str, Any]) -> str:
         return (f"training on {record['world_size']} process(es) from epoch {record['epoch']}, "
                 f"step {record['step']}")
     if kind == "step":
-        return (f"epoch {record['epoch']} step {record['step']} | loss {record['loss']:.4f} | "
+        line = (f"epoch {record['epoch']} step {record['step']} | loss {record['loss']:.4f} | "
                 f"lr {record['lr']:.3g} | {record['samples_per_s']:.0f} samples/s")
+        if "items_per_s" in record:
+            line += f" | {record['items_per_s']:.0f} items/s"
+        return line + (f" | grad_norm {record['grad_norm']:.3g}" if "grad_norm" in record else "")
     values = {k: v for k, v in record.items() if k not in ("kind", "time", "epoch", "step")}
     epoch_time = values.pop("epoch_time", None)
     parts = [f"epoch {record['epoch']}" if kind == "epoch" else f"evaluate at step {record['step']}"]

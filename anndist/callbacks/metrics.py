@@ -7,7 +7,10 @@ the interval and over all ranks, and the whole job's samples/s. No other step st
 The all-reduce is asynchronous: the training thread never waits for it, and the record is written
 at the first later step that finds it complete (at the latest at the epoch's end), so a logging
 step is no extra synchronisation point between ranks, nor a GPU sync.
-The interval restarts at each epoch, so an evaluation never counts as training time.
+The interval restarts at each epoch, and the time of an evaluation inside an epoch (step mode) is
+taken out of its interval, so an evaluation never counts as training time. The same all-reduce
+carries the interval's items (``num_items`` of the loss step, else samples): tokens/s costs nothing
+more. Learning rates and the gradient norm are read on the host, where the optimizer step left them.
 
 Subclasses implement ``write(record)`` (and optionally ``open``/``close``); they run on rank 0 only.
 """
@@ -26,15 +29,21 @@ if TYPE_CHECKING:
     from ..trainer import Trainer
 
 EPOCH_KEYS = ("train_loss", "val_loss", "val_accuracy")
+EVAL_CONTEXT = ("when", "epoch", "global_step")  # on_evaluate_end's context keys: the record has its own
 
 
 class MetricsCallback(Callback):
     """Produces ``start``, ``step``, ``epoch`` and ``eval`` records; ``write`` receives them on rank 0.
 
     Every record has ``kind``, ``time`` (Unix seconds), ``epoch`` and ``step`` (optimizer steps so
-    far). ``step`` records add ``loss``, ``lr`` and ``samples_per_s``; ``epoch`` records add the
-    epoch's logs (``train_loss``, ``val_loss``, ``val_accuracy``, ``epoch_time``); ``eval`` records
-    (``trainer.evaluate`` outside ``fit``) add the evaluation metrics; ``start`` adds ``world_size``.
+    far); every value in a record is a scalar. ``step`` records add ``loss``, ``lr`` (the first
+    parameter group's), ``lr_group1``, ``lr_group2``, ... (the other groups', only when there are
+    several), ``grad_norm`` (the logging step's gradient norm before clipping, only with
+    ``max_grad_norm``), ``samples_per_s`` and, once the loss step gives ``num_items``,
+    ``items_per_s`` (tokens/s). ``epoch`` records add the epoch's logs (``train_loss``, ``val_loss``,
+    ``val_accuracy``, ``epoch_time``); ``eval`` records add the metrics of an evaluation in step mode
+    (``fit(eval_every_n_steps=N)``, at ``step`` = the global step) or of ``trainer.evaluate`` outside
+    ``fit``; ``start`` adds ``world_size``.
     """
 
     def __init__(self, log_interval: int = 10) -> None:
@@ -46,6 +55,8 @@ class MetricsCallback(Callback):
         self._loss_sum: torch.Tensor | None = None
         self._items: Any = 0  # the loss's weights: num_items when the loss step gives them, else samples
         self._samples = 0
+        self._counts_items = False  # the loss step gives num_items (a micro-batch's items != its samples)
+        self._eval_started: float | None = None
         self._reductions: collections.deque[_Reduction] = collections.deque()  # started, not yet written
         self._since = time.perf_counter()
 
@@ -80,6 +91,8 @@ class MetricsCallback(Callback):
         else:
             self._loss_sum.add_(loss.double() * items)
         self._items = self._items + items
+        if not self._counts_items and (isinstance(items, torch.Tensor) or items != n):
+            self._counts_items = True
         self._samples += n
         if self._reductions and self._reductions[0].ready():
             self._write_reductions(wait=False)
@@ -92,12 +105,23 @@ class MetricsCallback(Callback):
         ordered = [key for key in EPOCH_KEYS if key in logs] + sorted(k for k in logs if k not in EPOCH_KEYS)
         self._emit(trainer, "epoch", **{key: _number(logs[key]) for key in ordered if _is_number(logs[key])})
 
+    def on_evaluate_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._eval_started = time.perf_counter()
+
     def on_evaluate_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
-        if self._in_fit or not trainer.is_main_process:  # inside fit, the epoch record carries it
+        logs = logs or {}
+        values = {k: _number(v) for k, v in logs.items() if k not in EVAL_CONTEXT and _is_number(v)}
+        if self._in_fit:
+            if self._eval_started is not None:  # the evaluation is not training time
+                self._since += time.perf_counter() - self._eval_started
+            if logs.get("when") == "step":  # step mode; at an epoch end the epoch record carries them
+                self._write_reductions(wait=True)  # the steps before it come first
+                self._emit(trainer, "eval", **values)
             return
-        self.open(trainer)
-        self.write(self._record(trainer, "eval", **{k: _number(v) for k, v in (logs or {}).items() if _is_number(v)}))
-        self.close()
+        if trainer.is_main_process:
+            self.open(trainer)
+            self.write(self._record(trainer, "eval", **values))
+            self.close()
 
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
         self._write_reductions(wait=True)  # a run stopped mid-epoch has no epoch end
@@ -119,8 +143,8 @@ class MetricsCallback(Callback):
         totals = torch.stack([self._loss_sum, torch.as_tensor(self._items, dtype=torch.float64, device=device),
                               torch.tensor(float(self._samples), dtype=torch.float64, device=device)])
         record = self._record(trainer, "step")
-        self._reductions.append(_Reduction(totals, record, learning_rate(trainer.optimizer),
-                                           time.perf_counter() - self._since))
+        self._reductions.append(_Reduction(totals, record, step_values(trainer), time.perf_counter() - self._since,
+                                           self._counts_items))
         self._restart_interval()
 
     def _write_reductions(self, wait: bool) -> None:
@@ -151,8 +175,9 @@ class _Reduction:
     the all-reduce, and an event says when it has landed, so reading it never syncs the GPU.
     """
 
-    def __init__(self, totals: torch.Tensor, record: dict[str, Any], lr: float, elapsed: float) -> None:
-        self.record, self.lr, self.elapsed = record, lr, elapsed
+    def __init__(self, totals: torch.Tensor, record: dict[str, Any], values: dict[str, float], elapsed: float,
+                 with_items: bool) -> None:
+        self.record, self.values, self.elapsed, self.with_items = record, values, elapsed, with_items
         self.work = collectives.all_reduce_async(totals)  # every rank is at this same optimizer step
         self.event: torch.cuda.Event | None = None
         self.totals = totals
@@ -175,8 +200,25 @@ class _Reduction:
         elif self.work is not None:
             self.work.wait()
         loss_sum, items, samples = self.totals.tolist()
-        return {**self.record, "loss": loss_sum / items, "lr": self.lr,
-                "samples_per_s": samples / self.elapsed if self.elapsed > 0 else float("nan")}
+        per_s = (lambda count: count / self.elapsed) if self.elapsed > 0 else (lambda count: float("nan"))
+        record = {**self.record, "loss": loss_sum / items, **self.values, "samples_per_s": per_s(samples)}
+        if self.with_items:
+            record["items_per_s"] = per_s(items)
+        return record
+
+
+def step_values(trainer: "Trainer") -> dict[str, float]:
+    """A step record's host-side values: ``lr``, ``lr_group<i>`` for the other groups, ``grad_norm``.
+
+    Read where the optimizer step left them: no collective, no GPU sync (the norm is the float that
+    clipping already computed, before clipping, identical on every rank).
+    """
+    groups = trainer.optimizer.param_groups
+    values = {"lr": float(groups[0]["lr"])}
+    values.update((f"lr_group{i}", float(group["lr"])) for i, group in enumerate(groups) if i > 0)
+    if trainer.config.max_grad_norm is not None:
+        values["grad_norm"] = float(trainer._optimizer_step.last_grad_norm)
+    return values
 
 
 def learning_rate(optimizer: torch.optim.Optimizer) -> float:
