@@ -20,6 +20,7 @@ from torch import nn
 
 from .accumulation import Window
 from .batch import prepare_batch, to_device
+from .errors import ddp_errors_explained
 from .loss import call_on_inputs, check_result, sample_count
 from .optimization import OptimizerStep
 from .precision import Precision
@@ -48,7 +49,8 @@ class TrainStep:
     def micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
         """Forward and backward of one micro-batch; return its detached loss, samples and items (or samples)."""
         distributed = self.model is not self.module
-        with self.model.no_sync() if distributed and not sync else contextlib.nullcontext():
+        no_sync = self.model.no_sync() if distributed and not sync else contextlib.nullcontext()
+        with ddp_errors_explained(self.model), no_sync:
             with self.precision.autocast():
                 loss, n, num_items = self.loss(batch)
             weight = self.window.weight(n, num_items)

@@ -114,6 +114,11 @@ class Trainer:
     history = property(lambda self: self.state.history, doc="Per-epoch lists: train_loss, val_loss, ...")
 
     @property
+    def last_grad_norm(self) -> float:
+        """The gradient norm before clipping at the last optimizer step (NaN unless ``max_grad_norm`` is set)."""
+        return self._optimizer_step.last_grad_norm
+
+    @property
     def eval_every_n_steps(self) -> int | None:
         """Validation every N optimizer steps in the current ``fit`` (None: at each epoch's end)."""
         return self._plan.eval_every_n_steps if self._plan is not None else None

@@ -217,7 +217,7 @@ def step_values(trainer: "Trainer") -> dict[str, float]:
     values = {"lr": float(groups[0]["lr"])}
     values.update((f"lr_group{i}", float(group["lr"])) for i, group in enumerate(groups) if i > 0)
     if trainer.config.max_grad_norm is not None:
-        values["grad_norm"] = float(trainer._optimizer_step.last_grad_norm)
+        values["grad_norm"] = float(trainer.last_grad_norm)
     return values
 
 
