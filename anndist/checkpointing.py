@@ -25,6 +25,19 @@ class CheckpointManager:
         self.checkpoint_dir, self.default_dir = checkpoint_dir, default_dir
         self.pending_auto_resume = auto_resume  # the first fit() looks for a checkpoint
 
+    def check_folder(self) -> None:
+        """Find a checkpoint_dir that cannot hold checkpoints now, not at the first save (often the preemption).
+
+        Rank 0 creates the folder and writes and removes a probe file; every rank learns the verdict.
+        """
+        if self.checkpoint_dir is None:
+            return
+        problem = _unwritable(self.checkpoint_dir) if collectives.rank() == 0 else None
+        problem = collectives.broadcast_object(problem)
+        if problem is not None:
+            raise ValueError(f"checkpoint_dir={str(self.checkpoint_dir)!r} cannot hold checkpoints: {problem}; pass a "
+                             "folder this job can create and write (on a file system every node sees)")
+
     def save(self, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
         return checkpoint.save(path, self.run, metadata)
 
@@ -75,3 +88,15 @@ def check_window_closed(module: Any, state: TrainState) -> None:
             f"save_checkpoint() was called in the middle of an accumulation window (epoch {state.epoch}, "
             f"after optimizer step {state.global_step}): the gradients accumulated so far cannot be "
             "checkpointed; save from on_batch_end when logs['ends_window'] is true, at on_epoch_end, or after fit()")
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot take a new file (None when it can)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".anndist-probe-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    return None

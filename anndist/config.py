@@ -164,6 +164,9 @@ class TrainerConfig:
             if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
                 raise TypeError(f"checkpoint_dir must be a path or None, got "
                                 f"{type(self.checkpoint_dir).__name__} {self.checkpoint_dir!r}")
+            if not os.fspath(self.checkpoint_dir):
+                raise ValueError("checkpoint_dir='' is empty (it would mean the working directory); pass a folder "
+                                 "such as checkpoint_dir='runs/exp1', or None for no checkpoints")
             self.checkpoint_dir = Path(self.checkpoint_dir)
         if not isinstance(self.auto_resume, bool):
             raise TypeError(f"auto_resume must be True or False, got {self.auto_resume!r}")

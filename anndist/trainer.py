@@ -135,6 +135,7 @@ class Trainer:
         ``"latest"`` (of ``checkpoint_dir``) continues a run exactly where it was saved (docs/checkpoints.md).
         """
         plan = RunPlan.check(num_epochs, max_steps, eval_every_n_steps, train_loader, val_loader)
+        self.checkpoints.check_folder()
         self._loader_state.attach(train_loader)  # before the resume, which may restore its position
         self.checkpoints.resume(resume_from)
         loader = self._loaders.train(train_loader)

@@ -305,3 +305,24 @@ def test_best_is_a_durable_copy_where_hard_links_fail(tmp_path, monkeypatch):
     assert (tmp_path / "best.ckpt").read_bytes() == source.read_bytes()
     assert (tmp_path / "best.ckpt").stat().st_ino != source.stat().st_ino
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "step-000000001.ckpt"]
+
+
+def test_a_checkpoint_dir_that_cannot_hold_checkpoints_fails_when_fit_starts(tmp_path):
+    """Not at the first save, which is often the preemption itself: then all progress would be lost."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for folder, reason in ((a_file / "ckpt", "NotADirectoryError"), ("/sys/anndist-ckpt", "PermissionError")):
+        model = make_model()
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                          checkpoint_dir=folder, progress_bar=False)
+        with pytest.raises(ValueError, match=f"checkpoint_dir='{folder}' cannot hold checkpoints: {reason}"):
+            trainer.fit([(torch.randn(2, 8), torch.tensor([0, 1]))], num_epochs=1)
+        assert trainer.global_step == 0  # refused before any training
+    model = make_model()
+    with pytest.raises(ValueError, match="checkpoint_dir='' is empty"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir="")
+    writable = tmp_path / "new" / "ckpt"
+    model = make_model()
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), checkpoint_dir=writable,
+            progress_bar=False).fit([(torch.randn(2, 8), torch.tensor([0, 1]))], num_epochs=1)
+    assert writable.is_dir() and list(writable.iterdir()) == []  # created, the probe removed
