@@ -66,6 +66,7 @@ def test_streams_of_unequal_length_end_together_and_a_stateful_loader_resumes_ex
     """Rank 1's stream is two batches longer: every epoch ends at the same step on both ranks. SIGUSR1
     to rank 1 mid-epoch: every rank saves and exits 75; the restart resumes the StatefulDataLoader
     where it was and ends bit-identical to the uninterrupted run."""
+    pytest.importorskip("torchdata", reason="torchdata (the 'stream' extra) provides StatefulDataLoader")
     reference = _torchrun_stream(tmp_path, "reference", "--loader", "stateful")
     assert reference.returncode == 0, reference.stderr
     ckpt = tmp_path / "ckpt"
