@@ -56,7 +56,7 @@ def rng_state() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CPU run never starts CUDA here
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -74,7 +74,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     ))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # The writer may have seen more GPUs (8 on its node, 1 per task here): restore those that exist.
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _python_state_to_tensor(state: tuple) -> dict[str, Any]:
