@@ -76,7 +76,7 @@ def test_trains_on_cuda0_in_each_precision(amp):
     assert trainer.precision.dtype == {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     assert isinstance(trainer.precision, ScaledPrecision) == (amp == "fp16")
     if amp == "fp16":
-        assert trainer.precision.scaler._device == "cuda"
+        assert trainer.precision.scaler._device == trainer.device.type == "cuda"
     assert trainer.global_step == 4 * 16
     assert torch.isfinite(flat_params(trainer.module)).all()
     assert history["train_loss"][-1] < history["train_loss"][0]  # 256 samples, 64 hidden units: it fits them
