@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import checkpoint, collectives, log, process_group
+from . import checkpoint, collectives, fsdp, log, process_group
 from .agreement import StopAgreement
 from .callbacks.base import Callback, CallbackList
 from .callbacks.checkpoint import ModelCheckpoint
@@ -56,6 +56,8 @@ class Trainer:
         self.config = cfg = TrainerConfig.from_options(model, optimizer, criterion, options)
         self._init_distributed(model, cfg)
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
+        if cfg.strategy == "fsdp":  # in place: self.model is self.module, now with DTensor parameters
+            fsdp.shard(self.module, optimizer, cfg.fsdp_kwargs, cfg.shard_modules, cfg.amp_dtype, self.world_size)
         self.precision = make_precision(cfg.amp_dtype, self.device)
         self.callbacks = with_defaults(CallbackList(callbacks, rank=self.rank), cfg.progress_bar, cfg.handle_signals)
         self._init_steps(cfg)
@@ -85,7 +87,7 @@ class Trainer:
 
         self.module = model.to(self.device)
         self.model: nn.Module = self.module
-        if self.world_size > 1:
+        if self.world_size > 1 and cfg.strategy == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.module, device_ids=device_ids, **cfg.ddp_kwargs)  # syncs rank 0's weights
         process_group.register_releaser(self)
