@@ -159,3 +159,42 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (a collective on every rank); a plain tensor as it is."""
     full = getattr(tensor, "full_tensor", None)
     return full() if full is not None else tensor
+
+
+class ShardedModel:
+    """The model's state for DCP: each rank its shards (plain tensors when not sharded), by parameter name."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        set_model_state_dict(self.module, state)
+
+
+class ShardedOptimizer:
+    """The optimizer's state for DCP, keyed by parameter name (so it reshards with the model)."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        return get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        set_optimizer_state_dict(self.module, self.optimizer, state)
+
+
+def sharded_states(shared: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer,
+                   async_save: bool) -> Any:
+    """Take model and optimizer out of the run's ``shared`` states: under FSDP each rank saves its part."""
+    from .checkpoint.sharded import ShardedStates
+    del shared["model"], shared["optimizer"]
+    return ShardedStates({"model": ShardedModel(module), "optimizer": ShardedOptimizer(module, optimizer)},
+                         async_save=async_save)

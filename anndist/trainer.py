@@ -301,7 +301,11 @@ class Trainer:
         if self.scheduler is not None:
             shared["scheduler"] = self.scheduler
         own = {"rng": self._rng_state, "epoch_sums": self.epoch_sums, "loader": self._loader_state}
-        return checkpoint.RunState(shared, own, ready_to_save=lambda: check_window_closed(self.module, self.state))
+        cfg = self.config
+        sharded = fsdp.sharded_states(shared, self.module, self.optimizer, cfg.async_checkpoint) \
+            if cfg.strategy == "fsdp" else None
+        return checkpoint.RunState(shared, own, ready_to_save=lambda: check_window_closed(self.module, self.state),
+                                   sharded=sharded)
 
     def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> Path:
         """Save everything needed to continue this run exactly to ``path``; call it on **every rank**.
@@ -338,7 +342,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ teardown
     def release_distributed(self) -> None:
-        """Drop the DDP wrapper (before the process group goes); the bare module stays usable."""
+        """Finish an asynchronous save, drop the DDP wrapper (before the process group goes)."""
+        sharded = getattr(getattr(self, "run_state", None), "sharded", None)
+        if sharded is not None:
+            sharded.wait()
         self.model = self.module
 
     def close(self) -> None:
