@@ -102,3 +102,60 @@ def test_consolidate_gives_the_full_model(two_ranks, tmp_path):
     one.load_checkpoint(folder / "step-000000008.ckpt")
     for name, value in one.module.state_dict().items():
         assert torch.equal(state[name], value)
+
+
+def test_kill_9_during_async_saves_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL to the whole torchrun job at random moments of back-to-back asynchronous saves (~2.1M
+    parameters, ~25 MB a save), the job restarted each time with auto_resume: each time the latest
+    checkpoint loads, and it moves forward."""
+    import contextlib
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from anndist.checkpoint import latest_checkpoint
+    from processes import ROOT, child_env
+    from scripts.fsdp_async_saves import model
+
+    folder, previous = tmp_path / "ckpt", -1
+    for trial in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests" / "scripts" / "fsdp_async_saves.py"), str(folder)]
+        with subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, start_new_session=True) as job:
+            workers = []
+            try:
+                for line in job.stdout:
+                    if line.startswith("pid "):
+                        workers.append(int(line.split()[1]))
+                    if line.strip() == "saved":
+                        break
+                time.sleep(random.Random(trial).uniform(0.0, 1.5))
+            finally:
+                for pid in workers + [job.pid]:  # kill -9 of every worker, as a node failure would
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        _wait_gone(workers)
+        found = latest_checkpoint(folder)
+        assert found is not None
+        net = model()
+        one = Trainer(net, torch.optim.AdamW(net.parameters(), lr=1e-3), nn.CrossEntropyLoss(), strategy="fsdp",
+                      seed=0, progress_bar=False, handle_signals=False)
+        one.load_checkpoint(found)  # every shard and the run file are there and fit
+        assert one.global_step >= previous + 3  # the restarted run resumed, trained and saved again
+        previous = one.global_step
+
+
+def _wait_gone(pids):
+    import os
+    import time
+    for pid in pids:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
