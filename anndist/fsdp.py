@@ -198,3 +198,9 @@ def sharded_states(shared: dict[str, Any], module: nn.Module, optimizer: torch.o
     del shared["model"], shared["optimizer"]
     return ShardedStates({"model": ShardedModel(module), "optimizer": ShardedOptimizer(module, optimizer)},
                          async_save=async_save)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's ``state_dict`` on CPU (gathered from the shards under FSDP): call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

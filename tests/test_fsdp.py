@@ -94,3 +94,15 @@ def test_default_choice_of_shard_groups():
     model.embed, model.blocks, model.head = nn.Linear(1000, big), blocks, nn.Linear(2, 2)
     assert choose_submodules(model, None) == [model.embed, blocks[0], blocks[1]]
     assert choose_submodules(model, lambda m: m is model.head) == [model.head]
+
+
+def test_digits_example_with_fsdp_under_torchrun(tmp_path):
+    from processes import ROOT, torchrun
+    out = tmp_path / "digits.pt"
+    proc = torchrun(ROOT / "launch" / "train_digits.py", "--strategy", "fsdp", "--max-steps", "30",
+                    "--no-progress-bar", "--save", str(out), timeout=300)
+    assert proc.returncode == 0
+    weights = torch.load(out, weights_only=True)  # whole tensors, gathered from the shards
+    assert all(not hasattr(w, "to_local") for w in weights.values())
+    model_shapes = {k: v.shape for k, v in __import__("train_digits").digits_model().state_dict().items()}
+    assert {k: v.shape for k, v in weights.items()} == model_shapes
