@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .env import detect_env
+from .fsdp import check_options
 from .optimization import NONFINITE_POLICIES
 from .precision import resolve_amp_dtype
 from .process_group import check_backend
@@ -38,6 +39,12 @@ class TrainerConfig:
         timeout (seconds or a timedelta) of a group the Trainer creates.
     rebuild_train_loader / rebuild_eval_loader: shard stock-sampler loaders across ranks (see sampler.py).
     ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``.
+    strategy / fsdp_kwargs / shard_modules: ``"ddp"`` (default) replicates the model on every rank;
+        ``"fsdp"`` shards parameters, gradients and optimizer state with FSDP2's ``fully_shard``
+        (``fsdp_kwargs`` are its keyword arguments; ``shard_modules(m) -> bool`` picks the submodules
+        that get their own shard group); see fsdp.py and docs/fsdp.md.
+    async_checkpoint: with ``strategy="fsdp"``, checkpoints are staged in memory and written in the
+        background while training goes on (see checkpoint/sharded.py).
     progress_bar: a tqdm bar on rank 0; None (default) shows it when stderr is a terminal and not under CI.
     checkpoint_dir / auto_resume: the folder of checkpoints (``fit(resume_from="latest")`` and
         ``ModelCheckpoint()`` use it); with ``auto_resume=True`` the first ``fit`` resumes from its latest
@@ -73,6 +80,10 @@ class TrainerConfig:
     rebuild_train_loader: bool = True
     rebuild_eval_loader: bool = True
     ddp_kwargs: dict = field(default_factory=dict)
+    strategy: str = "ddp"
+    fsdp_kwargs: dict = field(default_factory=dict)
+    shard_modules: Any = None
+    async_checkpoint: bool = False
     progress_bar: bool | None = None
     checkpoint_dir: Any = None  # after validation: a pathlib.Path or None
     auto_resume: bool = False
@@ -119,6 +130,7 @@ class TrainerConfig:
         if not isinstance(self.use_amp, bool):  # "no" would be truthy and turn AMP on
             raise TypeError(f"use_amp must be True or False, got {type(self.use_amp).__name__} {self.use_amp!r}")
         self.amp_dtype = resolve_amp_dtype(self.use_amp, self.amp_dtype, self.device or _probe_device())
+        check_options(self.strategy, self.fsdp_kwargs, self.shard_modules, self.amp_dtype, self.async_checkpoint)
 
     def _validate_scheduler(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scheduler is None:

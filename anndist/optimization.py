@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import collectives
+from .fsdp import full_value, local
 from .precision import Precision
 
 NONFINITE_POLICIES = ("error", "skip")
@@ -35,6 +36,8 @@ class OptimizerStep:
         self.last_grad_norm: float = float("nan")  # before clipping; measured only when clipping
         self._uniform = len({(p.device, p.dtype) for p in self.params}) <= 1
         self._found_inf: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # FSDP: each rank holds a shard of every gradient, so the NaN/inf verdict is all-reduced (MAX).
+        self._sharded = any(hasattr(p, "to_local") for p in self.params)
 
     def __call__(self, correction: float, window_losses: list[torch.Tensor], where: str) -> bool:
         """Take the step; return False when it was skipped (fp16 overflow or a skipped non-finite loss)."""
@@ -43,7 +46,8 @@ class OptimizerStep:
             stepped = self._nonfinite(window_losses, where)
         else:
             if self.max_grad_norm is not None:
-                self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)  # global across shards
+                self.last_grad_norm = float(full_value(norm))
             stepped = self.precision.step(self.optimizer)
         if stepped and self.step_scheduler:
             self.scheduler.step()
@@ -56,7 +60,7 @@ class OptimizerStep:
         GradScaler's fused kernel does both in one pass (about 5 us for a small model where a norm
         costs 20 us), which keeps the check affordable on every step.
         """
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
         if self._uniform:  # the usual case: one device, one dtype, one kernel call
             return self._check_group(grads, correction)
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -71,6 +75,8 @@ class OptimizerStep:
         found.zero_()
         scale = one if correction == 1.0 else torch.full((1,), correction, device=grads[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, scale)
+        if self._sharded:
+            collectives.all_reduce(found, torch.distributed.ReduceOp.MAX)
         return bool(found.item())
 
     def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

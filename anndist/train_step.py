@@ -12,7 +12,6 @@ all-reduced once per window. ``finish_window`` hands the window's normalisation 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from .accumulation import Window
 from .batch import prepare_batch, to_device
 from .errors import ddp_errors_explained
+from .fsdp import gradient_sync
 from .loss import call_on_inputs, check_result, sample_count
 from .optimization import OptimizerStep
 from .precision import Precision
@@ -48,8 +48,7 @@ class TrainStep:
 
     def micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
         """Forward and backward of one micro-batch; return its detached loss, samples and items (or samples)."""
-        distributed = self.model is not self.module
-        no_sync = self.model.no_sync() if distributed and not sync else contextlib.nullcontext()
+        no_sync = gradient_sync(self.model, self.module, sync)  # DDP's no_sync or FSDP's
         with ddp_errors_explained(self.model), no_sync:
             with self.precision.autocast():
                 loss, n, num_items = self.loss(batch)

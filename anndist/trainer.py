@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import checkpoint, collectives, log, process_group
+from . import checkpoint, collectives, fsdp, log, process_group
 from .agreement import StopAgreement
 from .callbacks.base import Callback, CallbackList
 from .callbacks.checkpoint import ModelCheckpoint
@@ -56,6 +56,8 @@ class Trainer:
         self.config = cfg = TrainerConfig.from_options(model, optimizer, criterion, options)
         self._init_distributed(model, cfg)
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
+        if cfg.strategy == "fsdp":  # in place: self.model is self.module, now with DTensor parameters
+            fsdp.shard(self.module, optimizer, cfg.fsdp_kwargs, cfg.shard_modules, cfg.amp_dtype, self.world_size)
         self.precision = make_precision(cfg.amp_dtype, self.device)
         self.callbacks = with_defaults(CallbackList(callbacks, rank=self.rank), cfg.progress_bar, cfg.handle_signals)
         self._init_steps(cfg)
@@ -85,7 +87,7 @@ class Trainer:
 
         self.module = model.to(self.device)
         self.model: nn.Module = self.module
-        if self.world_size > 1:
+        if self.world_size > 1 and cfg.strategy == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.module, device_ids=device_ids, **cfg.ddp_kwargs)  # syncs rank 0's weights
         process_group.register_releaser(self)
@@ -300,7 +302,11 @@ class Trainer:
         if self.scheduler is not None:
             shared["scheduler"] = self.scheduler
         own = {"rng": self._rng_state, "epoch_sums": self.epoch_sums, "loader": self._loader_state}
-        return checkpoint.RunState(shared, own, ready_to_save=lambda: check_window_closed(self.module, self.state))
+        cfg = self.config
+        sharded = fsdp.sharded_states(shared, self.module, self.optimizer, cfg.async_checkpoint) \
+            if cfg.strategy == "fsdp" else None
+        return checkpoint.RunState(shared, own, ready_to_save=lambda: check_window_closed(self.module, self.state),
+                                   sharded=sharded)
 
     def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> Path:
         """Save everything needed to continue this run exactly to ``path``; call it on **every rank**.
@@ -337,7 +343,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ teardown
     def release_distributed(self) -> None:
-        """Drop the DDP wrapper (before the process group goes); the bare module stays usable."""
+        """Finish an asynchronous save, drop the DDP wrapper (before the process group goes)."""
+        sharded = getattr(getattr(self, "run_state", None), "sharded", None)
+        if sharded is not None:
+            sharded.wait()
         self.model = self.module
 
     def close(self) -> None:

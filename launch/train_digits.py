@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, seed_everything
+from anndist.fsdp import full_state_dict
 from digits_data import digits_datasets, digits_loaders  # noqa: F401 (benchmarks import digits_datasets from here)
 from example_support import add_common_args, limit_threads, report_missing_dependency
 
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=None,
                         help="tqdm bar on rank 0 (default: when stderr is a terminal, not under CI)")
     parser.add_argument("--save", default=None, help="write the final weights here (rank 0)")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                        help="replicate the model (ddp) or shard it with FSDP2 (fsdp)")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="checkpoint here on SIGUSR1/SIGTERM and resume from here when restarted (SLURM requeue)")
     args = parser.parse_args(argv)
@@ -82,11 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=observers(args),
         seed=args.seed, gradient_accumulation_steps=args.accumulation,
         use_amp=args.amp is not None, amp_dtype=args.amp, progress_bar=args.progress_bar,
-        checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None,
+        checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None, strategy=args.strategy,
     )
     history = trainer.fit(train_loader, num_epochs=args.epochs, max_steps=args.max_steps, val_loader=val_loader)
-    if args.save and trainer.is_main_process:
-        torch.save(trainer.module.state_dict(), args.save)
+    if args.save:
+        weights = full_state_dict(trainer.module)  # collective: gathers the shards under fsdp
+        if trainer.is_main_process:
+            torch.save(weights, args.save)
     trainer.close()
     return history
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from .file import CheckpointError, atomic_link, fsync_dir, is_temp, read_checkpoint, write_text
 from .payload import progress_key, upgrade
 from .protocol import RunState, save
+from .sharded import METADATA, link_folder, read_run_file, remove
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +44,16 @@ class CheckpointFolder:
         return checkpoint_path(self.dirpath, name)
 
     def _publish(self, written: Path, aliases: list[Path], keep_last: int | None) -> None:
-        for alias in aliases:
-            atomic_link(written, alias)  # a second name, no second write
+        for alias in aliases:  # a second name, no second write
+            link_folder(written, alias) if written.is_dir() else atomic_link(written, alias)
         write_text(self.dirpath / LATEST, written.name + "\n")
         for stale in self.dirpath.iterdir():  # temporary files of writers that died
             if is_temp(stale):
-                stale.unlink(missing_ok=True)
+                remove(stale)
         if keep_last is not None:
             for _, old in step_checkpoints(self.dirpath)[:-keep_last]:
                 if old != written:
-                    old.unlink(missing_ok=True)
+                    remove(old)
             fsync_dir(self.dirpath)
 
 
@@ -95,7 +96,7 @@ def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
         if is_temp(path) or path == pointed:
             continue
         try:
-            ranked.append((progress_key(upgrade(read_checkpoint(path, mmap=True))), path.stat().st_mtime, path))
+            ranked.append((progress_key(upgrade(_read(path))), path.stat().st_mtime, path))
         except (CheckpointError, OSError) as exc:
             logger.warning("skipping checkpoint %s: %s", path, exc)
     return max(ranked)[2] if ranked else None
@@ -111,8 +112,8 @@ def resolve(resume_from: str | os.PathLike, default_dir: Path | None) -> Path:
         folder = default_dir
     else:
         folder = Path(resume_from)
-    if not folder.is_dir():
-        return folder  # a file: loading it names it if it is missing or damaged
+    if not folder.is_dir() or (folder / METADATA).exists():
+        return folder  # a file or a sharded checkpoint folder: loading it names what is missing or damaged
     found = latest_checkpoint(folder)
     if found is None:
         raise FileNotFoundError(
@@ -136,9 +137,14 @@ def _pointer_target(dirpath: Path) -> Path | None:
     return dirpath / name
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """A checkpoint file's payload, or a sharded checkpoint folder's run file."""
+    return read_run_file(path, mmap=True) if path.is_dir() else read_checkpoint(path, mmap=True)
+
+
 def _problem(path: Path) -> str | None:
     try:
-        read_checkpoint(path, mmap=True)
+        _read(path)
     except (CheckpointError, OSError) as exc:
         return str(exc)
     return None

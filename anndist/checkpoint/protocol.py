@@ -24,6 +24,8 @@ from typing import Any, Callable, Protocol
 from .. import collectives
 from .file import CheckpointError, read_checkpoint, write_checkpoint
 from .payload import build, check_metadata, upgrade, warn_versions
+from . import sharded as sharded_ckpt
+from .sharded import ShardedStates
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class RunState:
     states: dict[str, Stateful]
     rank_states: dict[str, RankStateful] = field(default_factory=dict)
     ready_to_save: Callable[[], None] = lambda: None
+    sharded: ShardedStates | None = None  # states each rank saves its part of, a DCP folder (sharded.py)
 
 
 def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
@@ -56,6 +59,8 @@ def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
     ranks = collectives.all_gather_object({name: obj.state_dict() for name, obj in run.rank_states.items()})
     # Every rank builds the states: a state_dict() may itself be collective.
     payload = build({name: obj.state_dict() for name, obj in run.states.items()}, ranks, metadata)
+    if run.sharded is not None:
+        return sharded_ckpt.save(path, run.sharded, payload, publish)
     writes = collectives.rank() == 0
 
     def write() -> None:
@@ -72,7 +77,18 @@ def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
 def load(path: str | os.PathLike, run: RunState) -> dict[str, Any]:
     """Restore ``run`` from ``path`` on every rank (each rank its own rank states); return the metadata."""
     path = Path(path)
+    if sharded_ckpt.is_sharded(path):
+        return _load_sharded(path, run)
     return collectives.run_collectively(lambda: _restore(run, upgrade(read_checkpoint(path)), str(path)))
+
+
+def _load_sharded(path: Path, run: RunState) -> dict[str, Any]:
+    if run.sharded is None:
+        raise CheckpointError(f"checkpoint {path} is a sharded (DCP) folder; load it with strategy='fsdp', or turn it "
+                              "into one file with python -m anndist.consolidate")
+    payload = collectives.run_collectively(lambda: upgrade(sharded_ckpt.read_run_file(path)))
+    sharded_ckpt.load(path, run.sharded)  # collective: outside run_collectively, which must not wrap one
+    return collectives.run_collectively(lambda: _restore(run, payload, str(path)))
 
 
 def _restore(run: RunState, payload: dict[str, Any], source: str) -> dict[str, Any]:

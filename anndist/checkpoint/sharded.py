@@ -1,0 +1,177 @@
+"""Sharded checkpoints: a folder written by ``torch.distributed.checkpoint`` (DCP), every rank its own part.
+
+    step-000000010.ckpt/        a folder (the name is the one a single-file checkpoint would have)
+        __0_0.distcp ...        one file per rank: its shards of the model and optimizer state
+        .metadata               DCP's index of the shards (what lets another world size reshard on load)
+        run.ckpt                the run's other state (payload.py: train_state, every rank's RNG,
+                                scheduler, callbacks, ...), written by rank 0 with file.py
+
+The commit: everything is written under ``.<name>.partial.tmp``. DCP fsyncs each file, and its
+coordinator (rank 0) writes ``.metadata`` only after every rank has reported its files written; only
+then does rank 0 rename the folder to its name, fsync the parent and ``publish`` (the ``latest``
+pointer). A kill at any moment leaves the previous checkpoint and its pointer as they were, plus a
+temporary folder that readers ignore and the next publish removes.
+
+Asynchronous saves (``async_save=True``): the states are staged into CPU memory while training waits
+(``last_blocked_s``, logged), then written by DCP's background thread on a process group of its own,
+so its collectives never interleave with training's. Rank 0 commits when the write completes. The
+next save, and ``wait()`` (the Trainer calls it before it closes), wait for the one in flight.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import collectives
+from .file import CheckpointError, fsync_dir, read_checkpoint, write_checkpoint
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.ckpt"
+METADATA = ".metadata"
+
+
+@dataclass
+class ShardedStates:
+    """Objects whose state every rank saves its own part of (model, optimizer under FSDP), and how."""
+
+    states: dict[str, Any]
+    async_save: bool = False
+    last_blocked_s: float = math.nan  # seconds the last save held training up
+    _pending: Any = field(default=None, repr=False)
+    _group: Any = field(default=None, repr=False)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written and committed; on every rank."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        future, committed = pending
+        future.result()  # raises the write's error
+        if committed is not None:
+            committed.wait()
+            if committed.error is not None:
+                raise committed.error
+
+    def group(self) -> Any:
+        """The process group of background writes (created on first use, by every rank at the same save)."""
+        if self._group is None and collectives.is_initialized():
+            import torch.distributed as dist
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+
+def is_sharded(path: Path) -> bool:
+    """A folder with DCP's index or a run file: a sharded checkpoint (possibly incomplete, which load names)."""
+    return path.is_dir() and ((path / METADATA).exists() or (path / RUN_FILE).exists())
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial.tmp")
+
+
+def save(path: Path, sharded: ShardedStates, payload: dict[str, Any], publish: Callable[[Path], None] | None) -> Path:
+    """Write the sharded states with DCP and ``payload`` beside them; commit as the module docstring says."""
+    import torch.distributed.checkpoint as dcp
+    sharded.wait()
+    tmp, main = partial_path(path), collectives.rank() == 0
+
+    def prepare() -> None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            write_checkpoint(tmp / RUN_FILE, payload)
+
+    collectives.run_collectively(prepare)  # the folder exists on every rank's view before DCP writes
+    started = time.perf_counter()
+    state = {name: obj.state_dict() for name, obj in sharded.states.items()}
+    if sharded.async_save:
+        future = dcp.async_save(state, checkpoint_id=tmp, process_group=sharded.group())
+        sharded._pending = (future, _commit_when_done(future, tmp, path, publish) if main else None)
+    else:
+        dcp.save(state, checkpoint_id=tmp)
+        collectives.run_collectively(lambda: _commit(tmp, path, publish) if main else None)
+    sharded.last_blocked_s = time.perf_counter() - started
+    logger.info("%s checkpoint %s: training blocked %.3f s", "asynchronous" if sharded.async_save else "sharded",
+                path, sharded.last_blocked_s)
+    return path
+
+
+class _Committed(threading.Event):
+    error: BaseException | None = None
+
+
+def _commit_when_done(future: Any, tmp: Path, path: Path, publish: Callable[[Path], None] | None) -> _Committed:
+    committed = _Committed()
+
+    def done(f: Any) -> None:
+        try:
+            if f.exception() is None:
+                _commit(tmp, path, publish)
+        except BaseException as exc:  # reported by wait()
+            committed.error = exc
+            logger.error("committing checkpoint %s failed: %s", path, exc)
+        finally:
+            committed.set()
+
+    future.add_done_callback(done)
+    return committed
+
+
+def _commit(tmp: Path, path: Path, publish: Callable[[Path], None] | None) -> None:
+    """Rank 0: the written folder takes its name, durably; then ``publish``."""
+    if not (tmp / METADATA).is_file():
+        raise CheckpointError(f"checkpoint {path}: DCP finished without writing {METADATA}")
+    fsync_dir(tmp)
+    old = path.with_name(f".{path.name}.old.tmp")
+    if path.exists() or path.is_symlink():  # saving under a name again (best, preempt)
+        remove(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    remove(old)
+    if publish is not None:
+        publish(path)
+
+
+def remove(path: Path) -> None:
+    """A checkpoint file, folder or link, gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_run_file(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The payload of a sharded checkpoint folder, after checking its DCP index is there."""
+    if not (path / METADATA).is_file():
+        raise CheckpointError(f"checkpoint folder {path} has no {METADATA}: it is not a complete DCP checkpoint")
+    return read_checkpoint(path / RUN_FILE, mmap=mmap)
+
+
+def load(path: Path, sharded: ShardedStates) -> None:
+    """Every rank reads its part of the sharded states (resharded by DCP when the world size changed)."""
+    import torch.distributed.checkpoint as dcp
+    sharded.wait()
+    state = {name: obj.state_dict() for name, obj in sharded.states.items()}
+    dcp.load(state, checkpoint_id=path)
+    for name, obj in sharded.states.items():
+        obj.load_state_dict(state[name])
+
+
+def link_folder(source: Path, alias: Path) -> None:
+    """``alias`` becomes a relative symbolic link to the checkpoint folder ``source``, atomically."""
+    tmp = alias.with_name(f".{alias.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(source.name, tmp)
+    if alias.is_dir() and not alias.is_symlink():
+        remove(alias)
+    os.replace(tmp, alias)
+    fsync_dir(alias.parent)

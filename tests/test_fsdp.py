@@ -1,0 +1,108 @@
+"""strategy="fsdp": FSDP2 gives DDP's weights (fp32, with and without accumulation), and its options."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from anndist import Trainer
+from models import make_dataset
+from spawn_ranks import run_spawn
+
+
+def deep_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on every rank (gathered from the shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _train(strategy: str, k: int, rank: int) -> dict[str, torch.Tensor]:
+    model = deep_model(seed=rank)  # different weights per rank: both strategies take rank 0's
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # built before the Trainer
+    options = {"shard_modules": lambda m: isinstance(m, nn.Linear)} if strategy == "fsdp" else {}
+    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), strategy=strategy, gradient_accumulation_steps=k,
+                      max_grad_norm=0.5, seed=0, progress_bar=False, handle_signals=False, **options)
+    trainer.fit(DataLoader(make_dataset(96), batch_size=4, shuffle=True), max_steps=20)
+    assert trainer.global_step == 20
+    return full_weights(trainer.module)
+
+
+def _both_strategies(rank: int, world_size: int) -> dict:
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for k in (1, 3):
+        out[("ddp", k)] = _train("ddp", k, rank)
+        out[("fsdp", k)] = _train("fsdp", k, rank)
+    model = deep_model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                      strategy="fsdp", progress_bar=False, handle_signals=False)
+    out["sharded"] = all(isinstance(p, DTensor) for p in trainer.module.parameters())
+    out["optimizer_bound"] = all(p is q for p, q in zip(trainer.optimizer.param_groups[0]["params"],
+                                                         trainer.module.parameters()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return run_spawn(_both_strategies, 2)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_fsdp_weights_equal_ddp(ranks, k):
+    for out in ranks:
+        ddp, fsdp = out[("ddp", k)], out[("fsdp", k)]
+        assert ddp.keys() == fsdp.keys()
+        initial = deep_model(seed=0).state_dict()
+        for name in ddp:
+            assert not torch.equal(ddp[name], initial[name])  # it trained
+            torch.testing.assert_close(fsdp[name], ddp[name], rtol=0, atol=1e-6)
+    for name in ranks[0][("fsdp", k)]:
+        assert torch.equal(ranks[0][("fsdp", k)][name], ranks[1][("fsdp", k)][name])
+
+
+def test_parameters_are_sharded_and_the_optimizer_rebound(ranks):
+    assert all(out["sharded"] and out["optimizer_bound"] for out in ranks)
+
+
+def test_options_are_checked_at_construction():
+    model = deep_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="strategy='zero'"):
+        Trainer(model, opt, nn.CrossEntropyLoss(), strategy="zero")
+    with pytest.raises(TypeError, match="not parameters of fully_shard"):
+        Trainer(model, opt, nn.CrossEntropyLoss(), strategy="fsdp", fsdp_kwargs={"reshard_after_fwd": True})
+    with pytest.raises(ValueError, match="strategy='fsdp' only"):
+        Trainer(model, opt, nn.CrossEntropyLoss(), shard_modules=lambda m: True)
+    with pytest.raises(TypeError, match="shard_modules must be a function"):
+        Trainer(model, opt, nn.CrossEntropyLoss(), strategy="fsdp", shard_modules=nn.Linear(1, 1).weight)
+    with pytest.raises(ValueError, match="fp16"):
+        Trainer(model, opt, nn.CrossEntropyLoss(), strategy="fsdp", use_amp=True, amp_dtype="fp16")
+
+
+def test_default_choice_of_shard_groups():
+    from anndist.fsdp import MIN_SHARD_PARAMS, choose_submodules
+    big = MIN_SHARD_PARAMS // 1000 + 1
+    blocks = nn.ModuleList([nn.Linear(1000, big) for _ in range(2)])
+    model = nn.Module()
+    model.embed, model.blocks, model.head = nn.Linear(1000, big), blocks, nn.Linear(2, 2)
+    assert choose_submodules(model, None) == [model.embed, blocks[0], blocks[1]]
+    assert choose_submodules(model, lambda m: m is model.head) == [model.head]
+
+
+def test_digits_example_with_fsdp_under_torchrun(tmp_path):
+    from processes import ROOT, torchrun
+    out = tmp_path / "digits.pt"
+    proc = torchrun(ROOT / "launch" / "train_digits.py", "--strategy", "fsdp", "--max-steps", "30",
+                    "--no-progress-bar", "--save", str(out), timeout=300)
+    assert proc.returncode == 0
+    weights = torch.load(out, weights_only=True)  # whole tensors, gathered from the shards
+    assert all(not hasattr(w, "to_local") for w in weights.values())
+    model_shapes = {k: v.shape for k, v in __import__("train_digits").digits_model().state_dict().items()}
+    assert {k: v.shape for k, v in weights.items()} == model_shapes
