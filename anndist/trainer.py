@@ -59,7 +59,7 @@ class Trainer:
         self.precision = make_precision(cfg.amp_dtype, self.device)
         self.callbacks = with_defaults(CallbackList(callbacks, rank=self.rank), cfg.progress_bar, cfg.handle_signals)
         self._init_steps(cfg)
-        self.state = TrainState(self.world_size, cfg.seed)
+        self.state = TrainState(self.world_size, cfg.seed, cfg.gradient_accumulation_steps)
         self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
         self.run_state = self._make_run_state()
         self.checkpoints = CheckpointManager(self.run_state, self.state, self._rng_state, cfg.checkpoint_dir,
@@ -208,6 +208,7 @@ class Trainer:
             stepped = False
             if ends_window:
                 stepped = self._step.finish_window(self._where(batch_idx))
+                sums.end_window(stepped)  # a skipped window's losses stay out of train_loss
                 state.global_step += stepped
                 state.batch_in_epoch = batch_idx + 1
             cbs.call("on_batch_end", batch_idx, trainer=self,
@@ -236,10 +237,14 @@ class Trainer:
 
     def _epoch_train_metrics(self) -> dict[str, float]:
         sums = self.epoch_sums
-        totals = torch.stack([sums.loss_sum, torch.as_tensor(sums.items, dtype=torch.float64, device=self.device)])
+        totals = torch.stack([sums.loss_sum, torch.as_tensor(sums.items, dtype=torch.float64, device=self.device),
+                              torch.as_tensor(sums.dropped, dtype=torch.float64, device=self.device)])
         self._agreement.settle()
         collectives.all_reduce(totals)
-        total_loss, total_items = totals.tolist()
+        total_loss, total_items, dropped = totals.tolist()
+        if not total_items and dropped:
+            logger.warning("every optimizer step of epoch %d was skipped (non-finite): train_loss is NaN", self.epoch)
+            return {"train_loss": float("nan")}
         if not total_items:
             raise ValueError(
                 f"the train loader yielded no batches in epoch {self.epoch} on any rank: an empty dataset, or a "
