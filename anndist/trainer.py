@@ -25,6 +25,8 @@ from .agreement import StopAgreement
 from .callbacks.base import Callback, CallbackList
 from .callbacks.checkpoint import ModelCheckpoint
 from .callbacks.defaults import with_defaults
+from .callbacks.watchdog import Watchdog
+from .flight_recorder import enable_flight_recorder
 from .checkpointing import CheckpointManager, check_window_closed
 from .config import TrainerConfig
 from .device import default_device
@@ -57,7 +59,10 @@ class Trainer:
         self._init_distributed(model, cfg)
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
         self.precision = make_precision(cfg.amp_dtype, self.device)
-        self.callbacks = with_defaults(CallbackList(callbacks, rank=self.rank), cfg.progress_bar, cfg.handle_signals)
+        callback_list = CallbackList(callbacks, rank=self.rank)
+        if cfg.watchdog_timeout is not None:  # before the defaults: it stops before a preemption's final save
+            callback_list.append(Watchdog(cfg.watchdog_timeout, cfg.checkpoint_dir))
+        self.callbacks = with_defaults(callback_list, cfg.progress_bar, cfg.handle_signals)
         self._init_steps(cfg)
         self.state = TrainState(self.world_size, cfg.seed, cfg.gradient_accumulation_steps)
         self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
@@ -76,8 +81,10 @@ class Trainer:
         self.device = cfg.device or default_device(self.env)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.created_process_group = process_group.init_process_group(
-            self.env, cfg.backend or process_group.default_backend(self.device), cfg.dist_timeout)
+        backend = cfg.backend or process_group.default_backend(self.device)
+        if cfg.watchdog_timeout is not None:
+            enable_flight_recorder(backend, cfg.checkpoint_dir)
+        self.created_process_group = process_group.init_process_group(self.env, backend, cfg.dist_timeout)
         self.rank, self.world_size = collectives.rank(), collectives.world_size()
         log.configure(self.rank)  # the one rank-zero decision for every log line
         self.local_rank = self.env.local_rank if self.env.is_distributed else 0
