@@ -61,6 +61,11 @@ class TrainerConfig:
         (torchmetrics works as it is), reported as ``val_<name>``, exact over the dataset on any ranks.
     metric_inputs: ``metric_inputs(outputs, batch) -> (preds, targets)`` for the metrics; by default
         the outputs and targets (criterion), else the output's ``logits`` and the batch's ``labels``.
+    watchdog_timeout: seconds without a micro-batch starting or ending (or an evaluation) after which every
+        rank dumps its threads' stacks to ``<checkpoint_dir or cwd>/watchdog-rank{r}.txt`` and the job ends
+        naming the rank(s) that did not reach the collective (``callbacks/watchdog.py``); on NCCL it also turns
+        on PyTorch's flight recorder, dumped to the same folder. None (default): off, because a legitimately slow
+        step, evaluation or save longer than any default would end a healthy run; set it above the longest.
     handle_signals: install a ``PreemptionCallback`` (SIGUSR1/SIGTERM: stop all ranks at the same step,
         checkpoint, requeue on SLURM, exit 75) unless ``callbacks`` holds one; see docs/slurm.md.
     """
@@ -89,6 +94,7 @@ class TrainerConfig:
     auto_resume: bool = False
     stop_check_period: float = 0.05
     handle_signals: bool = True
+    watchdog_timeout: float | None = None
     compute_loss: Any = None
     metrics: Any = None  # after validation: a dict
     metric_inputs: Any = None
@@ -123,6 +129,11 @@ class TrainerConfig:
             raise TypeError(f"handle_signals must be True or False, got {type(self.handle_signals).__name__} "
                             f"{self.handle_signals!r}")
         self._validate_scheduler(optimizer)
+        wd = self.watchdog_timeout
+        if wd is not None and (isinstance(wd, bool) or not isinstance(wd, numbers.Real)):
+            raise TypeError(f"watchdog_timeout must be a number of seconds or None (off), got {type(wd).__name__} {wd!r}")
+        if wd is not None and not 0 < wd < float("inf"):
+            raise ValueError(f"watchdog_timeout={wd!r} must be a positive, finite number of seconds or None, e.g. 600")
         if self.seed is not None:
             check_seed(self.seed)
         self._validate_distributed()

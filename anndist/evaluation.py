@@ -17,6 +17,7 @@ import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+import torch.distributed as dist
 
 from . import collectives
 from .batch import prepare_batch, split_batch, to_device
@@ -51,6 +52,7 @@ class Evaluator:
         gathered: dict[str, list[tuple[Any, Any]]] = {name: [] for name in self.metrics if not _syncs_itself(self.metrics[name])}
         for metric in self.metrics.values():
             metric.reset()
+        sync_buffers(module)
         was_training = module.training
         module.eval()
         try:
@@ -122,6 +124,27 @@ class Evaluator:
             value = metric.compute()
             results[f"val_{name}"] = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
         return results
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), the ones a checkpoint stores.
+
+    Each rank's buffers follow its own last forward (DDP broadcasts rank 0's at the start of a
+    forward, then each rank updates them on its own batch), so without this every rank would
+    evaluate a slightly different model. Every rank calls ``evaluate``, so the broadcasts match.
+    """
+    if collectives.world_size() == 1:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer.data)
+    for buffers in groups.values():  # one broadcast per dtype: BatchNorm's float stats, its int64 counts
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def _syncs_itself(metric: Any) -> bool:

@@ -38,6 +38,29 @@ class OptimizerStep:
         self._found_inf: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # FSDP: each rank holds a shard of every gradient, so the NaN/inf verdict is all-reduced (MAX).
         self._sharded = any(hasattr(p, "to_local") for p in self.params)
+        self._loss_probe: torch.Tensor | None = None
+        requiring = [p for p in self.params if p.requires_grad]
+        self._anchor = min(requiring, key=torch.Tensor.numel) if requiring else None  # the smallest: cheapest
+
+    def carry_losses(self, losses: list[torch.Tensor]) -> None:
+        """Add ``0 * sum(losses)`` to one gradient element, before the window's last backward.
+
+        That adds nothing when the losses are finite and puts a NaN in the gradient when one is not
+        (0 * inf and 0 * NaN are NaN). A loss can be NaN while its gradients are finite (a NaN term that
+        does not depend on the weights), and each rank sees only its own losses; through the gradient,
+        DDP's all-reduce carries a bad loss to every rank, so the found-inf check of the step decides
+        alike everywhere without a collective of its own: two or three tiny kernels per optimizer step.
+        """
+        if self._sharded:  # FSDP: the loss flag joins the found-inf all-reduce instead (_check_group)
+            self._loss_probe = torch.stack([loss.detach() for loss in losses]).sum()
+            return
+        anchor = self._anchor
+        if anchor is None:
+            return
+        if anchor.grad is None:
+            anchor.grad = torch.zeros_like(anchor)
+        flag = (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).detach() * 0
+        anchor.grad[(0,) * anchor.dim()].add_(flag.to(anchor.grad.dtype))  # a view: in place, any layout
 
     def __call__(self, correction: float, window_losses: list[torch.Tensor], where: str) -> bool:
         """Take the step; return False when it was skipped (fp16 overflow or a skipped non-finite loss)."""
@@ -76,6 +99,9 @@ class OptimizerStep:
         scale = one if correction == 1.0 else torch.full((1,), correction, device=grads[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, scale)
         if self._sharded:
+            if self._loss_probe is not None:  # this rank's losses, as a 0/1 flag (a MAX of NaN is not portable)
+                found.add_((~torch.isfinite(self._loss_probe)).to(found.dtype).to(found.device))
+                self._loss_probe = None
             collectives.all_reduce(found, torch.distributed.ReduceOp.MAX)
         return bool(found.item())
 

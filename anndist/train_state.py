@@ -18,8 +18,8 @@ class TrainState:
     """Progress of a run. ``epoch_done`` is True inside ``on_epoch_end``: a checkpoint taken there
     resumes at the start of the next epoch, which is what ``state_dict`` records."""
 
-    def __init__(self, world_size: int, seed: int | None) -> None:
-        self.world_size, self.seed = world_size, seed
+    def __init__(self, world_size: int, seed: int | None, accumulation_steps: int = 1) -> None:
+        self.world_size, self.seed, self.accumulation_steps = world_size, seed, accumulation_steps
         self.epoch = 0            # the epoch being trained, or the next one to train
         self.global_step = 0      # optimizer steps taken
         self.batch_in_epoch = 0   # micro-batches of ``epoch`` this rank trained (after a step)
@@ -37,7 +37,7 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         epoch, batch = (self.epoch + 1, 0) if self.epoch_done else (self.epoch, self.batch_in_epoch)
         return {"epoch": epoch, "global_step": self.global_step, "batch_in_epoch": batch,
-                "world_size": self.world_size, "seed": self.seed,
+                "world_size": self.world_size, "seed": self.seed, "gradient_accumulation_steps": self.accumulation_steps,
                 "history": {key: list(values) for key, values in self.history.items()}}
 
     def check_state_dict(self, state: dict[str, Any], source: str) -> None:
@@ -51,7 +51,19 @@ class TrainState:
         self.batch_in_epoch, self.epoch_done = int(state["batch_in_epoch"]), False
         if int(state["world_size"]) != self.world_size:
             self.batch_in_epoch = self._rescaled_position(int(state["world_size"]))
+        self._warn_accumulation(state.get("gradient_accumulation_steps"))
         self.history = {key: list(values) for key, values in state.get("history", {}).items()}
+
+    def _warn_accumulation(self, saved: Any) -> None:
+        """A resume with another K: the position (in micro-batches) carries over, the step does not."""
+        if saved is None or int(saved) == self.accumulation_steps:
+            return  # None: a checkpoint from before K was recorded
+        logger.warning(
+            "checkpoint written with gradient_accumulation_steps=%d, resuming with %d: each optimizer step now "
+            "takes %d micro-batches instead of %d, so the global batch per step, the samples behind global_step "
+            "%d and a per-step LR schedule's progress per sample change, and the run does not continue bit for "
+            "bit; pass gradient_accumulation_steps=%d to continue it exactly",
+            int(saved), self.accumulation_steps, self.accumulation_steps, int(saved), self.global_step, int(saved))
 
     def _rescaled_position(self, saved_world: int) -> int:
         """Per-rank batches already trained, for this world size: the same number of samples seen.
@@ -85,13 +97,29 @@ class EpochSums:
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.items: Any = 0
+        self._window_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._window_items: Any = 0
+        self.dropped = 0  # windows of this epoch whose step was skipped
 
     def add(self, loss: torch.Tensor, n: Any) -> None:
+        """A micro-batch's loss, held with its window's until ``end_window`` keeps or drops them."""
         if isinstance(n, int):
-            self.loss_sum.add_(loss, alpha=n)
+            self._window_sum.add_(loss, alpha=n)
         else:
-            self.loss_sum.add_(loss.double() * n)
-        self.items = self.items + n
+            self._window_sum.add_(loss.double() * n)
+        self._window_items = self._window_items + n
+
+    def end_window(self, stepped: bool) -> None:
+        """Count the window's losses in the epoch if its optimizer step was taken; a skipped window
+        (a non-finite loss under ``on_nonfinite="skip"``, an fp16 overflow) trained nothing and its
+        NaN would make the epoch's ``train_loss`` NaN, so it is dropped. Every rank drops the same windows."""
+        if stepped:
+            self.loss_sum.add_(self._window_sum)
+            self.items = self.items + self._window_items
+        else:
+            self.dropped += 1
+        self._window_sum.zero_()
+        self._window_items = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sum": float(self.loss_sum), "items": float(self.items)}

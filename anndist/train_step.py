@@ -55,6 +55,7 @@ class TrainStep:
             weight = self.window.weight(n, num_items)
             if sync:
                 self.window.count_items(self.device)  # overlaps the backward below
+                self.optimizer_step.carry_losses([*self.window.losses, loss])  # a NaN loss reaches every rank
             self.precision.backward(loss if isinstance(weight, float) and weight == 1.0 else loss * weight)
         loss = loss.detach()
         self.window.add(loss, n)

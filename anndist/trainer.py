@@ -25,6 +25,8 @@ from .agreement import StopAgreement
 from .callbacks.base import Callback, CallbackList
 from .callbacks.checkpoint import ModelCheckpoint
 from .callbacks.defaults import with_defaults
+from .callbacks.watchdog import Watchdog
+from .flight_recorder import enable_flight_recorder
 from .checkpointing import CheckpointManager, check_window_closed
 from .config import TrainerConfig
 from .device import default_device
@@ -59,9 +61,12 @@ class Trainer:
         if cfg.strategy == "fsdp":  # in place: self.model is self.module, now with DTensor parameters
             fsdp.shard(self.module, optimizer, cfg.fsdp_kwargs, cfg.shard_modules, cfg.amp_dtype, self.world_size)
         self.precision = make_precision(cfg.amp_dtype, self.device)
-        self.callbacks = with_defaults(CallbackList(callbacks, rank=self.rank), cfg.progress_bar, cfg.handle_signals)
+        callback_list = CallbackList(callbacks, rank=self.rank)
+        if cfg.watchdog_timeout is not None:  # before the defaults: it stops before a preemption's final save
+            callback_list.append(Watchdog(cfg.watchdog_timeout, cfg.checkpoint_dir))
+        self.callbacks = with_defaults(callback_list, cfg.progress_bar, cfg.handle_signals)
         self._init_steps(cfg)
-        self.state = TrainState(self.world_size, cfg.seed)
+        self.state = TrainState(self.world_size, cfg.seed, cfg.gradient_accumulation_steps)
         self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
         self.run_state = self._make_run_state()
         self.checkpoints = CheckpointManager(self.run_state, self.state, self._rng_state, cfg.checkpoint_dir,
@@ -78,8 +83,10 @@ class Trainer:
         self.device = cfg.device or default_device(self.env)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.created_process_group = process_group.init_process_group(
-            self.env, cfg.backend or process_group.default_backend(self.device), cfg.dist_timeout)
+        backend = cfg.backend or process_group.default_backend(self.device)
+        if cfg.watchdog_timeout is not None:
+            enable_flight_recorder(backend, cfg.checkpoint_dir)
+        self.created_process_group = process_group.init_process_group(self.env, backend, cfg.dist_timeout)
         self.rank, self.world_size = collectives.rank(), collectives.world_size()
         log.configure(self.rank)  # the one rank-zero decision for every log line
         self.local_rank = self.env.local_rank if self.env.is_distributed else 0
@@ -211,6 +218,7 @@ class Trainer:
             stepped = False
             if ends_window:
                 stepped = self._step.finish_window(self._where(batch_idx))
+                sums.end_window(stepped)  # a skipped window's losses stay out of train_loss
                 state.global_step += stepped
                 state.batch_in_epoch = batch_idx + 1
             cbs.call("on_batch_end", batch_idx, trainer=self,
@@ -239,10 +247,14 @@ class Trainer:
 
     def _epoch_train_metrics(self) -> dict[str, float]:
         sums = self.epoch_sums
-        totals = torch.stack([sums.loss_sum, torch.as_tensor(sums.items, dtype=torch.float64, device=self.device)])
+        totals = torch.stack([sums.loss_sum, torch.as_tensor(sums.items, dtype=torch.float64, device=self.device),
+                              torch.as_tensor(sums.dropped, dtype=torch.float64, device=self.device)])
         self._agreement.settle()
         collectives.all_reduce(totals)
-        total_loss, total_items = totals.tolist()
+        total_loss, total_items, dropped = totals.tolist()
+        if not total_items and dropped:
+            logger.warning("every optimizer step of epoch %d was skipped (non-finite): train_loss is NaN", self.epoch)
+            return {"train_loss": float("nan")}
         if not total_items:
             raise ValueError(
                 f"the train loader yielded no batches in epoch {self.epoch} on any rank: an empty dataset, or a "

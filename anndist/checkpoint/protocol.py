@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .. import collectives
+from .. import arrival, collectives
 from .file import CheckpointError, read_checkpoint, write_checkpoint
 from .payload import build, check_metadata, upgrade, warn_versions
 from . import sharded as sharded_ckpt
@@ -56,6 +56,7 @@ def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
     path = Path(path)
     check_metadata(metadata)
     run.ready_to_save()
+    check_every_rank_saves()
     ranks = collectives.all_gather_object({name: obj.state_dict() for name, obj in run.rank_states.items()})
     # Every rank builds the states: a state_dict() may itself be collective.
     payload = build({name: obj.state_dict() for name, obj in run.states.items()}, ranks, metadata)
@@ -72,6 +73,33 @@ def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
 
     collectives.run_collectively(write)
     return path
+
+
+ARRIVAL_TIMEOUT = 30.0  # seconds; the ranks reach a save at the same step, so a straggler is seconds late
+_saves = 0  # saves this process has begun: the same count on every rank while every rank saves
+
+
+def check_every_rank_saves() -> None:
+    """Raise within ``ARRIVAL_TIMEOUT`` (not the full ``dist_timeout``) when a rank never comes to this save.
+
+    Each rank posts its arrival at save number N to the group's store and waits for the others'; the
+    usual cause of a missing rank is ``if trainer.is_main_process: trainer.save_checkpoint(...)``.
+    """
+    global _saves
+    _saves += 1
+    store, world = arrival.default_store(), collectives.world_size()
+    if store is None or world == 1:
+        return
+    prefix, rank = f"anndist/save{_saves}", collectives.rank()
+    arrival.post(store, prefix, rank)
+    timeout = min(ARRIVAL_TIMEOUT, store.timeout.total_seconds())
+    missing = arrival.missing_ranks(store, prefix, world, timeout)
+    if missing:
+        present = [r for r in range(world) if r not in missing]
+        raise RuntimeError(
+            f"save_checkpoint() was called on rank(s) {present} only: rank(s) {missing} did not reach it within "
+            f"{timeout:.0f} s. It runs on every rank (rank 0 writes, the others send their RNG state and partial "
+            "sums); call it outside `if trainer.is_main_process:`")
 
 
 def load(path: str | os.PathLike, run: RunState) -> dict[str, Any]:
