@@ -168,3 +168,31 @@ def test_requeue_without_scontrol_says_so(monkeypatch):
     monkeypatch.setenv("PATH", str(ROOT / "slurm"))  # a folder without scontrol
     with pytest.raises(RequeueError, match=r"`scontrol` is not on PATH .*containers.*resubmit"):
         requeue("42")
+
+
+REPEATED_TERM = """
+import os, signal, sys, time, torch
+from torch.utils.data import DataLoader
+sys.path.insert(0, "tests")
+from anndist import Callback, Trainer
+from models import make_dataset, make_model
+pause = float(sys.argv[1])
+class TermTwice(Callback):
+    def on_batch_end(self, batch_idx, trainer, logs=None):
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(pause)  # 0: a launcher's duplicate; more than 5 s: a rank that does not come back
+            os.kill(os.getpid(), signal.SIGTERM)
+model = make_model()
+trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), callbacks=[TermTwice()])
+trainer.fit(DataLoader(make_dataset(), batch_size=8), num_epochs=1)
+"""
+
+
+@pytest.mark.parametrize("pause, returncode", [(0.0, 128 + signal.SIGTERM), (5.5, -signal.SIGTERM)])
+def test_a_repeated_sigterm_only_takes_the_default_action_when_it_comes_late(pause, returncode):
+    """Slurm and torchrun often deliver one TERM twice at once: that still stops cleanly (exit 143, as
+    if killed, since there is no checkpoint_dir). A TERM 5 s after the first ends the process at once."""
+    proc = subprocess.run([os.sys.executable, "-c", REPEATED_TERM, str(pause)], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == returncode, proc.stderr

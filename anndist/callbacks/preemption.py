@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import weakref
 from types import FrameType
 from typing import TYPE_CHECKING, Iterable
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75
+REPEAT_AFTER_S = 5.0  # a SIGTERM this long after the first takes the default action
 _DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM) if s is not None)
 _DEFAULT_REQUEUE = tuple(s for s in (getattr(signal, "SIGUSR1", None),) if s is not None)
 
@@ -60,6 +62,7 @@ class PreemptionCallback(Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         self.received = set()
+        self._first_at: dict[int, float] = {}
         self._install(trainer)
 
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
@@ -84,7 +87,12 @@ class PreemptionCallback(Callback):
         trainer_ref = weakref.ref(trainer)
 
         def handler(signum: int, frame: FrameType | None) -> None:
-            if signum in self.received:  # the second one: the default action, e.g. for a hung rank
+            now = time.monotonic()
+            first = self._first_at.setdefault(signum, now)
+            if signum == signal.SIGTERM and now - first >= REPEAT_AFTER_S:
+                # A second TERM well after the first (a hung rank, an impatient user): the default
+                # action. Launchers often deliver one TERM several times at once (Slurm to every
+                # process and torchrun to its workers): those repeats only set the flag again.
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
                 return
