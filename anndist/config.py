@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .compiling import check_compile
 from .env import detect_env
 from .optimization import NONFINITE_POLICIES
 from .precision import resolve_amp_dtype
@@ -56,6 +57,9 @@ class TrainerConfig:
         the outputs and targets (criterion), else the output's ``logits`` and the batch's ``labels``.
     handle_signals: install a ``PreemptionCallback`` (SIGUSR1/SIGTERM: stop all ranks at the same step,
         checkpoint, requeue on SLURM, exit 75) unless ``callbacks`` holds one; see docs/slurm.md.
+    compile: ``True`` or a dict of ``torch.compile`` options compiles the bare module before DDP wraps it;
+        training, evaluation and predict call the compiled module, checkpoints hold the original module's
+        keys (no ``_orig_mod.``); see compiling.py and docs/compile.md.
     """
 
     use_amp: bool = False
@@ -81,6 +85,7 @@ class TrainerConfig:
     compute_loss: Any = None
     metrics: Any = None  # after validation: a dict
     metric_inputs: Any = None
+    compile: Any = False  # after validation: a dict of torch.compile options, or None
     sum_reduction: bool = False  # derived: criterion.reduction == "sum"
 
     @classmethod
@@ -112,6 +117,7 @@ class TrainerConfig:
             raise TypeError(f"handle_signals must be True or False, got {type(self.handle_signals).__name__} "
                             f"{self.handle_signals!r}")
         self._validate_scheduler(optimizer)
+        self.compile = check_compile(self.compile)
         if self.seed is not None:
             check_seed(self.seed)
         self._validate_distributed()

@@ -25,7 +25,9 @@ from .agreement import StopAgreement
 from .callbacks.base import Callback, CallbackList
 from .callbacks.checkpoint import ModelCheckpoint
 from .callbacks.defaults import with_defaults
+from .callbacks.compile_report import CompileReport
 from .checkpointing import CheckpointManager, check_window_closed
+from .compiling import ModelState, compile_module, split_compiled
 from .config import TrainerConfig
 from .device import default_device
 from .env import DistEnv, detect_env
@@ -57,6 +59,7 @@ class Trainer:
         self._init_distributed(model, cfg)
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
         self.precision = make_precision(cfg.amp_dtype, self.device)
+        callbacks = [*(callbacks or ()), *([CompileReport()] if cfg.compile is not None else [])]
         self.callbacks = with_defaults(CallbackList(callbacks, rank=self.rank), cfg.progress_bar, cfg.handle_signals)
         self._init_steps(cfg)
         self.state = TrainState(self.world_size, cfg.seed)
@@ -83,11 +86,13 @@ class Trainer:
         self.local_rank = self.env.local_rank if self.env.is_distributed else 0
         self.is_main_process = self.rank == 0
 
+        model, compiled = split_compiled(model)  # compiling.py: module, the compiled module, model
         self.module = model.to(self.device)
-        self.model: nn.Module = self.module
+        self._compiled = compile_module(self.module, cfg.compile, compiled)
+        self.model: nn.Module = self._compiled
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.module, device_ids=device_ids, **cfg.ddp_kwargs)  # syncs rank 0's weights
+            self.model = DDP(self._compiled, device_ids=device_ids, **cfg.ddp_kwargs)  # syncs rank 0's weights
         process_group.register_releaser(self)
         if cfg.seed is not None:
             seed_everything(rank_seed(cfg.seed, self.rank))
@@ -99,7 +104,7 @@ class Trainer:
             optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
             cfg.max_grad_norm, cfg.on_nonfinite)
         loss_step = self._loss_step()
-        self._step = TrainStep(self.model, self.module, criterion, loss_step, self.precision, self._optimizer_step,
+        self._step = TrainStep(self.model, self._compiled, criterion, loss_step, self.precision, self._optimizer_step,
                                cfg.gradient_accumulation_steps, cfg.sum_reduction, self.device, self.world_size)
         self._evaluator = Evaluator(criterion, loss_step, cfg.metrics, cfg.metric_inputs, self.device, self.precision)
         self.metrics = self._evaluator.metrics
@@ -263,7 +268,7 @@ class Trainer:
 
     def _evaluate(self, loader: Iterable, when: str) -> dict[str, float]:
         self.callbacks.call("on_evaluate_begin", trainer=self, logs={"when": when})
-        metrics = self._evaluator(self.module, self._loaders.eval(loader))
+        metrics = self._evaluator(self._compiled, self._loaders.eval(loader))
         self.callbacks.call("on_evaluate_end", trainer=self, logs={
             **metrics, "when": when, "epoch": self.epoch, "global_step": self.global_step})
         return metrics
@@ -271,7 +276,7 @@ class Trainer:
     def predict(self, loader: Iterable, main_process_only: bool = False) -> torch.Tensor | None:
         """The model's outputs (``logits`` of a ``ModelOutput``) for every sample once, in dataset order,
         on every rank (on rank 0 only with ``main_process_only``); see ``prediction.py`` for the memory."""
-        return predict(self.module, self._loaders.eval(loader), self.criterion is not None and
+        return predict(self._compiled, self._loaders.eval(loader), self.criterion is not None and
                        self.config.compute_loss is None, self.device, self.precision, main_process_only)
 
     def compute_loss(self, model: nn.Module, batch: Any) -> Any:
@@ -294,7 +299,7 @@ class Trainer:
     def _make_run_state(self) -> checkpoint.RunState:
         self._loader_state = LoaderState(self.rank, self.world_size, self.state)
         self._rng_state = RNGState(self.rank)
-        shared = {"model": self.module, "optimizer": self.optimizer, "scaler": self.precision,
+        shared = {"model": ModelState(self.module), "optimizer": self.optimizer, "scaler": self.precision,
                   "train_state": self.state, "callbacks": self.callbacks}
         if self.scheduler is not None:
             shared["scheduler"] = self.scheduler
@@ -337,7 +342,7 @@ class Trainer:
     # ------------------------------------------------------------------ teardown
     def release_distributed(self) -> None:
         """Drop the DDP wrapper (before the process group goes); the bare module stays usable."""
-        self.model = self.module
+        self.model = self._compiled
 
     def close(self) -> None:
         """Release DDP and destroy the process group if this Trainer created it. Also runs at exit."""
