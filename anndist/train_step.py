@@ -27,7 +27,8 @@ from .precision import Precision
 
 
 class TrainStep:
-    """Runs micro-batches and optimizer steps on ``model`` (the DDP wrapper, or ``module`` alone).
+    """Runs micro-batches and optimizer steps on ``model`` (the DDP wrapper, or ``module`` alone;
+    ``module`` is what DDP wraps: the compiled module with ``compile=``).
 
     ``compute_loss(model, batch)`` is the user's loss step (see ``loss.py``); None means the
     criterion path, kept as the short path it always was: split, move, ``criterion(model(inputs), targets)``.
@@ -48,18 +49,23 @@ class TrainStep:
 
     def micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
         """Forward and backward of one micro-batch; return its detached loss, samples and items (or samples)."""
-        distributed = self.model is not self.module
-        no_sync = self.model.no_sync() if distributed and not sync else contextlib.nullcontext()
-        with ddp_errors_explained(self.model), no_sync:
-            with self.precision.autocast():
-                loss, n, num_items = self.loss(batch)
-            weight = self.window.weight(n, num_items)
-            if sync:
-                self.window.count_items(self.device)  # overlaps the backward below
-            self.precision.backward(loss if isinstance(weight, float) and weight == 1.0 else loss * weight)
+        if self.model is self.module:  # one process: no DDP contexts to enter (a few us per micro-batch)
+            loss, n, num_items = self._forward_backward(batch, sync)
+        else:
+            with ddp_errors_explained(self.model), contextlib.nullcontext() if sync else self.model.no_sync():
+                loss, n, num_items = self._forward_backward(batch, sync)
         loss = loss.detach()
         self.window.add(loss, n)
         return loss, n, n if num_items is None else num_items
+
+    def _forward_backward(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
+        with self.precision.autocast():
+            loss, n, num_items = self.loss(batch)
+        weight = self.window.weight(n, num_items)
+        if sync:
+            self.window.count_items(self.device)  # overlaps the backward below
+        self.precision.backward(loss if isinstance(weight, float) and weight == 1.0 else loss * weight)
+        return loss, n, num_items
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, int, Any]:
         """``(loss, samples, num_items or None)`` of one micro-batch, moved to the device here."""

@@ -205,11 +205,14 @@ class Trainer:
         equal = resumes_by_index(loader) or (self.world_size == 1 and self._loader_state.loader is None)
         batches = iter(loader)
         self._rng_state.apply()  # after iter(): see RNGState
+        begin, backward_end = cbs.has("on_batch_begin"), cbs.has("on_backward_end")  # no logs dicts for no one
         for batch_idx, batch, ends_window in micro_batches(batches, k, first_idx, equal, self.device):
-            cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": state.epoch})
+            if begin:
+                cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": state.epoch})
             loss, n, items = self._step.micro_batch(batch, sync=ends_window)
             sums.add(loss, items)
-            cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
+            if backward_end:
+                cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
             stepped = False
             if ends_window:
                 stepped = self._step.finish_window(self._where(batch_idx))
