@@ -37,6 +37,9 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 def prepare_batch(batch: Any, device: torch.device, non_blocking: bool = False) -> tuple[Any, Any, int]:
     """``(inputs, targets, batch size)`` of ``batch``, its tensors moved to ``device``."""
     inputs, targets = split_batch(batch)
+    if (type(inputs) is torch.Tensor and type(targets) is torch.Tensor and inputs.device == device
+            and targets.device == device and targets.dim()):  # the common case, checked in one go
+        return inputs, targets, targets.shape[0]
     inputs = to_device(inputs, device, non_blocking)
     targets = to_device(targets, device, non_blocking)
     return inputs, targets, batch_size(inputs, targets)

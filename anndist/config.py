@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .compiling import check_compile
 from .env import detect_env
 from .fsdp import check_options
 from .optimization import NONFINITE_POLICIES
@@ -68,6 +69,9 @@ class TrainerConfig:
         step, evaluation or save longer than any default would end a healthy run; set it above the longest.
     handle_signals: install a ``PreemptionCallback`` (SIGUSR1/SIGTERM: stop all ranks at the same step,
         checkpoint, requeue on SLURM, exit 75) unless ``callbacks`` holds one; see docs/slurm.md.
+    compile: ``True`` or a dict of ``torch.compile`` options compiles the bare module before DDP wraps it;
+        training, evaluation and predict call the compiled module, checkpoints hold the original module's
+        keys (no ``_orig_mod.``); see compiling.py and docs/compile.md.
     """
 
     use_amp: bool = False
@@ -98,6 +102,7 @@ class TrainerConfig:
     compute_loss: Any = None
     metrics: Any = None  # after validation: a dict
     metric_inputs: Any = None
+    compile: Any = False  # after validation: a dict of torch.compile options, or None
     sum_reduction: bool = False  # derived: criterion.reduction == "sum"
 
     @classmethod
@@ -134,6 +139,7 @@ class TrainerConfig:
             raise TypeError(f"watchdog_timeout must be a number of seconds or None (off), got {type(wd).__name__} {wd!r}")
         if wd is not None and not 0 < wd < float("inf"):
             raise ValueError(f"watchdog_timeout={wd!r} must be a positive, finite number of seconds or None, e.g. 600")
+        self.compile = check_compile(self.compile)
         if self.seed is not None:
             check_seed(self.seed)
         self._validate_distributed()

@@ -5,6 +5,8 @@ Two ways, chosen per loader when ``fit`` starts:
 - **Equal shards** (a loader anndist rebuilt with its distributed sampler, or one process): every
   rank reads the same number of batches, so one batch of look-ahead is enough to know the epoch's
   last micro-batch, which must end (and synchronise) its window even when the window is short.
+  On CUDA that look-ahead also copies the next batch to the GPU while the current one computes
+  (``prefetch.py``).
 - **Windows with an agreed end** (streams, ``IterableDataset``s, generators, lists, stateful loaders:
   anything that decides its own shards, whose lengths may differ between ranks): each window's
   micro-batches are fetched before it starts, and with several ranks one small all-reduce (MIN)
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import collectives
-from .accumulation import with_last
+from .prefetch import ahead
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def micro_batches(batches: Iterator, k: int, first_idx: int, equal_shards: bool,
                   device: torch.device) -> Iterator[tuple[int, Any, bool]]:
     """Yield ``(batch_idx, batch, ends_window)`` for one epoch's iterator, starting at index ``first_idx``."""
     if equal_shards:
-        for batch_idx, (batch, is_last) in enumerate(with_last(batches), start=first_idx):
+        for batch_idx, (batch, is_last) in enumerate(ahead(batches, device), start=first_idx):
             yield batch_idx, batch, is_last or (batch_idx + 1) % k == 0
         return
     yield from _agreed_windows(batches, k, first_idx, device)

@@ -27,6 +27,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 STRATEGIES = ("ddp", "fsdp")
 MIN_SHARD_PARAMS = 1_000_000
@@ -137,7 +138,7 @@ def gradient_sync(model: nn.Module, module: nn.Module, sync: bool) -> ContextMan
         return contextlib.nullcontext()
     if is_sharded(module):
         return _no_gradient_sync(module)
-    return model.no_sync() if model is not module else contextlib.nullcontext()
+    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -16,18 +16,20 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .accumulation import Window
 from .batch import prepare_batch, to_device
 from .errors import ddp_errors_explained
-from .fsdp import gradient_sync
+from .fsdp import gradient_sync, is_sharded
 from .loss import call_on_inputs, check_result, sample_count
 from .optimization import OptimizerStep
 from .precision import Precision
 
 
 class TrainStep:
-    """Runs micro-batches and optimizer steps on ``model`` (the DDP wrapper, or ``module`` alone).
+    """Runs micro-batches and optimizer steps on ``model`` (the DDP wrapper, or ``module`` alone;
+    ``module`` is what DDP wraps: the compiled module with ``compile=``).
 
     ``compute_loss(model, batch)`` is the user's loss step (see ``loss.py``); None means the
     criterion path, kept as the short path it always was: split, move, ``criterion(model(inputs), targets)``.
@@ -41,6 +43,8 @@ class TrainStep:
         self.k, self.sum_reduction, self.device, self.world_size = accumulation_steps, sum_reduction, device, world_size
         self.non_blocking = device.type == "cuda"
         self.window = Window(accumulation_steps, sum_reduction, None, world_size)
+        # One process, unsharded: no DDP or FSDP context to enter around each micro-batch.
+        self.plain = not isinstance(model, DistributedDataParallel) and not is_sharded(module)
 
     def begin_epoch(self, nominal_batch: int | None) -> None:
         """Start a fresh window; ``nominal_batch`` (the loader's batch size) weighs full windows exactly."""
@@ -48,18 +52,24 @@ class TrainStep:
 
     def micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
         """Forward and backward of one micro-batch; return its detached loss, samples and items (or samples)."""
-        no_sync = gradient_sync(self.model, self.module, sync)  # DDP's no_sync or FSDP's
-        with ddp_errors_explained(self.model), no_sync:
-            with self.precision.autocast():
-                loss, n, num_items = self.loss(batch)
-            weight = self.window.weight(n, num_items)
-            if sync:
-                self.window.count_items(self.device)  # overlaps the backward below
-                self.optimizer_step.carry_losses([*self.window.losses, loss])  # a NaN loss reaches every rank
-            self.precision.backward(loss if isinstance(weight, float) and weight == 1.0 else loss * weight)
+        if self.plain:  # one process: no DDP or FSDP contexts to enter (a few us per micro-batch)
+            loss, n, num_items = self._forward_backward(batch, sync)
+        else:
+            with ddp_errors_explained(self.model), gradient_sync(self.model, self.module, sync):
+                loss, n, num_items = self._forward_backward(batch, sync)
         loss = loss.detach()
         self.window.add(loss, n)
         return loss, n, n if num_items is None else num_items
+
+    def _forward_backward(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
+        with self.precision.autocast():
+            loss, n, num_items = self.loss(batch)
+        weight = self.window.weight(n, num_items)
+        if sync:
+            self.window.count_items(self.device)  # overlaps the backward below
+            self.optimizer_step.carry_losses([*self.window.losses, loss])  # a NaN loss reaches every rank
+        self.precision.backward(loss if isinstance(weight, float) and weight == 1.0 else loss * weight)
+        return loss, n, num_items
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, int, Any]:
         """``(loss, samples, num_items or None)`` of one micro-batch, moved to the device here."""

@@ -25,9 +25,11 @@ from .agreement import StopAgreement
 from .callbacks.base import Callback, CallbackList
 from .callbacks.checkpoint import ModelCheckpoint
 from .callbacks.defaults import with_defaults
+from .callbacks.compile_report import CompileReport
 from .callbacks.watchdog import Watchdog
 from .flight_recorder import enable_flight_recorder
 from .checkpointing import CheckpointManager, check_window_closed
+from .compiling import ModelState, compile_module, split_compiled
 from .config import TrainerConfig
 from .device import default_device
 from .env import DistEnv, detect_env
@@ -61,7 +63,8 @@ class Trainer:
         if cfg.strategy == "fsdp":  # in place: self.model is self.module, now with DTensor parameters
             fsdp.shard(self.module, optimizer, cfg.fsdp_kwargs, cfg.shard_modules, cfg.amp_dtype, self.world_size)
         self.precision = make_precision(cfg.amp_dtype, self.device)
-        callback_list = CallbackList(callbacks, rank=self.rank)
+        extra = [CompileReport()] if cfg.compile is not None else []
+        callback_list = CallbackList([*(callbacks or ()), *extra], rank=self.rank)
         if cfg.watchdog_timeout is not None:  # before the defaults: it stops before a preemption's final save
             callback_list.append(Watchdog(cfg.watchdog_timeout, cfg.checkpoint_dir))
         self.callbacks = with_defaults(callback_list, cfg.progress_bar, cfg.handle_signals)
@@ -92,11 +95,13 @@ class Trainer:
         self.local_rank = self.env.local_rank if self.env.is_distributed else 0
         self.is_main_process = self.rank == 0
 
+        model, compiled = split_compiled(model)  # compiling.py: module, the compiled module, model
         self.module = model.to(self.device)
-        self.model: nn.Module = self.module
+        self._compiled = compile_module(self.module, cfg.compile, compiled)
+        self.model: nn.Module = self._compiled
         if self.world_size > 1 and cfg.strategy == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.module, device_ids=device_ids, **cfg.ddp_kwargs)  # syncs rank 0's weights
+            self.model = DDP(self._compiled, device_ids=device_ids, **cfg.ddp_kwargs)  # syncs rank 0's weights
         process_group.register_releaser(self)
         if cfg.seed is not None:
             seed_everything(rank_seed(cfg.seed, self.rank))
@@ -108,7 +113,7 @@ class Trainer:
             optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
             cfg.max_grad_norm, cfg.on_nonfinite)
         loss_step = self._loss_step()
-        self._step = TrainStep(self.model, self.module, criterion, loss_step, self.precision, self._optimizer_step,
+        self._step = TrainStep(self.model, self._compiled, criterion, loss_step, self.precision, self._optimizer_step,
                                cfg.gradient_accumulation_steps, cfg.sum_reduction, self.device, self.world_size)
         self._evaluator = Evaluator(criterion, loss_step, cfg.metrics, cfg.metric_inputs, self.device, self.precision)
         self.metrics = self._evaluator.metrics
@@ -210,11 +215,14 @@ class Trainer:
         equal = resumes_by_index(loader) or (self.world_size == 1 and self._loader_state.loader is None)
         batches = iter(loader)
         self._rng_state.apply()  # after iter(): see RNGState
+        begin, backward_end = cbs.has("on_batch_begin"), cbs.has("on_backward_end")  # no logs dicts for no one
         for batch_idx, batch, ends_window in micro_batches(batches, k, first_idx, equal, self.device):
-            cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": state.epoch})
+            if begin:
+                cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": state.epoch})
             loss, n, items = self._step.micro_batch(batch, sync=ends_window)
             sums.add(loss, items)
-            cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
+            if backward_end:
+                cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
             stepped = False
             if ends_window:
                 stepped = self._step.finish_window(self._where(batch_idx))
@@ -278,7 +286,7 @@ class Trainer:
 
     def _evaluate(self, loader: Iterable, when: str) -> dict[str, float]:
         self.callbacks.call("on_evaluate_begin", trainer=self, logs={"when": when})
-        metrics = self._evaluator(self.module, self._loaders.eval(loader))
+        metrics = self._evaluator(self._compiled, self._loaders.eval(loader))
         self.callbacks.call("on_evaluate_end", trainer=self, logs={
             **metrics, "when": when, "epoch": self.epoch, "global_step": self.global_step})
         return metrics
@@ -286,7 +294,7 @@ class Trainer:
     def predict(self, loader: Iterable, main_process_only: bool = False) -> torch.Tensor | None:
         """The model's outputs (``logits`` of a ``ModelOutput``) for every sample once, in dataset order,
         on every rank (on rank 0 only with ``main_process_only``); see ``prediction.py`` for the memory."""
-        return predict(self.module, self._loaders.eval(loader), self.criterion is not None and
+        return predict(self._compiled, self._loaders.eval(loader), self.criterion is not None and
                        self.config.compute_loss is None, self.device, self.precision, main_process_only)
 
     def compute_loss(self, model: nn.Module, batch: Any) -> Any:
@@ -309,7 +317,7 @@ class Trainer:
     def _make_run_state(self) -> checkpoint.RunState:
         self._loader_state = LoaderState(self.rank, self.world_size, self.state)
         self._rng_state = RNGState(self.rank)
-        shared = {"model": self.module, "optimizer": self.optimizer, "scaler": self.precision,
+        shared = {"model": ModelState(self.module), "optimizer": self.optimizer, "scaler": self.precision,
                   "train_state": self.state, "callbacks": self.callbacks}
         if self.scheduler is not None:
             shared["scheduler"] = self.scheduler
@@ -359,7 +367,7 @@ class Trainer:
         sharded = getattr(getattr(self, "run_state", None), "sharded", None)
         if sharded is not None:
             sharded.wait()
-        self.model = self.module
+        self.model = self._compiled
 
     def close(self) -> None:
         """Release DDP and destroy the process group if this Trainer created it. Also runs at exit."""
