@@ -22,11 +22,9 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, collectives, fsdp, log, process_group
 from .agreement import StopAgreement
-from .callbacks.base import Callback, CallbackList
-from .callbacks.checkpoint import ModelCheckpoint
-from .callbacks.defaults import with_defaults
-from .callbacks.compile_report import CompileReport
-from .callbacks.watchdog import Watchdog
+from .callbacks.base import Callback
+from .callbacks.checkpoint import checkpoint_folder
+from .callbacks.defaults import build_callbacks
 from .flight_recorder import enable_flight_recorder
 from .checkpointing import CheckpointManager, check_window_closed
 from .compiling import ModelState, compile_module, split_compiled
@@ -63,17 +61,14 @@ class Trainer:
         if cfg.strategy == "fsdp":  # in place: self.model is self.module, now with DTensor parameters
             fsdp.shard(self.module, optimizer, cfg.fsdp_kwargs, cfg.shard_modules, cfg.amp_dtype, self.world_size)
         self.precision = make_precision(cfg.amp_dtype, self.device)
-        extra = [CompileReport()] if cfg.compile is not None else []
-        callback_list = CallbackList([*(callbacks or ()), *extra], rank=self.rank)
-        if cfg.watchdog_timeout is not None:  # before the defaults: it stops before a preemption's final save
-            callback_list.append(Watchdog(cfg.watchdog_timeout, cfg.checkpoint_dir))
-        self.callbacks = with_defaults(callback_list, cfg.progress_bar, cfg.handle_signals)
+        self.callbacks = build_callbacks(callbacks, cfg, self.rank)
         self._init_steps(cfg)
         self.state = TrainState(self.world_size, cfg.seed, cfg.gradient_accumulation_steps)
         self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
         self.run_state = self._make_run_state()
         self.checkpoints = CheckpointManager(self.run_state, self.state, self._rng_state, cfg.checkpoint_dir,
-                                             self._checkpoint_folder, cfg.auto_resume)
+                                             lambda: checkpoint_folder(cfg.checkpoint_dir, self.callbacks),
+                                             cfg.auto_resume)
         self._loaders = RankLoaders(self.world_size, self.rank, cfg.seed or 0,
                                     cfg.rebuild_train_loader, cfg.rebuild_eval_loader)
         self.stop_training = False
@@ -353,13 +348,6 @@ class Trainer:
         for name, obj in self.run_state.states.items():
             if name in state:
                 obj.load_state_dict(state[name])
-
-    def _checkpoint_folder(self) -> Path | None:
-        """``checkpoint_dir``, else the folder of the one ModelCheckpoint that names one."""
-        if self.config.checkpoint_dir is not None:
-            return Path(self.config.checkpoint_dir)
-        folders = {Path(cb.dirpath) for cb in self.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath}
-        return folders.pop() if len(folders) == 1 else None
 
     # ------------------------------------------------------------------ teardown
     def release_distributed(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .. import collectives
 from ..checkpoint import CheckpointFolder, step_name
@@ -113,3 +113,11 @@ def _check_count(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name}={value} must be >= 1 (or None to turn it off)")
+
+
+def checkpoint_folder(checkpoint_dir: Path | None, callbacks: Iterable[Callback]) -> Path | None:
+    """Where ``resume_from="latest"`` looks: ``checkpoint_dir``, else the one ModelCheckpoint's folder."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    folders = {Path(cb.dirpath) for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath}
+    return folders.pop() if len(folders) == 1 else None

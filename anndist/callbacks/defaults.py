@@ -4,9 +4,22 @@ from __future__ import annotations
 import os
 import sys
 
-from .base import CallbackList
+from typing import Any, Sequence
+
+from .base import Callback, CallbackList
+from .compile_report import CompileReport
 from .preemption import PreemptionCallback
 from .progress import ProgressBarCallback, progress_bar_wanted
+from .watchdog import Watchdog
+
+
+def build_callbacks(user: Sequence[Callback] | None, cfg: Any, rank: int) -> CallbackList:
+    """The user's callbacks, then those the Trainer's options ask for (``cfg``: a TrainerConfig)."""
+    extra = [CompileReport()] if cfg.compile is not None else []
+    callbacks = CallbackList([*(user or ()), *extra], rank=rank)
+    if cfg.watchdog_timeout is not None:  # before the defaults: it stops before a preemption's final save
+        callbacks.append(Watchdog(cfg.watchdog_timeout, cfg.checkpoint_dir))
+    return with_defaults(callbacks, cfg.progress_bar, cfg.handle_signals)
 
 
 def with_defaults(callbacks: CallbackList, progress_bar: bool | None, handle_signals: bool) -> CallbackList:
