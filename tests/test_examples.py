@@ -98,3 +98,22 @@ def test_missing_optional_package_is_one_line_under_torchrun(tmp_path):
                      "pip install 'anndist[tensorboard]' (or 'anndist[examples]' for everything the examples use)"]
     # Nothing of the workers' own tracebacks: what follows the line is torchrun's failure summary.
     assert "MissingDependencyError" not in output and "train_digits.py\", line" not in output
+
+
+def test_stream_example_plans_in_steps_evaluates_every_n_and_records_one_mlflow_run(tmp_path, monkeypatch):
+    import pytest
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for the reading client here (MLflow 3 asks for it)
+    pytest.importorskip("mlflow", reason="the 'mlflow' extra (mlflow-skinny) records the run")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    proc = torchrun(LAUNCH / "train_stream.py", "--max-steps", "60", "--eval-every", "20", "--tracking-uri", uri,
+                    timeout=LIMIT_S)
+    output = proc.stdout + proc.stderr
+    # 23 steps per pass of each rank's stream: the evaluations fall across epoch boundaries
+    assert re.findall(r"^evaluate at step (\d+) \| val_loss", output, re.M) == ["20", "40", "60"], output[-3000:]
+    assert _end(output) == (60, 3)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "digits-stream"]
+    (run_,) = client.search_runs([experiment.experiment_id])  # one run for the job, not one per rank
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "eval/val_loss")] == [20, 40, 60]
