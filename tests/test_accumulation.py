@@ -35,23 +35,31 @@ def _train_anndist(world_size, batch_size, k, count_rounds=False):
             state.append((trainer.global_step, bucket.index()))
             return allreduce_hook(None, bucket)
         trainer.model.register_comm_hook(rounds, counting_hook)
-    trainer.fit(DataLoader(make_dataset(N), batch_size=batch_size, shuffle=True), num_epochs=EPOCHS)
+    history = trainer.fit(DataLoader(make_dataset(N), batch_size=batch_size, shuffle=True), num_epochs=EPOCHS)
     return {"params": flat_params(trainer.module), "steps": trainer.global_step, "rounds": rounds,
-            "ends": window_log.ends}
+            "ends": window_log.ends, "train_loss": history["train_loss"]}
 
 
 def _train_reference(window):
-    """Plain single-process training on the same samples, one big batch per optimizer step."""
+    """Plain single-process training on the same samples, one big batch per optimizer step.
+
+    Returns the final weights and each epoch's train loss: the mean over the epoch's samples of the
+    loss each sample had when it was trained (the weights do not change inside a window)."""
     model = make_model(hidden=32)
     optimizer, data = _sgd(model), make_dataset(N)
+    train_loss = []
     for epoch in range(EPOCHS):
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(SEED + epoch))  # DistributedSampler's order
+        loss_sum = 0.0
         for start in range(0, N, window):
             x, y = data[perm[start:start + window]]
             optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
             optimizer.step()
-    return flat_params(model)
+            loss_sum += loss.item() * len(y)
+        train_loss.append(loss_sum / N)
+    return flat_params(model), train_loss
 
 
 def _two_rank_runs(rank, world_size):
@@ -64,15 +72,19 @@ def two_ranks():
 
 
 def test_two_ranks_equal_large_batch_training(two_ranks):
-    reference = _train_reference(window=2 * B * K)  # windows of 24, 24 and the short 12
+    reference, train_loss = _train_reference(window=2 * B * K)  # windows of 24, 24 and the short 12
     for result in two_ranks:
         torch.testing.assert_close(result["exact"]["params"], reference, rtol=1e-5, atol=1e-6)
         assert result["exact"]["steps"] == 3 * EPOCHS
+        # train_loss weighs every sample alike over both ranks, short last batch and window included.
+        assert result["exact"]["train_loss"] == pytest.approx(train_loss, rel=1e-5)
 
 
 def test_single_process_equals_large_batch_training():
     result = _train_anndist(1, batch_size=8, k=K)  # 60 samples: windows of 24, 24 and 12 (8 + 4)
-    torch.testing.assert_close(result["params"], _train_reference(window=8 * K), rtol=1e-5, atol=1e-6)
+    reference, train_loss = _train_reference(window=8 * K)
+    torch.testing.assert_close(result["params"], reference, rtol=1e-5, atol=1e-6)
+    assert result["train_loss"] == pytest.approx(train_loss, rel=1e-5)
 
 
 def test_one_allreduce_round_per_optimizer_step(two_ranks):

@@ -229,10 +229,13 @@ def test_model_checkpoint_prunes_points_latest_and_restores_best(tmp_path):
 
 
 def test_latest_skips_a_damaged_checkpoint_with_a_warning(tmp_path, warnings):
+    stale = tmp_path / ".step-000000099.ckpt.12345.0badc0de.tmp"  # what a writer killed mid-save leaves
+    stale.write_bytes(b"half a checkpoint")
     trainer, train_loader, val_loader = make_run([])
     for epochs in (1, 2, 3):
         trainer.fit(train_loader, epochs, val_loader=val_loader)
         save_in_dir(trainer, tmp_path)
+    assert not stale.exists()  # the next save_in_dir removes it
     newest = tmp_path / "step-000000039.ckpt"
     assert latest_checkpoint(tmp_path) == newest and not warnings
     newest.write_bytes(newest.read_bytes()[:1000])  # torn by something outside anndist (a copy, a disk)
@@ -292,6 +295,18 @@ def test_model_checkpoint_arguments_are_checked():
         _trained(1, [ModelCheckpoint("unused", monitor="val_acc")])
     with pytest.raises(CallbackError, match="has no folder"):
         _trained(1, [ModelCheckpoint()])
+
+
+def test_fp16_scaler_state_comes_back(tmp_path):
+    """The GradScaler's state (here its growth tracker: 13 steps without overflow) is part of the run."""
+    trainer, _ = _trained(use_amp=True, amp_dtype="fp16")
+    scaler = trainer.state_dict()["scaler"]
+    assert scaler["_growth_tracker"] == 13 and scaler["scale"] == 2.0**16
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    fresh, _, _ = make_run([], use_amp=True, amp_dtype="fp16")
+    assert fresh.state_dict()["scaler"] != scaler
+    fresh.load_checkpoint(tmp_path / "a.ckpt")
+    assert fresh.state_dict()["scaler"] == scaler
 
 
 def test_best_is_a_durable_copy_where_hard_links_fail(tmp_path, monkeypatch):

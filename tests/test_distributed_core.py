@@ -76,6 +76,15 @@ class StopOnRank(Callback):
             trainer.stop_training = True
 
 
+class StopAtEpochEnd(Callback):
+    def __init__(self, rank, epoch):
+        self.rank, self.epoch = rank, epoch
+
+    def on_epoch_end(self, epoch, trainer, logs=None):
+        if trainer.rank == self.rank and epoch == self.epoch:
+            trainer.stop_training = True
+
+
 def _sgd_trainer(model, **options):
     return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(), **options)
 
@@ -143,7 +152,12 @@ def _scenarios(rank, world_size):
     # stop_training set on rank 1 alone stops both ranks at the same step.
     trainer = _sgd_trainer(make_model(), callbacks=[StopOnRank(1, 3)], seed=0, stop_check_period=0)
     history = trainer.fit(DataLoader(make_dataset(128), batch_size=4), num_epochs=3)
-    out["stop"] = (trainer.global_step, trainer.epoch, len(history.get("train_loss", [])))
+    out["stop"] = (trainer.global_step, trainer.epoch, len(history.get("train_loss", [])), trainer.stop_training)
+
+    # ... and set at the end of epoch 0 on rank 1 alone (default stop_check_period): no rank starts epoch 1.
+    trainer = _sgd_trainer(make_model(), callbacks=[StopAtEpochEnd(1, 0)], seed=0)
+    history = trainer.fit(DataLoader(make_dataset(16), batch_size=4), num_epochs=3)
+    out["stop_at_epoch_end"] = (trainer.global_step, trainer.epoch, len(history["train_loss"]), trainer.stop_training)
     return out
 
 
@@ -221,6 +235,12 @@ def test_worker_seeds_per_rank_and_epoch(results):
 
 
 def test_stop_training_on_one_rank_stops_all_at_the_same_step(results):
-    assert results[0]["stop"] == results[1]["stop"]
-    step, epoch, finished_epochs = results[0]["stop"]
-    assert 3 <= step <= 5 and epoch == 0 and finished_epochs == 0  # 16 steps per epoch: stopped mid-epoch
+    # Rank 1 sets the flag in on_batch_end of step 3. With stop_check_period=0 every step ends by
+    # proposing its flag in an asynchronous all-reduce whose result the next step's proposal reads: the
+    # proposal of step 3 is read at the end of step 4, on both ranks. So exactly 4, mid-epoch 0 of 16 steps.
+    assert results[0]["stop"] == results[1]["stop"] == (4, 0, 0, True)
+
+
+def test_stop_training_set_at_an_epoch_end_on_one_rank_stops_all_before_the_next_epoch(results):
+    # 16 samples -> 2 steps per rank and epoch; the flag is agreed on before epoch 1 begins.
+    assert results[0]["stop_at_epoch_end"] == results[1]["stop_at_epoch_end"] == (2, 1, 1, True)

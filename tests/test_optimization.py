@@ -35,14 +35,37 @@ def _fit(trainer, n=64, batch_size=4, epochs=1):
     return trainer.fit(DataLoader(make_dataset(n), batch_size=batch_size), num_epochs=epochs)
 
 
+CLIP_N, CLIP_B, CLIP_K, CLIP_LR, CLIP_NORM = 52, 4, 2, 1.0, 0.01  # 26 samples per rank: windows 8, 8, 8, 2
+
+
 def _clipping(rank):
+    """fp16 with a GradScaler (its scale, 2**16, would be clipped too if clipping came before unscale_) and
+    a short last window (its gradient is corrected by K*B/S = 4 before the clip, not after)."""
     model = make_model()
-    trainer = _trainer(model, lr=1.0, max_grad_norm=0.01, gradient_accumulation_steps=2)
-    norms = []
+    trainer = _trainer(model, lr=CLIP_LR, max_grad_norm=CLIP_NORM, gradient_accumulation_steps=CLIP_K,
+                       use_amp=True, amp_dtype="fp16")
+    norms = []  # the norm of the gradient the optimizer steps with
     trainer.optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))))
-    _fit(trainer)
-    return {"norms": norms, "steps": trainer.global_step, "last_norm": trainer._optimizer_step.last_grad_norm}
+    _fit(trainer, n=CLIP_N, batch_size=CLIP_B)
+    return {"norms": norms, "steps": trainer.global_step, "params": flat_params(model)}
+
+
+def _clipping_reference():
+    """One process, fp32, the windows of the two ranks as single batches, clipped by hand.
+
+    Rank r reads indices r, r+2, ... in order, so window j of both ranks together is the dataset's
+    16 samples 16j..16j+15, and the last, short one is samples 48..51."""
+    model, data = make_model(), make_dataset(CLIP_N)
+    optimizer = torch.optim.SGD(model.parameters(), lr=CLIP_LR)
+    unclipped = []
+    for start in range(0, CLIP_N, 2 * CLIP_B * CLIP_K):
+        x, y = data[start:start + 2 * CLIP_B * CLIP_K]
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        unclipped.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)))
+        optimizer.step()
+    return flat_params(model), unclipped
 
 
 def _schedulers(rank):
@@ -107,11 +130,17 @@ def results():
 
 
 def test_clipping_once_per_step_after_unscale(results):
+    reference, unclipped = _clipping_reference()
+    assert min(unclipped) > 10 * CLIP_NORM  # clipping acts on every step, the short last one included
     for r in results:
         clip = r["clip"]
-        assert len(clip["norms"]) == clip["steps"] == 4  # 32 samples per rank / (4 * 2) per window
-        assert max(clip["norms"]) <= 0.01 * (1 + 1e-5)
-        assert clip["last_norm"] > 0.01  # the unclipped norm was larger: clipping really acted
+        assert len(clip["norms"]) == clip["steps"] == 4  # 26 samples per rank: windows of 8, 8, 8 and 2
+        # Every step uses a gradient of norm max_grad_norm: not max_grad_norm / scale (clipped before
+        # unscale_), not 4 * max_grad_norm on the short window (clipped before its correction).
+        assert clip["norms"] == pytest.approx([CLIP_NORM] * 4, rel=1e-4)
+        # The weights: one clipped step of the mean gradient of each window (fp16 autocast against fp32).
+        torch.testing.assert_close(clip["params"], reference, rtol=0, atol=5e-5)
+    assert torch.equal(results[0]["clip"]["params"], results[1]["clip"]["params"])
 
 
 def test_scheduler_steps_once_per_optimizer_step(results):

@@ -146,9 +146,12 @@ def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp, kill
     with pytest.raises(Exception):
         torch.load(torn[0], weights_only=True)
     assert latest_checkpoint(tmp / "k-write") == tmp / "k-write" / "step-000000004.ckpt"
+    # ... because the pointer never moved: it is updated only once the new file is complete.
+    assert (tmp / "k-write" / "latest").read_text() == "step-000000004.ckpt\n"
     # Killed after step 6 was complete but before the pointer moved: the commit had not happened.
     assert (tmp / "k-commit" / "step-000000006.ckpt").exists()
     assert latest_checkpoint(tmp / "k-commit") == tmp / "k-commit" / "step-000000004.ckpt"
+    assert (tmp / "k-commit" / "latest").read_text() == "step-000000004.ckpt\n"
     for name in ("k-write", "k-commit"):  # and a new process continues from there, exactly
         assert resumed_one_rank[name]["begin"]["global_step"] == 4
         _same_run(resumed_one_rank[name], one_rank["straight"])
