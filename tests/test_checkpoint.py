@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 import os
 from pathlib import Path
 
@@ -15,18 +14,6 @@ from anndist.checkpoint import file as file_module
 from anndist.checkpoint.file import FORMAT, atomic_link
 from ckpt_train import EPOCHS, make_run
 from models import flat_params, make_model
-
-
-@pytest.fixture
-def warnings():
-    """Warnings of the ``anndist`` logger (it does not propagate to the root logger)."""
-    records: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("anndist")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def _trained(epochs: int = 1, callbacks=(), **options):

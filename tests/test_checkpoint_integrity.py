@@ -5,7 +5,6 @@ anndist's own check a flipped byte inside a tensor loads as a wrong weight.
 """
 from __future__ import annotations
 
-import logging
 import struct
 import zipfile
 from pathlib import Path
@@ -17,18 +16,6 @@ from anndist import CheckpointError, latest_checkpoint, save_in_dir
 from anndist.checkpoint.file import read_checkpoint
 from ckpt_train import make_run
 from models import flat_params
-
-
-@pytest.fixture
-def warnings():
-    """Warnings of the ``anndist`` logger (it does not propagate to the root logger)."""
-    records: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("anndist")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def record_of(path: Path, tensor: torch.Tensor) -> zipfile.ZipInfo:

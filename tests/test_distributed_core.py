@@ -5,7 +5,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from anndist import Callback, Trainer, seed_everything
-from anndist.sampler import ResumableDistributedSampler
 from spawn_ranks import run_spawn
 from models import flat_params, make_dataset, make_model
 
