@@ -15,14 +15,12 @@ def _epoch_lines(text):
 
 def test_example_under_torchrun_two_processes(tmp_path):
     weights = tmp_path / "w.pt"
-    started = time.perf_counter()
-    proc = torchrun(EXAMPLE, "--epochs", "20", "--save", str(weights), nproc=2)
-    elapsed = time.perf_counter() - started
+    proc = torchrun(EXAMPLE, "--epochs", "20", "--save", str(weights), nproc=2)  # speed: tests/bench, not here
     lines = _epoch_lines(proc.stdout + proc.stderr)
     assert [int(e) for e, *_ in lines] == list(range(20))  # each line once: rank 0 alone prints
     assert "training on 2 process(es)" in proc.stderr
     assert float(lines[-1][3]) >= 0.95
-    assert weights.exists() and elapsed < 60
+    assert weights.exists()
 
 
 def test_example_runs_single_process_for_debugging():
@@ -37,7 +35,7 @@ def test_example_runs_single_process_for_debugging():
 @pytest.mark.parametrize("fail_rank", [1])
 def test_exception_on_one_rank_ends_all_ranks_with_its_traceback(fail_rank):
     started = time.perf_counter()
-    proc = torchrun(ROOT / "tests" / "scripts" / "fail_on_rank.py", nproc=2, check=False, timeout=150,
+    proc = torchrun(ROOT / "tests" / "scripts" / "fail_on_rank.py", nproc=2, check=False, timeout=500,
                     env=child_env(FAIL_RANK=str(fail_rank)))
     elapsed = time.perf_counter() - started
     output = proc.stdout + proc.stderr
@@ -46,4 +44,6 @@ def test_exception_on_one_rank_ends_all_ranks_with_its_traceback(fail_rank):
     assert f"Boom.on_batch_end raised ValueError: boom on rank {fail_rank} (rank {fail_rank})" in output
     # torchrun's summary names the failing rank as the root cause
     assert re.search(rf"Root Cause.*?rank\s*:\s*{fail_rank} ", output, re.S), output[-3000:]
-    assert elapsed < 60  # ended, not hung until the 120 s collective timeout
+    # Ended by the failing rank's teardown, not by the 600 s collective timeout (taking 15-40 s here,
+    # with room for a machine that other jobs share).
+    assert elapsed < 300

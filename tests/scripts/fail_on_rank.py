@@ -23,7 +23,7 @@ class Boom(Callback):
 def main():
     model = make_model()
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                      callbacks=[Boom()], dist_timeout=120)
+                      callbacks=[Boom()], dist_timeout=600)
     trainer.fit(DataLoader(make_dataset(4096), batch_size=4), num_epochs=50)
 
 
