@@ -85,6 +85,14 @@ class TrainState:
         return batches
 
 
+def add_weighted(total: torch.Tensor, loss: torch.Tensor, n: Any) -> None:
+    """``total += loss * n`` in place on the device (no sync): ``n`` an int (samples) or a tensor (items)."""
+    if isinstance(n, int):
+        total.add_(loss, alpha=n)
+    else:
+        total.add_(loss.double() * n)
+
+
 class EpochSums:
     """This rank's sum of ``loss * n`` and of ``n`` in the current epoch, where n is the micro-batch's
     items (``num_items``) or samples. The loss sum is float64 on the device (no sync per batch); the
@@ -103,10 +111,7 @@ class EpochSums:
 
     def add(self, loss: torch.Tensor, n: Any) -> None:
         """A micro-batch's loss, held with its window's until ``end_window`` keeps or drops them."""
-        if isinstance(n, int):
-            self._window_sum.add_(loss, alpha=n)
-        else:
-            self._window_sum.add_(loss.double() * n)
+        add_weighted(self._window_sum, loss, n)
         self._window_items = self._window_items + n
 
     def end_window(self, stepped: bool) -> None:

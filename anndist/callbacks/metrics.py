@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import collectives
+from ..train_state import add_weighted
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -86,10 +87,7 @@ class MetricsCallback(Callback):
         if self._loss_sum is None or self._loss_sum.device != loss.device:
             self._loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
         items = logs.get("num_items", n)
-        if isinstance(items, int):
-            self._loss_sum.add_(loss, alpha=items)  # stays on the device: no sync
-        else:
-            self._loss_sum.add_(loss.double() * items)
+        add_weighted(self._loss_sum, loss, items)  # stays on the device: no sync
         self._items = self._items + items
         if not self._counts_items and (isinstance(items, torch.Tensor) or items != n):
             self._counts_items = True

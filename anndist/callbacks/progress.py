@@ -12,8 +12,11 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING, Any, Iterable, Mapping
 
+import torch
+
 from ..log import set_console_stream
 from ..optional import require
+from ..train_state import add_weighted
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -67,8 +70,9 @@ class ProgressBarCallback(Callback):
             return
         loss, n = logs["loss"], logs["batch_size"]
         items = logs.get("num_items", n)  # the loss's weight: tokens when the loss step counts them
-        weighted = loss.double() * items
-        self._loss_sum = weighted if self._loss_sum is None else self._loss_sum.add_(weighted)
+        if self._loss_sum is None:
+            self._loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
+        add_weighted(self._loss_sum, loss, items)
         self._items += items
         self._samples += n
         self._batches += 1
