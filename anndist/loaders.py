@@ -7,12 +7,15 @@ lives). Anything else is read as given. See ``sampler.py`` for the samplers.
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any, Iterable
 
 from torch.utils.data import DataLoader
 
 from .sampler import ResumableDistributedSampler, is_rebuildable, shard_eval_loader, shard_train_loader
+
+logger = logging.getLogger(__name__)
 
 
 class RankLoaders:
@@ -77,3 +80,18 @@ class LoaderState:
             return
         self.loader.load_state_dict(states[self.rank]["loader"])
         self.restored = True
+
+
+def start_position(loader: Any, state: Any, loader_state: LoaderState) -> int:
+    """Micro-batches of ``state``'s epoch already trained; 0, with a warning, when the loader cannot
+    start an epoch part-way (the epoch is then repeated from its start)."""
+    skip = state.batch_in_epoch
+    if skip and not (resumes_by_index(loader) or loader_state.restored):
+        logger.warning(
+            "the train loader (%s) cannot start an epoch part-way, so epoch %d is repeated from its start: "
+            "%d micro-batch(es) per rank are trained again. Loaders that resume exactly: a DataLoader anndist "
+            "rebuilds (stock sampler) or one with state_dict()/load_state_dict() (torchdata's StatefulDataLoader)",
+            type(loader).__name__, state.epoch, skip)
+        state.batch_in_epoch = skip = 0
+    loader_state.restored = False
+    return skip

@@ -38,7 +38,7 @@ from .optimization import OptimizerStep, step_epoch_scheduler, step_plateau
 from .precision import make_precision
 from .prediction import predict
 from .epoch_reader import epoch_position, micro_batches
-from .loaders import LoaderState, RankLoaders, resumes_by_index
+from .loaders import LoaderState, RankLoaders, resumes_by_index, start_position
 from .plan import RunPlan
 from .sampler import start_epoch
 from .seed import RNGState, rank_seed, seed_everything
@@ -172,7 +172,7 @@ class Trainer:
 
     def _train_epoch(self, loader: Iterable) -> dict[str, float] | None:
         """Train one epoch and evaluate; None when a stop cut the epoch short (no ``on_epoch_end``)."""
-        epoch, started, skip = self.epoch, time.perf_counter(), self._start_position(loader)
+        epoch, started, skip = self.epoch, time.perf_counter(), start_position(loader, self.state, self._loader_state)
         if isinstance(loader, DataLoader):  # set_epoch, and the resume offset of a loader anndist rebuilt
             offset = skip * (loader.batch_size or 0) if resumes_by_index(loader) else 0
             start_epoch(loader, epoch, self.config.seed or 0, self.rank, offset)
@@ -189,19 +189,6 @@ class Trainer:
         logs["epoch_time"] = time.perf_counter() - started
         self.state.record(logs, ("train_loss",) if self.eval_every_n_steps else self._history_keys)
         return logs
-
-    def _start_position(self, loader: Iterable) -> int:
-        """Micro-batches of the epoch already trained; 0 when the loader cannot resume mid-epoch."""
-        skip = self.batch_in_epoch
-        if skip and not (resumes_by_index(loader) or self._loader_state.restored):
-            logger.warning(
-                "the train loader (%s) cannot start an epoch part-way, so epoch %d is repeated from its start: "
-                "%d micro-batch(es) per rank are trained again. Loaders that resume exactly: a DataLoader anndist "
-                "rebuilds (stock sampler) or one with state_dict()/load_state_dict() (torchdata's StatefulDataLoader)",
-                type(loader).__name__, self.epoch, skip)
-            self.state.batch_in_epoch = skip = 0
-        self._loader_state.restored = False
-        return skip
 
     def _run_batches(self, loader: Iterable, first_idx: int) -> bool:
         """Train the epoch's micro-batches; return False if a stop cut the epoch short."""
