@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 STRATEGIES = ("ddp", "fsdp")
 MIN_SHARD_PARAMS = 1_000_000
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def check_options(strategy: Any, fsdp_kwargs: Any, shard_modules: Any, amp_dtype: Any, async_checkpoint: Any) -> None:
@@ -132,13 +133,16 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def gradient_sync(model: nn.Module, module: nn.Module, sync: bool) -> ContextManager[Any]:
-    """The context a micro-batch's forward and backward run in: reduce gradients only when ``sync``."""
+def gradient_sync(model: nn.Module, module: nn.Module, sync: bool, sharded: bool) -> ContextManager[Any]:
+    """The context a micro-batch's forward and backward run in: reduce gradients only when ``sync``.
+
+    ``sharded`` is ``is_sharded(module)``, decided once by the caller (it imports FSDP's class).
+    """
     if sync:
-        return contextlib.nullcontext()
-    if is_sharded(module):
+        return _NO_CONTEXT
+    if sharded:
         return _no_gradient_sync(module)
-    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    return model.no_sync() if isinstance(model, DistributedDataParallel) else _NO_CONTEXT
 
 
 @contextlib.contextmanager

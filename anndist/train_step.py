@@ -43,8 +43,10 @@ class TrainStep:
         self.k, self.sum_reduction, self.device, self.world_size = accumulation_steps, sum_reduction, device, world_size
         self.non_blocking = device.type == "cuda"
         self.window = Window(accumulation_steps, sum_reduction, None, world_size)
+        self.sharded = is_sharded(module)
         # One process, unsharded: no DDP or FSDP context to enter around each micro-batch.
-        self.plain = not isinstance(model, DistributedDataParallel) and not is_sharded(module)
+        self.plain = not isinstance(model, DistributedDataParallel) and not self.sharded
+        self.errors_explained = ddp_errors_explained(model)
 
     def begin_epoch(self, nominal_batch: int | None) -> None:
         """Start a fresh window; ``nominal_batch`` (the loader's batch size) weighs full windows exactly."""
@@ -55,7 +57,7 @@ class TrainStep:
         if self.plain:  # one process: no DDP or FSDP contexts to enter (a few us per micro-batch)
             loss, n, num_items = self._forward_backward(batch, sync)
         else:
-            with ddp_errors_explained(self.model), gradient_sync(self.model, self.module, sync):
+            with self.errors_explained, gradient_sync(self.model, self.module, sync, self.sharded):
                 loss, n, num_items = self._forward_backward(batch, sync)
         loss = loss.detach()
         self.window.add(loss, n)

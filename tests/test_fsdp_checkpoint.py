@@ -25,7 +25,7 @@ def _trainer(async_save: bool, callbacks=()) -> Trainer:
                    shard_modules=lambda m: isinstance(m, nn.Linear), async_checkpoint=async_save, seed=0,
                    progress_bar=False, handle_signals=False, callbacks=list(callbacks),
                    scheduler=None, gradient_accumulation_steps=2,
-                   stop_check_period=0)  # the stop lands at a known step (10), not up to 50 ms of steps later
+                   stop_check_period=0)  # the stop lands at a known step (10), not up to 0.25 s of steps later
 
 
 def _loader() -> DataLoader:
