@@ -40,27 +40,29 @@ class OptimizerStep:
         self._sharded = any(hasattr(p, "to_local") for p in self.params)
         self._loss_probe: torch.Tensor | None = None
         requiring = [p for p in self.params if p.requires_grad]
-        self._anchor = min(requiring, key=torch.Tensor.numel) if requiring else None  # the smallest: cheapest
+        # DDP on several ranks: a bad loss travels in the gradient all-reduce (carry_losses).
+        replicated = collectives.is_initialized() and collectives.world_size() > 1 and not self._sharded
+        self._anchor = min(requiring, key=torch.Tensor.numel) if requiring and replicated else None  # the smallest
 
     def carry_losses(self, losses: list[torch.Tensor]) -> None:
-        """Add ``0 * sum(losses)`` to one gradient element, before the window's last backward.
+        """Add ``0 * sum(losses)`` to the smallest gradient, before the window's last backward.
 
         That adds nothing when the losses are finite and puts a NaN in the gradient when one is not
         (0 * inf and 0 * NaN are NaN). A loss can be NaN while its gradients are finite (a NaN term that
         does not depend on the weights), and each rank sees only its own losses; through the gradient,
         DDP's all-reduce carries a bad loss to every rank, so the found-inf check of the step decides
         alike everywhere without a collective of its own: two or three tiny kernels per optimizer step.
+        In one process, and under FSDP (whose found-inf flag is all-reduced anyway), the losses join
+        the gradients in the fused check of the step instead (``_check_group``): one stack, no more.
         """
-        if self._sharded:  # FSDP: the loss flag joins the found-inf all-reduce instead (_check_group)
-            self._loss_probe = torch.stack([loss.detach() for loss in losses]).sum()
-            return
         anchor = self._anchor
         if anchor is None:
+            self._loss_probe = torch.stack(losses).detach()
             return
         if anchor.grad is None:
             anchor.grad = torch.zeros_like(anchor)
         flag = (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).detach() * 0
-        anchor.grad[(0,) * anchor.dim()].add_(flag.to(anchor.grad.dtype))  # a view: in place, any layout
+        anchor.grad.add_(flag)  # every element of the smallest gradient: one kernel, no indexing (~10 us less)
 
     def __call__(self, correction: float, window_losses: list[torch.Tensor], where: str) -> bool:
         """Take the step; return False when it was skipped (fp16 overflow or a skipped non-finite loss)."""
@@ -97,11 +99,11 @@ class OptimizerStep:
         found, one = self._buffers(grads[0].device)
         found.zero_()
         scale = one if correction == 1.0 else torch.full((1,), correction, device=grads[0].device)
+        probe, self._loss_probe = self._loss_probe, None  # the window's losses (carry_losses), checked alike
+        if probe is not None:
+            grads = [*grads, probe.to(grads[0].device)]
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, scale)
         if self._sharded:
-            if self._loss_probe is not None:  # this rank's losses, as a 0/1 flag (a MAX of NaN is not portable)
-                found.add_((~torch.isfinite(self._loss_probe)).to(found.dtype).to(found.device))
-                self._loss_probe = None
             collectives.all_reduce(found, torch.distributed.ReduceOp.MAX)
         return bool(found.item())
 

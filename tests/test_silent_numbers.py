@@ -33,13 +33,18 @@ def _trainer(model, criterion, **options):
     return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, progress_bar=False, **options)
 
 
-def _nan_with_finite_grads(rank):
-    error = None
+def _nan_error(bad_rank, **options):
+    """The NonFiniteLossError's message when ``bad_rank``'s 6th loss is NaN with finite gradients."""
     try:
-        _trainer(make_model(), NaNTermOnRank(1, 6), gradient_accumulation_steps=2).fit(
+        _trainer(make_model(), NaNTermOnRank(bad_rank, 6), gradient_accumulation_steps=2, **options).fit(
             DataLoader(make_dataset(64), batch_size=4), num_epochs=1)
     except NonFiniteLossError as exc:
-        error = str(exc)
+        return str(exc)
+    return None
+
+
+def _nan_with_finite_grads(rank):
+    error = _nan_error(1)
     skipping = _trainer(make_model(), NaNTermOnRank(1, 6, times=True), gradient_accumulation_steps=2, on_nonfinite="skip")
     history = skipping.fit(DataLoader(make_dataset(64), batch_size=4), num_epochs=1)
     return {"error": error, "skip_steps": skipping.global_step, "train_loss": history["train_loss"][0]}
@@ -69,7 +74,7 @@ def _batchnorm(rank):
 
 
 def _all(rank, world_size):
-    return {"nan": _nan_with_finite_grads(rank), "bn": _batchnorm(rank)}
+    return {"nan": _nan_with_finite_grads(rank), "bn": _batchnorm(rank), "fsdp_nan": _nan_error(1, strategy="fsdp")}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,13 @@ def results():
 def test_nan_loss_with_finite_gradients_stops_every_rank(results):
     for r in results:
         assert r["nan"]["error"] is not None and "non-finite loss on rank(s) [1] at optimizer step 3" in r["nan"]["error"]
+
+
+def test_nan_loss_is_caught_in_one_process_and_under_fsdp(results):
+    # One process and FSDP check the losses inside the step's fused gradient check, not through DDP's all-reduce.
+    assert "non-finite loss on rank(s) [0] at optimizer step 3" in (_nan_error(0) or "no error")
+    for r in results:
+        assert "non-finite loss on rank(s) [1] at optimizer step 3" in (r["fsdp_nan"] or "no error")
 
 
 def test_skipped_nan_window_stays_out_of_train_loss(results):
