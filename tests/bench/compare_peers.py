@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, nargs=2, metavar=("SMALL", "LARGE"), default=None,
                         help="first steps left out of the steady-state figure")
     parser.add_argument("--no-audit", action="store_true", help="skip the runs that count collectives")
+    parser.add_argument("--compile", action="store_true",
+                        help="every runner torch.compiles the model (the first steps compile: raise --warmup)")
     parser.add_argument("--json", default=None, help="also write every run's figures here")
     parser.add_argument("--keep", default=None, help="keep datasets, logs and weights in this folder")
     args = parser.parse_args(argv)
@@ -132,11 +134,12 @@ def child_env() -> dict[str, str]:
 
 
 def launch(runner: str, size: str, nproc: int, steps: int, data: Path, out: Path,
-           audit: bool) -> tuple[list[dict], float, float]:
+           audit: bool, compile_model: bool = False) -> tuple[list[dict], float, float]:
     """Run one runner under torchrun; return every rank's result, the launch wall time and the process time."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(PEERS / RUNNERS[runner]), "--size", size, "--data", str(data), "--steps", str(steps), "--out", str(out)]
     cmd += ["--audit"] if audit else []
+    cmd += ["--compile"] if compile_model else []
     launched_wall, launched = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     process_s = time.perf_counter() - launched
@@ -161,7 +164,8 @@ def timed_run(runner: str, size: str, nproc: int, rep: int, args: argparse.Names
     steps, warmup = args.steps[size], args.warmup[size]
     data = write_dataset(folder, size, nproc, steps)
     out = folder / f"{runner}-{size}-{nproc}p-rep{rep}"
-    results, launched_wall, process_s = launch(runner, size, nproc, steps, data, out, audit=False)
+    results, launched_wall, process_s = launch(runner, size, nproc, steps, data, out, audit=False,
+                                               compile_model=args.compile)
     run = Run(runner, size, nproc, rep, step_s=steady_median(results[0]["step_ends"], warmup),
               cpu_s=steady_median(results[0]["cpu_ends"], warmup),
               first_step_s=results[0]["first_step_wall"] - launched_wall, process_s=process_s)
@@ -209,7 +213,7 @@ def audit_text(counts: dict | None) -> tuple[str, str]:
 
 
 def print_table(size: str, nproc: int, runs: list[Run], audits: dict, args: argparse.Namespace) -> dict:
-    print(f"\n{size}: {DESCRIPTION[size]}, K={workload.K}, {args.steps[size]} optimizer steps "
+    print(f"\n{size}{' (compiled)' if args.compile else ''}: {DESCRIPTION[size]}, K={workload.K}, {args.steps[size]} optimizer steps "
           f"({args.warmup[size]} warm-up), {nproc} process{'es' if nproc > 1 else ''}, {args.reps} repetition(s)")
     header = (f"{'runner':<13}{'step ms':>9}{'cpu ms':>8}  {'x hand-written [range]':<24}{'first step s':>13}"
               f"{'process s':>11}{'max |dw|':>10}  {'grad all-reduce/step':<22}other collectives/step")

@@ -30,7 +30,8 @@ def main() -> None:
     dataset = workload.load_dataset(args.data)
     batches = workload.InterleavedBatches(dataset, accelerator.num_processes, workload.SIZES[args.size].batch)
     loader = DataLoader(dataset, batch_sampler=batches)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    bare = model
+    model, optimizer, loader = accelerator.prepare(workload.compiled(model, args), optimizer, loader)
     if audit is not None and accelerator.num_processes > 1:
         audit.register(model)
 
@@ -42,7 +43,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
     # --- end of the training job ---
-    workload.finish(args, clock, accelerator.unwrap_model(model), audit,
+    workload.finish(args, clock, bare, audit,
                     distributed_type=str(accelerator.distributed_type))
     model = optimizer = loader = None
     accelerator.free_memory()

@@ -24,7 +24,8 @@ def main() -> None:
     # --- the training job ---
     model = workload.build_model(args.size)
     optimizer = workload.build_optimizer(model.parameters())
-    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), gradient_accumulation_steps=K, seed=workload.SEED)
+    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), gradient_accumulation_steps=K, seed=workload.SEED,
+                      compile=args.compile)
     dataset = workload.load_dataset(args.data)
     loader = DataLoader(dataset, batch_size=workload.SIZES[args.size].batch, shuffle=True)
     if audit is not None and trainer.model is not trainer.module:

@@ -24,20 +24,21 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = workload.build_model(args.size)
-    ddp = DDP(model) if world_size > 1 else model
+    net = workload.compiled(model, args)
+    ddp = DDP(net) if world_size > 1 else net
     optimizer = workload.build_optimizer(model.parameters())
     criterion = nn.CrossEntropyLoss()
     dataset = workload.load_dataset(args.data)
     sampler = workload.rank_sampler(dataset, rank, world_size)
     loader = DataLoader(dataset, batch_size=workload.SIZES[args.size].batch, sampler=sampler)
-    if audit is not None and ddp is not model:
+    if audit is not None and ddp is not net:
         audit.register(ddp)
 
     sampler.set_epoch(0)
     ddp.train()
     for i, (inputs, targets) in enumerate(loader):
         ends_window = (i + 1) % K == 0
-        sync = contextlib.nullcontext() if ends_window or ddp is model else ddp.no_sync()
+        sync = contextlib.nullcontext() if ends_window or ddp is net else ddp.no_sync()
         with sync:
             loss = criterion(ddp(inputs), targets) / K
             loss.backward()

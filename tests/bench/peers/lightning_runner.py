@@ -49,7 +49,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # --- the training job ---
     L.seed_everything(workload.SEED, verbose=False)  # also the DistributedSampler's seed
-    module = Classifier(workload.build_model(args.size))
+    net = workload.build_model(args.size)
+    module = Classifier(workload.compiled(net, args))
     dataset = workload.load_dataset(args.data)
     loader = DataLoader(dataset, batch_size=workload.SIZES[args.size].batch, shuffle=True)
     trainer = L.Trainer(
@@ -60,7 +61,7 @@ def main() -> None:
     )
     trainer.fit(module, loader)
     # --- end of the training job ---
-    workload.finish(args, clock, module.net, audit)
+    workload.finish(args, clock, net, audit)
     trainer = None
     workload.destroy_process_group()
 

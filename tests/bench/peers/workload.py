@@ -60,6 +60,11 @@ def build_model(size: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def compiled(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``torch.compile(model)`` with ``--compile`` (the bare module, before any DDP wrapper), else ``model``."""
+    return torch.compile(model) if args.compile else model
+
+
 def build_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=LR)
 
@@ -179,6 +184,7 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps (one epoch)")
     parser.add_argument("--out", required=True, help="result prefix; rank r writes PREFIX.rank{r}.json/.pt")
     parser.add_argument("--audit", action="store_true", help="count collectives (slower; not for timing)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (each runner its way)")
     return parser.parse_args()
 
 
