@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .checks import check_count
 from .compiling import check_compile
 from .env import detect_env
 from .fsdp import check_options
@@ -118,7 +119,7 @@ class TrainerConfig:
         return cfg
 
     def _validate(self, optimizer: torch.optim.Optimizer) -> None:
-        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1)
+        check_count("gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1)
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, numbers.Real) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be a positive number or None")
         _check_choice("scheduler_interval", self.scheduler_interval, ("step", "epoch"))
@@ -279,13 +280,6 @@ def _check_model_optimizer_criterion(model: Any, optimizer: Any, criterion: Call
             f"optimizer holds {foreign} parameter(s) that are not parameters of model; build it with "
             "optimizer = Optimizer(model.parameters(), ...) on the same model you pass to the Trainer"
         )
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}={value} must be >= {minimum}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

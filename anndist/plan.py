@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any, Iterable
 
+from .checks import check_count
 from .train_state import TrainState
 
 
@@ -20,7 +21,7 @@ class RunPlan:
               val_loader: Iterable | None) -> "RunPlan":
         for name, value, minimum in (("num_epochs", num_epochs, 0), ("max_steps", max_steps, 1),
                                      ("eval_every_n_steps", eval_every_n_steps, 1)):
-            _check_count(name, value, minimum)
+            check_count(name, value, minimum, optional=True)
         if num_epochs is None and max_steps is None:
             raise ValueError("fit() needs num_epochs=... or max_steps=... (or both: whichever comes first)")
         if eval_every_n_steps is not None and val_loader is None:
@@ -40,12 +41,3 @@ class RunPlan:
 
     def evaluates_after(self, step: int) -> bool:
         return self.eval_every_n_steps is not None and step % self.eval_every_n_steps == 0
-
-
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}={value} must be >= {minimum}")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .. import collectives
 from ..checkpoint import CheckpointFolder, step_name
+from ..checks import check_count
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class ModelCheckpoint(Callback):
             raise TypeError(f"dirpath must be a path or None, got {type(dirpath).__name__} {dirpath!r}")
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
                             ("keep_last", keep_last)):
-            _check_count(name, value)
+            check_count(name, value, 1, optional=True)
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"monitor must be a metric name such as 'val_loss', got {monitor!r}")
         if mode not in ("min", "max"):
@@ -104,15 +105,6 @@ class ModelCheckpoint(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_score, self.best_step = state.get("best_score"), state.get("best_step")
         self.last_saved_step = state.get("last_saved_step", -1)
-
-
-def _check_count(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}={value} must be >= 1 (or None to turn it off)")
 
 
 def checkpoint_folder(checkpoint_dir: Path | None, callbacks: Iterable[Callback]) -> Path | None:
