@@ -30,10 +30,7 @@ class Window:
     def __init__(self, k: int, sum_reduction: bool, nominal_batch: int | None, world_size: int = 1) -> None:
         self.k, self.weighs, self.nominal, self.world_size = k, not sum_reduction, nominal_batch, world_size
         self.by_items: bool | None = None  # decided by the first micro-batch, then enforced
-        self.samples, self.losses = 0, []
-        self.items: Any = 0
-        self._total: torch.Tensor | None = None
-        self._work: Any = None
+        self.reset()
 
     def weight(self, n: int, num_items: Any) -> Any:
         """The factor of this micro-batch's loss in the backward pass."""
@@ -52,9 +49,16 @@ class Window:
             self.nominal = n
         return n / (self.k * self.nominal)
 
-    def add(self, loss: torch.Tensor, n: int) -> None:
+    def add(self, loss: torch.Tensor, n: int, count: Any) -> None:
+        """A micro-batch's detached loss, its samples and what it counts for in the epoch's loss (items or n)."""
         self.samples += n
         self.losses.append(loss)
+        self.counts.append(count)
+
+    def stack_losses(self, last: torch.Tensor) -> torch.Tensor:
+        """The window's losses with ``last`` (the closing micro-batch's) as one tensor, kept as ``stacked``."""
+        self.stacked = torch.stack([*self.losses, last.detach()])
+        return self.stacked
 
     def count_items(self, device: torch.device) -> None:
         """Start the all-reduce of the window's item count (items mode; before the last backward)."""
@@ -78,7 +82,8 @@ class Window:
         return self.k * self.nominal / self.samples
 
     def reset(self) -> None:
-        self.samples, self.losses, self.items = 0, [], 0
+        self.samples, self.losses, self.counts, self.items = 0, [], [], 0
+        self.stacked: torch.Tensor | None = None
         self._total = self._work = None
 
 

@@ -105,26 +105,24 @@ class EpochSums:
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.items: Any = 0
-        self._window_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._window_items: Any = 0
         self.dropped = 0  # windows of this epoch whose step was skipped
 
-    def add(self, loss: torch.Tensor, n: Any) -> None:
-        """A micro-batch's loss, held with its window's until ``end_window`` keeps or drops them."""
-        add_weighted(self._window_sum, loss, n)
-        self._window_items = self._window_items + n
-
-    def end_window(self, stepped: bool) -> None:
-        """Count the window's losses in the epoch if its optimizer step was taken; a skipped window
-        (a non-finite loss under ``on_nonfinite="skip"``, an fp16 overflow) trained nothing and its
-        NaN would make the epoch's ``train_loss`` NaN, so it is dropped. Every rank drops the same windows."""
-        if stepped:
-            self.loss_sum.add_(self._window_sum)
-            self.items = self.items + self._window_items
-        else:
+    def add_window(self, losses: list[torch.Tensor], stacked: torch.Tensor | None, counts: list[Any],
+                   stepped: bool) -> None:
+        """A finished window's micro-batch losses (also ``stacked`` in one tensor) and their counts,
+        added to the epoch if its optimizer step was taken; a skipped window (a non-finite loss under
+        ``on_nonfinite="skip"``, an fp16 overflow) trained nothing and its NaN would make the epoch's
+        ``train_loss`` NaN, so it is dropped. Every rank drops the same windows."""
+        if not stepped:
             self.dropped += 1
-        self._window_sum.zero_()
-        self._window_items = 0
+            return
+        first = counts[0]
+        if stacked is not None and type(first) is int and all(count == first for count in counts):
+            self.loss_sum.add_(stacked.sum(), alpha=first)  # the usual window: two kernels, not one per micro-batch
+        else:
+            for loss, count in zip(losses, counts):
+                add_weighted(self.loss_sum, loss, count)
+        self.items = self.items + sum(counts)
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sum": float(self.loss_sum), "items": float(self.items)}

@@ -25,6 +25,7 @@ from .fsdp import gradient_sync, is_sharded
 from .loss import call_on_inputs, check_result, sample_count
 from .optimization import OptimizerStep
 from .precision import Precision
+from .train_state import EpochSums
 
 
 class TrainStep:
@@ -37,9 +38,10 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, module: nn.Module, criterion: Callable | None,
                  compute_loss: Callable | None, precision: Precision, optimizer_step: OptimizerStep,
-                 accumulation_steps: int, sum_reduction: bool, device: torch.device, world_size: int) -> None:
+                 accumulation_steps: int, sum_reduction: bool, device: torch.device, world_size: int,
+                 epoch_sums: EpochSums) -> None:
         self.model, self.module, self.criterion, self.compute_loss = model, module, criterion, compute_loss
-        self.precision, self.optimizer_step = precision, optimizer_step
+        self.precision, self.optimizer_step, self.epoch_sums = precision, optimizer_step, epoch_sums
         self.k, self.sum_reduction, self.device, self.world_size = accumulation_steps, sum_reduction, device, world_size
         self.non_blocking = device.type == "cuda"
         self.window = Window(accumulation_steps, sum_reduction, None, world_size)
@@ -59,9 +61,9 @@ class TrainStep:
         else:
             with self.errors_explained, gradient_sync(self.model, self.module, sync, self.sharded):
                 loss, n, num_items = self._forward_backward(batch, sync)
-        loss = loss.detach()
-        self.window.add(loss, n)
-        return loss, n, n if num_items is None else num_items
+        loss, count = loss.detach(), n if num_items is None else num_items
+        self.window.add(loss, n, count)
+        return loss, n, count
 
     def _forward_backward(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
         with self.precision.autocast():
@@ -69,7 +71,7 @@ class TrainStep:
         weight = self.window.weight(n, num_items)
         if sync:
             self.window.count_items(self.device)  # overlaps the backward below
-            self.optimizer_step.carry_losses([*self.window.losses, loss])  # a NaN loss reaches every rank
+            self.optimizer_step.carry_losses(self.window.stack_losses(loss))  # a NaN loss reaches every rank
         self.precision.backward(loss if isinstance(weight, float) and weight == 1.0 else loss * weight)
         return loss, n, num_items
 
@@ -83,7 +85,10 @@ class TrainStep:
         return loss, sample_count(batch, self.criterion is not None), num_items
 
     def finish_window(self, where: str) -> bool:
-        """The optimizer step that ends the window; return False when it was skipped."""
-        stepped = self.optimizer_step(self.window.correction(where), self.window.losses, where)
-        self.window.reset()
+        """The optimizer step that ends the window, whose losses then go to the epoch's sums; return
+        False when it was skipped."""
+        window = self.window
+        stepped = self.optimizer_step(window.correction(where), window.losses, where)
+        self.epoch_sums.add_window(window.losses, window.stacked, window.counts, stepped)
+        window.reset()
         return stepped

@@ -62,9 +62,9 @@ class Trainer:
             fsdp.shard(self.module, optimizer, cfg.fsdp_kwargs, cfg.shard_modules, cfg.amp_dtype, self.world_size)
         self.precision = make_precision(cfg.amp_dtype, self.device)
         self.callbacks = build_callbacks(callbacks, cfg, self.rank)
-        self._init_steps(cfg)
         self.state = TrainState(self.world_size, cfg.seed, cfg.gradient_accumulation_steps)
         self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
+        self._init_steps(cfg)
         self.run_state = self._make_run_state()
         self.checkpoints = CheckpointManager(self.run_state, self.state, self._rng_state, cfg.checkpoint_dir,
                                              lambda: checkpoint_folder(cfg.checkpoint_dir, self.callbacks),
@@ -109,7 +109,8 @@ class Trainer:
             cfg.max_grad_norm, cfg.on_nonfinite)
         loss_step = self._loss_step()
         self._step = TrainStep(self.model, self._compiled, criterion, loss_step, self.precision, self._optimizer_step,
-                               cfg.gradient_accumulation_steps, cfg.sum_reduction, self.device, self.world_size)
+                               cfg.gradient_accumulation_steps, cfg.sum_reduction, self.device, self.world_size,
+                               self.epoch_sums)
         self._evaluator = Evaluator(criterion, loss_step, cfg.metrics, cfg.metric_inputs, self.device, self.precision)
         self.metrics = self._evaluator.metrics
         self._history_keys = HISTORY_KEYS + tuple(f"val_{name}" for name in self.metrics)
@@ -192,7 +193,7 @@ class Trainer:
 
     def _run_batches(self, loader: Iterable, first_idx: int) -> bool:
         """Train the epoch's micro-batches; return False if a stop cut the epoch short."""
-        cbs, state, sums, k = self.callbacks, self.state, self.epoch_sums, self.config.gradient_accumulation_steps
+        cbs, state, k = self.callbacks, self.state, self.config.gradient_accumulation_steps
         self._step.begin_epoch(getattr(loader, "batch_size", None))
         equal = resumes_by_index(loader) or (self.world_size == 1 and self._loader_state.loader is None)
         batches = iter(loader)
@@ -202,13 +203,11 @@ class Trainer:
             if begin:
                 cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": state.epoch})
             loss, n, items = self._step.micro_batch(batch, sync=ends_window)
-            sums.add(loss, items)
             if backward_end:
                 cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
             stepped = False
             if ends_window:
                 stepped = self._step.finish_window(self._where(batch_idx))
-                sums.end_window(stepped)  # a skipped window's losses stay out of train_loss
                 state.global_step += stepped
                 state.batch_in_epoch = batch_idx + 1
             cbs.call("on_batch_end", batch_idx, trainer=self,
