@@ -133,7 +133,9 @@ class SlurmCluster:
             "SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1",
             "MpiDefault=none", "MailProg=/bin/true", "ReturnToService=2",
             # MinJobAge <= 5 makes `sbatch --wait` poll every 2 s instead of backing off to 32 s.
-            "MinJobAge=5", "KillWait=10", f"FirstJobId={self.first_job_id}",
+            # KillWait: Slurm's default, the time the ranks have to exit after a requeue ends the job
+            # (they take seconds on a loaded machine; 10 s could SIGKILL them mid-exit).
+            "MinJobAge=5", "KillWait=30", f"FirstJobId={self.first_job_id}",
         ]
         lines += [f"NodeName={node} NodeAddr=127.0.0.1 Port={free_port()} {topology} RealMemory=2048 State=UNKNOWN"
                   for node in self.nodes]

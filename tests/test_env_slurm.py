@@ -52,10 +52,11 @@ BATCH_SHELL = {
     "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "2(x2)",
     "SLURM_TOPOLOGY_ADDR": "anndist-node1",
 }
-# slurm/multi_node.sbatch (srun starts one torchrun per node): the worker of rank 1.
+# slurm/multi_node.sbatch (srun starts one torchrun per node, static rendezvous on node 0 at the
+# job-id port; anndist.launcher handles SIGTERM itself): the worker of rank 1.
 TORCHRUN_UNDER_SRUN_RANK1 = {
     "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-    "MASTER_ADDR": "localhost", "MASTER_PORT": "42259", "RANK": "1", "ROLE_RANK": "1",
+    "MASTER_ADDR": "anndist-node1", "MASTER_PORT": "15001", "RANK": "1", "ROLE_RANK": "1",
     "ROLE_WORLD_SIZE": "2", "SLURMD_NODENAME": "anndist-node2", "SLURM_CPUS_ON_NODE": "1",
     "SLURM_CPUS_PER_TASK": "1", "SLURM_DISTRIBUTION": "cyclic", "SLURM_GTIDS": "1", "SLURM_JOBID": "1",
     "SLURM_JOB_CPUS_PER_NODE": "1(x2)", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "anndist",
@@ -66,10 +67,10 @@ TORCHRUN_UNDER_SRUN_RANK1 = {
     "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
     "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_TOPOLOGY_ADDR": "anndist-node2",
     "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_RUN_ID": "1",
-    "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+    "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT",
     "TORCHELASTIC_USE_AGENT_STORE": "True", "WORLD_SIZE": "2",
 }
-# slurm/single_node.sbatch (torchrun in the batch shell): the worker of rank 1.
+# slurm/single_node.sbatch (torchrun in the batch shell, as anndist.launcher): the worker of rank 1.
 TORCHRUN_IN_BATCH_RANK1 = {
     "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
     "MASTER_ADDR": "localhost", "MASTER_PORT": "45713", "RANK": "1", "ROLE_RANK": "1",
@@ -81,7 +82,7 @@ TORCHRUN_IN_BATCH_RANK1 = {
     "SLURM_NTASKS_PER_NODE": "1", "SLURM_OPEN_MODE": "a", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "1",
     "SLURM_TOPOLOGY_ADDR": "anndist-node1", "TORCHELASTIC_MAX_RESTARTS": "0",
     "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_RUN_ID": "5907c8f0-b2a5-4717-8a77-e814545fa491",
-    "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+    "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT",
     "TORCHELASTIC_USE_AGENT_STORE": "True", "WORLD_SIZE": "2",
 }
 
@@ -113,7 +114,7 @@ def test_batch_shell_is_a_single_process():
 
 @pytest.mark.parametrize("environ, expected", [
     (TORCHRUN_UNDER_SRUN_RANK1, DistEnv(rank=1, local_rank=0, world_size=2, local_world_size=1,
-                                        master_addr="localhost", master_port=42259, launcher="torchrun",
+                                        master_addr="anndist-node1", master_port=15001, launcher="torchrun",
                                         agent_store=True)),
     (TORCHRUN_IN_BATCH_RANK1, DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2,
                                       master_addr="localhost", master_port=45713, launcher="torchrun",
