@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from . import collectives
+
 logger = logging.getLogger(__name__)
 
 
@@ -123,6 +125,22 @@ class EpochSums:
             for loss, count in zip(losses, counts):
                 add_weighted(self.loss_sum, loss, count)
         self.items = self.items + sum(counts)
+
+    def train_loss(self, epoch: int) -> float:
+        """The epoch's ``train_loss`` over every rank's samples (or items): an all-reduce, on every rank."""
+        totals = torch.stack([self.loss_sum, torch.as_tensor(self.items, dtype=torch.float64, device=self.device),
+                              torch.as_tensor(self.dropped, dtype=torch.float64, device=self.device)])
+        collectives.all_reduce(totals)
+        total_loss, total_items, dropped = totals.tolist()
+        if not total_items and dropped:
+            logger.warning("every optimizer step of epoch %d was skipped (non-finite): train_loss is NaN", epoch)
+            return float("nan")
+        if not total_items:
+            raise ValueError(
+                f"the train loader yielded no batches in epoch {epoch} on any rank: an empty dataset, or a "
+                "one-shot iterator (a generator) already used up by an earlier epoch; pass a loader that can be "
+                "iterated again")
+        return total_loss / total_items
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sum": float(self.loss_sum), "items": float(self.items)}

@@ -183,7 +183,8 @@ class Trainer:
             self.epoch_sums.reset()
         if not self._run_batches(loader, skip):
             return None
-        logs = self._epoch_train_metrics()
+        self._agreement.settle()  # no stop proposal in flight across the reduction
+        logs = {"train_loss": self.epoch_sums.train_loss(self.epoch)}
         if self._val_loader is not None and self.eval_every_n_steps is None:
             logs.update(self._validate(self._val_loader, "epoch"))
         self._step_epoch_scheduler(logs)
@@ -233,23 +234,6 @@ class Trainer:
             self.state.record({**logs, "eval_step": self.global_step}, self._history_keys + ("eval_step",))
             step_plateau(self.scheduler, self.config.scheduler_monitor, logs)
         return logs
-
-    def _epoch_train_metrics(self) -> dict[str, float]:
-        sums = self.epoch_sums
-        totals = torch.stack([sums.loss_sum, torch.as_tensor(sums.items, dtype=torch.float64, device=self.device),
-                              torch.as_tensor(sums.dropped, dtype=torch.float64, device=self.device)])
-        self._agreement.settle()
-        collectives.all_reduce(totals)
-        total_loss, total_items, dropped = totals.tolist()
-        if not total_items and dropped:
-            logger.warning("every optimizer step of epoch %d was skipped (non-finite): train_loss is NaN", self.epoch)
-            return {"train_loss": float("nan")}
-        if not total_items:
-            raise ValueError(
-                f"the train loader yielded no batches in epoch {self.epoch} on any rank: an empty dataset, or a "
-                "one-shot iterator (a generator) already used up by an earlier epoch; pass a loader that can be "
-                "iterated again")
-        return {"train_loss": total_loss / total_items}
 
     def _step_epoch_scheduler(self, logs: dict[str, float]) -> None:
         cfg = self.config
