@@ -184,8 +184,14 @@ class ShardedOptimizer:
         self.module, self.optimizer = module, optimizer
 
     def state_dict(self) -> dict[str, Any]:
+        """Its state by name. DCP first gives an optimizer that never stepped its state (one step with lr 0
+        and zero gradients); that state is dropped again afterwards, so a save cannot change the run."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-        return get_optimizer_state_dict(self.module, self.optimizer)
+        fresh = not self.optimizer.state
+        state = get_optimizer_state_dict(self.module, self.optimizer)
+        if fresh:
+            self.optimizer.state.clear()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
