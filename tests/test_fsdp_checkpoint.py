@@ -1,5 +1,7 @@
 """Sharded (DCP) checkpoints under strategy="fsdp": bit-identical resume on 2 ranks (sync and async saves,
-through ModelCheckpoint), a 2 -> 1 reshard that trains on, and the consolidation into one file."""
+through ModelCheckpoint, from the last save and from one taken while training went on), a 2 -> 1 reshard
+that trains on, the consolidation into one file, and kill -9 during async saves (shared with the DDP
+tests in test_ddp_async_checkpoint.py)."""
 from __future__ import annotations
 
 import pytest
