@@ -45,6 +45,11 @@ class CheckpointManager:
         name = name if name is not None else checkpoint.step_name(self.train_state.global_step)
         return checkpoint.CheckpointFolder(dirpath).save(self.run, name, metadata)
 
+    def wait(self) -> None:
+        """Block until an asynchronous save in flight is written and committed (every rank)."""
+        if self.run.sharded is not None:
+            self.run.sharded.wait()
+
     def load(self, path: str | os.PathLike) -> dict[str, Any]:
         metadata = checkpoint.load(path, self.run)
         state = self.train_state

@@ -45,8 +45,8 @@ class TrainerConfig:
         ``"fsdp"`` shards parameters, gradients and optimizer state with FSDP2's ``fully_shard``
         (``fsdp_kwargs`` are its keyword arguments; ``shard_modules(m) -> bool`` picks the submodules
         that get their own shard group); see fsdp.py and docs/fsdp.md.
-    async_checkpoint: with ``strategy="fsdp"``, checkpoints are staged in memory and written in the
-        background while training goes on (see checkpoint/sharded.py).
+    async_checkpoint: checkpoints are DCP folders (as under ``strategy="fsdp"``, also with ``"ddp"``),
+        staged in memory and written in the background while training goes on (checkpoint/sharded.py).
     progress_bar: a tqdm bar on rank 0; None (default) shows it when stderr is a terminal and not under CI.
     checkpoint_dir / auto_resume: the folder of checkpoints (``fit(resume_from="latest")`` and
         ``ModelCheckpoint()`` use it); with ``auto_resume=True`` the first ``fit`` resumes from its latest

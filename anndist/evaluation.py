@@ -3,7 +3,8 @@
 Each rank sums ``loss * n`` (n: the batch's items when the loss step gives ``num_items``, else its
 samples), and correct predictions for classification, over its shard; one all-reduce adds the sums
 and counts, so the result equals a single process evaluating the whole dataset, to float tolerance,
-whatever the world size or batch size. The bare module is used: no DDP collectives.
+whatever the world size or batch size. The bare module is used: no DDP collectives. Under FSDP the
+forwards are collectives, and the ranks run them in lockstep (``lockstep.py``).
 
 Metrics (``Trainer(metrics={"f1": ...})``) see each batch's predictions and targets. A torchmetrics
 ``Metric`` is updated on each rank and synchronises its own states in ``compute()`` (every rank
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from . import collectives
 from .batch import prepare_batch, split_batch, to_device
+from .lockstep import lockstep
 from .loss import (call_model, call_on_inputs, check_result, default_metric_inputs, loss_of, model_loss,
                    sample_count)
 from .precision import Precision
@@ -56,8 +58,8 @@ class Evaluator:
         was_training = module.training
         module.eval()
         try:
-            for batch in loader:
-                self._batch(module, batch, totals, gathered)
+            for batch, counts in lockstep(loader, module, self.device):  # FSDP: as many forwards as any rank
+                self._batch(module, batch, totals, gathered, counts)
         finally:
             module.train(was_training)
         collectives.all_reduce(totals)
@@ -70,7 +72,9 @@ class Evaluator:
         results.update(self._compute_metrics(gathered))
         return results
 
-    def _batch(self, module: torch.nn.Module, batch: Any, totals: torch.Tensor, gathered: dict) -> None:
+    def _batch(self, module: torch.nn.Module, batch: Any, totals: torch.Tensor, gathered: dict,
+               counts: bool = True) -> None:
+        """Add one batch to the sums; a filler (``counts`` False, lockstep.py) runs the same forwards only."""
         with self.precision.autocast():
             if self.compute_loss is None and self.criterion is not None:
                 inputs, targets, n = prepare_batch(batch, self.device, self.non_blocking)
@@ -79,6 +83,10 @@ class Evaluator:
             else:
                 batch = to_device(batch, self.device, self.non_blocking)
                 loss, weight, outputs, targets = self._custom_loss(module, batch)
+        if not counts:
+            if self.metrics:  # may run one more forward, as for a counted batch
+                self._metric_inputs(module, batch, outputs, targets)
+            return
         totals[0] += loss.detach().double() * weight
         totals[2] += weight
         if self.criterion is not None and self.compute_loss is None and is_classification(outputs, targets):

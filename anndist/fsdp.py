@@ -52,9 +52,6 @@ def check_options(strategy: Any, fsdp_kwargs: Any, shard_modules: Any, amp_dtype
     if not isinstance(async_checkpoint, bool):
         raise TypeError(f"async_checkpoint must be True or False, got {async_checkpoint!r}")
     if strategy != "fsdp":
-        if async_checkpoint:
-            raise ValueError("async_checkpoint=True needs strategy='fsdp' (sharded checkpoints); DDP runs save "
-                             "one file synchronously")
         return
     from torch.distributed.fsdp import fully_shard
     import inspect
@@ -167,7 +164,8 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class ShardedModel:
-    """The model's state for DCP: each rank its shards (plain tensors when not sharded), by parameter name."""
+    """The model's state for DCP: each rank its shards (whole tensors when not sharded: DDP, one
+    process), by parameter name."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -188,21 +186,34 @@ class ShardedOptimizer:
         self.module, self.optimizer = module, optimizer
 
     def state_dict(self) -> dict[str, Any]:
+        """Its state by name. DCP first gives an optimizer that never stepped its state (one step with lr 0
+        and zero gradients); that state is dropped again afterwards, so a save cannot change the run."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-        return get_optimizer_state_dict(self.module, self.optimizer)
+        fresh = not self.optimizer.state
+        state = get_optimizer_state_dict(self.module, self.optimizer)
+        if fresh:
+            self.optimizer.state.clear()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         set_optimizer_state_dict(self.module, self.optimizer, state)
 
 
-def sharded_states(shared: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer,
+def sharded_states(shared: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer, strategy: str,
                    async_save: bool) -> Any:
-    """Take model and optimizer out of the run's ``shared`` states: under FSDP each rank saves its part."""
+    """Model and optimizer as DCP saves them (sharded folders), for either strategy.
+
+    FSDP: they leave the run's ``shared`` states (no rank holds them whole), every save is a folder.
+    DDP: they stay in ``shared`` too, so the default run saves single files as ever and can still load
+    a folder; with ``async_save`` its saves are folders, each replicated tensor written once.
+    """
     from .checkpoint.sharded import ShardedStates
-    del shared["model"], shared["optimizer"]
-    return ShardedStates({"model": ShardedModel(module), "optimizer": ShardedOptimizer(module, optimizer)},
-                         async_save=async_save)
+    states = {"model": ShardedModel(module), "optimizer": ShardedOptimizer(module, optimizer)}
+    if strategy == "fsdp":
+        del shared["model"], shared["optimizer"]
+        return ShardedStates(states, async_save=async_save)
+    return ShardedStates(states, async_save=async_save, saves_folders=async_save)
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

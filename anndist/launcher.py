@@ -109,9 +109,9 @@ class PreemptionWatch(logging.Filter):
     def release(self) -> None:
         """Log the records held so far (torchrun's report of a failure that is not a preemption)."""
         held, self._held = self._held, []
-        for record in held:
-            record.anndist_released = True
-            torch_processes.logger.handle(record)
+        for entry in held:
+            entry.anndist_released = True
+            torch_processes.logger.handle(entry)
 
     def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         """Pass TERM on to the workers and keep waiting for them; see the module docstring."""

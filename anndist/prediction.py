@@ -6,6 +6,7 @@ r, r+W, r+2W, ...), under ``no_grad`` and autocast when enabled; the outputs (``
 position i div W: the dataset's order. Every rank ends up holding the outputs of the whole dataset in
 CPU memory (``main_process_only=True`` keeps them on rank 0 alone, the others get None). A loader
 that anndist does not shard (a custom sampler, an ``IterableDataset``) is gathered in rank order.
+Under FSDP the ranks run as many forwards as the rank with the most batches (``lockstep.py``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from . import collectives
 from .batch import split_batch, to_device
+from .lockstep import lockstep
 from .loss import call_model, call_on_inputs, predictions_of
 from .precision import Precision
 from .sampler import ShardSampler
@@ -27,8 +29,11 @@ def predict(module: torch.nn.Module, loader: Iterable, with_criterion: bool, dev
     was_training = module.training
     module.eval()
     try:
-        mine = [_outputs(module, to_device(batch, device, device.type == "cuda"), with_criterion, precision)
-                for batch in loader]
+        mine = []
+        for batch, counts in lockstep(loader, module, device):  # FSDP: as many forwards as any rank
+            output = _outputs(module, to_device(batch, device, device.type == "cuda"), with_criterion, precision)
+            if counts:  # a filler's output is dropped
+                mine.append(output)
     finally:
         module.train(was_training)
     _check_shapes([m.shape[1:] for m in mine], "batches of this rank")

@@ -288,8 +288,7 @@ class Trainer:
             shared["scheduler"] = self.scheduler
         own = {"rng": self._rng_state, "epoch_sums": self.epoch_sums, "loader": self._loader_state}
         cfg = self.config
-        sharded = fsdp.sharded_states(shared, self.module, self.optimizer, cfg.async_checkpoint) \
-            if cfg.strategy == "fsdp" else None
+        sharded = fsdp.sharded_states(shared, self.module, self.optimizer, cfg.strategy, cfg.async_checkpoint)
         return checkpoint.RunState(shared, own, ready_to_save=lambda: check_window_closed(self.module, self.state),
                                    sharded=sharded)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
+import time
 from typing import Any, Callable
 
 import torch
@@ -29,9 +30,19 @@ def _worker(rank: int, fn: Callable, world_size: int, workdir: str, args: tuple)
         gc.collect()
 
 
-def run_spawn(fn: Callable, world_size: int = 2, *args: Any) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return their results."""
+def run_spawn(fn: Callable, world_size: int = 2, *args: Any, timeout: float | None = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return their results.
+
+    ``timeout``: seconds after which the ranks still running are killed and a TimeoutError says so (for
+    tests whose failure would be a hang, not an error)."""
     with tempfile.TemporaryDirectory() as workdir:
-        mp.start_processes(_worker, args=(fn, world_size, workdir, args), nprocs=world_size,
-                           join=True, start_method="spawn")
+        context = mp.start_processes(_worker, args=(fn, world_size, workdir, args), nprocs=world_size,
+                                     join=False, start_method="spawn")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not context.join(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            if deadline is not None and time.monotonic() >= deadline:
+                for process in context.processes:
+                    process.kill()
+                    process.join()
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish within {timeout} s")
         return [torch.load(os.path.join(workdir, f"result{r}.pt"), weights_only=False) for r in range(world_size)]

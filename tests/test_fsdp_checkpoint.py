@@ -1,5 +1,7 @@
 """Sharded (DCP) checkpoints under strategy="fsdp": bit-identical resume on 2 ranks (sync and async saves,
-through ModelCheckpoint), a 2 -> 1 reshard that trains on, and the consolidation into one file."""
+through ModelCheckpoint, from the last save and from one taken while training went on), a 2 -> 1 reshard
+that trains on, the consolidation into one file, and kill -9 during async saves (shared with the DDP
+tests in test_ddp_async_checkpoint.py)."""
 from __future__ import annotations
 
 import pytest
@@ -19,13 +21,15 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
 
 
-def _trainer(async_save: bool, callbacks=()) -> Trainer:
+def _trainer(async_save: bool, callbacks=(), strategy: str = "fsdp", **options) -> Trainer:
     model = _model()
-    return Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nn.CrossEntropyLoss(), strategy="fsdp",
-                   shard_modules=lambda m: isinstance(m, nn.Linear), async_checkpoint=async_save, seed=0,
+    sharding = {"shard_modules": lambda m: isinstance(m, nn.Linear)} if strategy == "fsdp" else {}
+    return Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nn.CrossEntropyLoss(), strategy=strategy,
+                   **sharding, async_checkpoint=async_save, seed=0,
                    progress_bar=False, handle_signals=False, callbacks=list(callbacks),
                    scheduler=None, gradient_accumulation_steps=2,
-                   stop_check_period=0)  # the stop lands at a known step (10), not up to 0.25 s of steps later
+                   stop_check_period=0,  # the stop lands at a known step (10), not up to 0.25 s of steps later
+                   **options)
 
 
 def _loader() -> DataLoader:
@@ -40,21 +44,25 @@ class StopAt(Callback):
             trainer.stop_training = True
 
 
-def _resume(rank: int, world_size: int, folder: str, async_save: bool) -> dict:
-    straight = _trainer(async_save)
+def _resume(rank: int, world_size: int, folder: str, async_save: bool, strategy: str = "fsdp") -> dict:
+    straight = _trainer(async_save, strategy=strategy)
     straight.fit(_loader(), max_steps=14)
     # Saved every 4 steps by ModelCheckpoint (2 kept); stopped at step 10 on 2 ranks (the flag set after
     # step 9 is read one proposal later), mid-epoch (6 steps per epoch).
     stopped = _trainer(async_save, [ModelCheckpoint(folder, every_n_steps=4, every_n_epochs=None, keep_last=2),
-                                    StopAt()])
+                                    StopAt()], strategy)
     stopped.fit(_loader(), max_steps=14)
     assert stopped.global_step == 10 and stopped.batch_in_epoch == 8
     stopped.save_in_dir(folder, "stop")
     stopped.close()
-    resumed = _trainer(async_save)
+    resumed = _trainer(async_save, strategy=strategy)
     resumed.fit(_loader(), max_steps=14, resume_from=f"{folder}/stop.ckpt")
+    # Step 8 was saved while training went on (an asynchronous save's staging must have copied the state).
+    from_step_8 = _trainer(async_save, strategy=strategy)
+    from_step_8.fit(_loader(), max_steps=14, resume_from=f"{folder}/step-000000008.ckpt")
     return {"straight": full_weights(straight.module), "resumed": full_weights(resumed.module),
-            "history": (straight.history, resumed.history), "blocked": stopped.run_state.sharded.last_blocked_s}
+            "from_step_8": full_weights(from_step_8.module), "history": (straight.history, resumed.history),
+            "blocked": stopped.run_state.sharded.last_blocked_s}
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
@@ -68,6 +76,7 @@ def test_resume_on_two_ranks_is_bit_identical(two_ranks):
     for out in ranks:
         for name, value in out["straight"].items():
             assert torch.equal(out["resumed"][name], value), name
+            assert torch.equal(out["from_step_8"][name], value), name
         assert out["history"][0]["train_loss"] == out["history"][1]["train_loss"]
         assert out["blocked"] >= 0
     written = sorted(p.name for p in folder.iterdir())
@@ -107,6 +116,10 @@ def test_consolidate_gives_the_full_model(two_ranks, tmp_path):
 
 
 def test_kill_9_during_async_saves_leaves_a_loadable_checkpoint(tmp_path):
+    kill_9_during_async_saves(tmp_path, "fsdp")
+
+
+def kill_9_during_async_saves(tmp_path, strategy: str) -> None:
     """SIGKILL to the whole torchrun job at random moments of back-to-back asynchronous saves (~2.1M
     parameters, ~25 MB a save), the job restarted each time with auto_resume: each time the latest
     checkpoint loads, and it moves forward."""
@@ -120,12 +133,12 @@ def test_kill_9_during_async_saves_leaves_a_loadable_checkpoint(tmp_path):
 
     from anndist.checkpoint import latest_checkpoint
     from processes import ROOT, child_env
-    from scripts.fsdp_async_saves import model
+    from scripts.async_saves import model
 
     folder, previous = tmp_path / "ckpt", -1
     for trial in range(3):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "scripts" / "fsdp_async_saves.py"), str(folder)]
+               str(ROOT / "tests" / "scripts" / "async_saves.py"), str(folder), strategy]
         with subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, start_new_session=True) as job:
             workers = []
@@ -142,9 +155,9 @@ def test_kill_9_during_async_saves_leaves_a_loadable_checkpoint(tmp_path):
                         os.kill(pid, signal.SIGKILL)
         _wait_gone(workers)
         found = latest_checkpoint(folder)
-        assert found is not None
+        assert found is not None and (found / ".metadata").is_file()
         net = model()
-        one = Trainer(net, torch.optim.AdamW(net.parameters(), lr=1e-3), nn.CrossEntropyLoss(), strategy="fsdp",
+        one = Trainer(net, torch.optim.AdamW(net.parameters(), lr=1e-3), nn.CrossEntropyLoss(), strategy=strategy,
                       seed=0, progress_bar=False, handle_signals=False)
         one.load_checkpoint(found)  # every shard and the run file are there and fit
         assert one.global_step >= previous + 3  # the restarted run resumed, trained and saved again

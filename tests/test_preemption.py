@@ -123,13 +123,15 @@ sys.path.insert(0, "tests")
 from anndist import Callback, Trainer
 from models import flat_params, make_dataset, make_model
 sig, at_step, checkpoint_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, sys.argv[4]
+async_checkpoint = sys.argv[5:] == ["async"]
 class Kill(Callback):
     def on_batch_end(self, batch_idx, trainer, logs=None):
         if trainer.global_step == at_step:
             os.kill(os.getpid(), getattr(signal, sig))
 model = make_model(dropout=0.2)
 trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01), torch.nn.CrossEntropyLoss(), callbacks=[Kill()],
-                  seed=0, checkpoint_dir=checkpoint_dir, auto_resume=checkpoint_dir is not None)
+                  seed=0, checkpoint_dir=checkpoint_dir, auto_resume=checkpoint_dir is not None,
+                  async_checkpoint=async_checkpoint)
 trainer.fit(DataLoader(make_dataset(), batch_size=8, shuffle=True), num_epochs=3)
 torch.save(flat_params(trainer.module), out)
 print("fit returned")
@@ -149,15 +151,20 @@ def test_without_checkpoint_dir_the_process_exits_as_if_killed(tmp_path):
     assert "no checkpoint_dir: nothing saved" in proc.stderr
 
 
-def test_signal_saves_exits_75_and_the_rerun_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_signal_saves_exits_75_and_the_rerun_resumes_exactly(tmp_path, mode):
     """Outside SLURM: USR1 mid-epoch saves and exits 75 (nothing to requeue); running the same
-    command again resumes from the checkpoint and ends with the uninterrupted run's weights."""
+    command again resumes from the checkpoint and ends with the uninterrupted run's weights. With
+    async_checkpoint=True the save is committed before the callback goes on (requeue, exit)."""
     ckpt, weights = tmp_path / "ckpt", tmp_path / "resumed.pt"
-    first = _python("SIGUSR1", "5", str(ckpt), str(weights))  # 8 steps per epoch: mid-epoch
+    first = _python("SIGUSR1", "5", str(ckpt), str(weights), mode)  # 8 steps per epoch: mid-epoch
     assert first.returncode == PREEMPTED_EXIT_CODE == 75, first.stderr
     assert "fit returned" not in first.stdout and "not a SLURM job: nothing to requeue" in first.stderr
     assert latest_checkpoint(ckpt) is not None
-    second = _python("SIGUSR1", "-1", str(ckpt), str(weights))
+    if mode == "async":
+        assert (latest_checkpoint(ckpt) / ".metadata").is_file()
+        assert first.stderr.index("committed") < first.stderr.index(f"saved {ckpt}"), first.stderr
+    second = _python("SIGUSR1", "-1", str(ckpt), str(weights), mode)
     assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr
     reference = _python("SIGUSR1", "-1", "", str(tmp_path / "reference.pt"))
     assert reference.returncode == 0, reference.stderr

@@ -47,6 +47,7 @@ def _parts():
      r"ddp_kwargs key 'find_unused_parameter' is not a parameter of DistributedDataParallel.*find_unused_parameters"),
     ({"ddp_kwargs": {"device_ids": [0]}}, ValueError, "ddp_kwargs key 'device_ids' is set by the Trainer"),
     ({"device": "gpu"}, ValueError, "device='gpu' is not a device"),
+    ({"async_checkpoint": "yes"}, TypeError, "async_checkpoint must be True or False, got 'yes'"),
 ])
 def test_bad_options(options, error, match):
     with pytest.raises(error, match=match):

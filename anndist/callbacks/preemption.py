@@ -139,6 +139,7 @@ class PreemptionCallback(Callback):
             self._exit(128 + signals[0])
             return
         path = trainer.save_in_dir(checkpoint_dir, reason="preempted", signal=names)
+        trainer.checkpoints.wait()  # an asynchronous save: committed before the requeue and the exit
         self._exit_on_sigterm()  # the checkpoint is complete on every rank
         logger.info("saved %s", path)
         if set(signals) & set(self.requeue_signals) and trainer.is_main_process:

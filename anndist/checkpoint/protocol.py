@@ -47,7 +47,13 @@ class RunState:
     states: dict[str, Stateful]
     rank_states: dict[str, RankStateful] = field(default_factory=dict)
     ready_to_save: Callable[[], None] = lambda: None
-    sharded: ShardedStates | None = None  # states each rank saves its part of, a DCP folder (sharded.py)
+    sharded: ShardedStates | None = None  # states DCP saves, each rank its part, in a folder (sharded.py)
+
+    def payload_states(self, folder: bool) -> dict[str, Stateful]:
+        """The shared states a checkpoint's payload holds: in a DCP folder, all but those DCP writes."""
+        if not folder or self.sharded is None:
+            return self.states
+        return {name: obj for name, obj in self.states.items() if name not in self.sharded.states}
 
 
 def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
@@ -58,9 +64,10 @@ def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
     run.ready_to_save()
     check_every_rank_saves()
     ranks = collectives.all_gather_object({name: obj.state_dict() for name, obj in run.rank_states.items()})
+    folder = run.sharded is not None and run.sharded.saves_folders
     # Every rank builds the states: a state_dict() may itself be collective.
-    payload = build({name: obj.state_dict() for name, obj in run.states.items()}, ranks, metadata)
-    if run.sharded is not None:
+    payload = build({name: obj.state_dict() for name, obj in run.payload_states(folder).items()}, ranks, metadata)
+    if folder:
         return sharded_ckpt.save(path, run.sharded, payload, publish)
     writes = collectives.rank() == 0
 
@@ -107,29 +114,36 @@ def load(path: str | os.PathLike, run: RunState) -> dict[str, Any]:
     path = Path(path)
     if sharded_ckpt.is_sharded(path):
         return _load_sharded(path, run)
-    return collectives.run_collectively(lambda: _restore(run, upgrade(read_checkpoint(path)), str(path)))
+    only_in_folders = sorted(set(run.sharded.states) - set(run.states)) if run.sharded is not None else []
+    if only_in_folders:  # they would silently keep their current values
+        raise CheckpointError(
+            f"checkpoint {path} is a single file (written by a strategy='ddp' run); this run keeps its "
+            f"{only_in_folders} in sharded checkpoint folders only (strategy='fsdp'): continue that run with "
+            "strategy='ddp', whose async_checkpoint=True saves folders that strategy='fsdp' loads")
+    return collectives.run_collectively(lambda: _restore(run, upgrade(read_checkpoint(path)), str(path), False))
 
 
 def _load_sharded(path: Path, run: RunState) -> dict[str, Any]:
     if run.sharded is None:
-        raise CheckpointError(f"checkpoint {path} is a sharded (DCP) folder; load it with strategy='fsdp', or turn it "
-                              "into one file with python -m anndist.consolidate")
+        raise CheckpointError(f"checkpoint {path} is a sharded (DCP) folder and this run has no states DCP can load; "
+                              "turn it into one file with python -m anndist.consolidate")
     payload = collectives.run_collectively(lambda: upgrade(sharded_ckpt.read_run_file(path)))
     sharded_ckpt.load(path, run.sharded)  # collective: outside run_collectively, which must not wrap one
-    return collectives.run_collectively(lambda: _restore(run, payload, str(path)))
+    return collectives.run_collectively(lambda: _restore(run, payload, str(path), True))
 
 
-def _restore(run: RunState, payload: dict[str, Any], source: str) -> dict[str, Any]:
-    saved, ranks = payload["states"], payload["ranks"]
-    missing = sorted(set(run.states) - set(saved)) + sorted(set(run.rank_states) - set(ranks[0] if ranks else {}))
+def _restore(run: RunState, payload: dict[str, Any], source: str, folder: bool) -> dict[str, Any]:
+    """Restore the payload's states (those DCP did not load from a ``folder``) and every rank's own."""
+    saved, ranks, states = payload["states"], payload["ranks"], run.payload_states(folder)
+    missing = sorted(set(states) - set(saved)) + sorted(set(run.rank_states) - set(ranks[0] if ranks else {}))
     if missing:
         raise CheckpointError(f"checkpoint {source} holds no state for {missing}; it was saved by another kind of run")
-    for name, obj in run.states.items():  # check everything before changing anything
+    for name, obj in states.items():  # check everything before changing anything
         check = getattr(obj, "check_state_dict", None)
         if check is not None:
             check(saved[name], source)
     try:
-        for name, obj in run.states.items():
+        for name, obj in states.items():
             obj.load_state_dict(saved[name])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {source} does not fit this Trainer's model/optimizer: {exc}") from exc

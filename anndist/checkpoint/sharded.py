@@ -16,6 +16,10 @@ Asynchronous saves (``async_save=True``): the states are staged into CPU memory 
 (``last_blocked_s``, logged), then written by DCP's background thread on a process group of its own,
 so its collectives never interleave with training's. Rank 0 commits when the write completes. The
 next save, and ``wait()`` (the Trainer calls it before it closes), wait for the one in flight.
+
+The same folders serve replicated states (DDP with ``async_save``): every rank offers the whole
+state, DCP's planner keeps one copy of each tensor and spreads those over the ranks, so each rank
+writes about 1/W of it.
 """
 from __future__ import annotations
 
@@ -40,10 +44,15 @@ METADATA = ".metadata"
 
 @dataclass
 class ShardedStates:
-    """Objects whose state every rank saves its own part of (model, optimizer under FSDP), and how."""
+    """Objects that DCP saves and loads, every rank its own part (model, optimizer), and how.
+
+    ``saves_folders`` False: a run that saves single files (DDP, synchronous; the states are then
+    also among the run's shared states) and can still load these folders.
+    """
 
     states: dict[str, Any]
     async_save: bool = False
+    saves_folders: bool = True
     last_blocked_s: float = math.nan  # seconds the last save held training up
     _pending: Any = field(default=None, repr=False)
     _group: Any = field(default=None, repr=False)
@@ -80,7 +89,9 @@ def partial_path(path: Path) -> Path:
 def save(path: Path, sharded: ShardedStates, payload: dict[str, Any], publish: Callable[[Path], None] | None) -> Path:
     """Write the sharded states with DCP and ``payload`` beside them; commit as the module docstring says."""
     import torch.distributed.checkpoint as dcp
+    started = time.perf_counter()  # training is blocked from here: waiting for the previous save counts
     sharded.wait()
+    waited = time.perf_counter() - started
     tmp, main = partial_path(path), collectives.rank() == 0
 
     def prepare() -> None:
@@ -90,17 +101,16 @@ def save(path: Path, sharded: ShardedStates, payload: dict[str, Any], publish: C
             write_checkpoint(tmp / RUN_FILE, payload)
 
     collectives.run_collectively(prepare)  # the folder exists on every rank's view before DCP writes
-    started = time.perf_counter()
     state = {name: obj.state_dict() for name, obj in sharded.states.items()}
     if sharded.async_save:
         future = dcp.async_save(state, checkpoint_id=tmp, process_group=sharded.group())
-        sharded._pending = (future, _commit_when_done(future, tmp, path, publish) if main else None)
+        sharded._pending = (future, _commit_when_done(future, tmp, path, publish, started) if main else None)
     else:
         dcp.save(state, checkpoint_id=tmp)
         collectives.run_collectively(lambda: _commit(tmp, path, publish) if main else None)
     sharded.last_blocked_s = time.perf_counter() - started
-    logger.info("%s checkpoint %s: training blocked %.3f s", "asynchronous" if sharded.async_save else "sharded",
-                path, sharded.last_blocked_s)
+    logger.info("%s checkpoint %s: training blocked %.3f s (%.3f s of it waiting for the previous save)",
+                "asynchronous" if sharded.async_save else "sharded", path, sharded.last_blocked_s, waited)
     return path
 
 
@@ -108,13 +118,16 @@ class _Committed(threading.Event):
     error: BaseException | None = None
 
 
-def _commit_when_done(future: Any, tmp: Path, path: Path, publish: Callable[[Path], None] | None) -> _Committed:
+def _commit_when_done(future: Any, tmp: Path, path: Path, publish: Callable[[Path], None] | None,
+                      started: float) -> _Committed:
     committed = _Committed()
 
     def done(f: Any) -> None:
         try:
             if f.exception() is None:
                 _commit(tmp, path, publish)
+                logger.info("checkpoint %s committed, %.3f s after the save began", path,
+                            time.perf_counter() - started)
         except BaseException as exc:  # reported by wait()
             committed.error = exc
             logger.error("committing checkpoint %s failed: %s", path, exc)
