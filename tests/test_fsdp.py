@@ -1,4 +1,5 @@
-"""strategy="fsdp": FSDP2 gives DDP's weights (fp32, with and without accumulation), and its options."""
+"""strategy="fsdp": FSDP2 gives DDP's weights (fp32, with and without accumulation); Trainer.state_dict();
+its options."""
 from __future__ import annotations
 
 import pytest
@@ -34,12 +35,36 @@ def _train(strategy: str, k: int, rank: int) -> dict[str, torch.Tensor]:
     return full_weights(trainer.module)
 
 
+def _fsdp_trainer(seed: int) -> Trainer:
+    model = deep_model(seed)
+    return Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nn.CrossEntropyLoss(), strategy="fsdp",
+                   shard_modules=lambda m: isinstance(m, nn.Linear), seed=0, progress_bar=False, handle_signals=False)
+
+
+def _state_dict_round_trip() -> dict:
+    """Trainer.state_dict() after 6 steps, through torch.save, into a Trainer built from other weights."""
+    import io
+    loader = DataLoader(make_dataset(96), batch_size=4)
+    saved, fresh = _fsdp_trainer(0), _fsdp_trainer(1)
+    saved.fit(loader, max_steps=6)
+    state, buffer, at_6 = saved.state_dict(), io.BytesIO(), full_weights(saved.module)
+    torch.save(state, buffer)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    loaded = full_weights(fresh.module)
+    saved.fit(loader, max_steps=9)  # both go on for 3 steps: the same only if Adam's moments and steps came back
+    fresh.fit(loader, max_steps=9)
+    return {"keys": sorted(state), "model": {k: (type(v).__name__, tuple(v.shape)) for k, v in state["model"].items()},
+            "optimizer": sorted(state["optimizer"].get("state", {})), "at_6": at_6, "loaded": loaded,
+            "step": fresh.global_step, "went_on": (full_weights(saved.module), full_weights(fresh.module))}
+
+
 def _both_strategies(rank: int, world_size: int) -> dict:
     from torch.distributed.tensor import DTensor
     out = {}
     for k in (1, 3):
         out[("ddp", k)] = _train("ddp", k, rank)
         out[("fsdp", k)] = _train("fsdp", k, rank)
+    out["state_dict"] = _state_dict_round_trip()
     model = deep_model()
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
                       strategy="fsdp", progress_bar=False, handle_signals=False)
@@ -65,6 +90,36 @@ def test_fsdp_weights_equal_ddp(ranks, k):
             torch.testing.assert_close(fsdp[name], ddp[name], rtol=0, atol=1e-6)
     for name in ranks[0][("fsdp", k)]:
         assert torch.equal(ranks[0][("fsdp", k)][name], ranks[1][("fsdp", k)][name])
+
+
+def test_trainer_state_dict_holds_the_whole_model_and_optimizer(ranks):
+    """Under FSDP: gathered to rank 0 (plain full tensors, the optimizer keyed by name), empty on rank 1;
+    loaded on both ranks into a Trainer built from other weights, it gives the same weights and the same
+    next 3 steps (Adam's moments and step counts came back)."""
+    zero, one = ranks[0]["state_dict"], ranks[1]["state_dict"]
+    names = list(deep_model().state_dict())
+    shapes = {k: ("Tensor", tuple(v.shape)) for k, v in deep_model().state_dict().items()}
+    assert zero["keys"] == one["keys"] == ["callbacks", "model", "optimizer", "scaler", "train_state"]
+    assert zero["model"] == shapes and zero["optimizer"] == sorted(names)
+    assert one["model"] == {} and one["optimizer"] == []
+    for out in (zero, one):
+        assert out["step"] == 9
+        for name in names:
+            assert torch.equal(out["loaded"][name], out["at_6"][name])
+            assert torch.equal(out["went_on"][0][name], out["went_on"][1][name])
+            assert not torch.equal(out["went_on"][0][name], out["at_6"][name])
+
+
+def test_trainer_state_dict_round_trip_in_one_process():
+    """strategy='fsdp' in one process (nothing sharded): the same whole form, loaded without a process group."""
+    saved, fresh = _fsdp_trainer(0), _fsdp_trainer(1)
+    saved.fit(DataLoader(make_dataset(32), batch_size=4), max_steps=3)
+    state = saved.state_dict()
+    assert sorted(state["optimizer"]["state"]) == sorted(deep_model().state_dict())
+    fresh.load_state_dict(state)
+    assert fresh.global_step == 3
+    for name, value in saved.module.state_dict().items():
+        assert torch.equal(fresh.module.state_dict()[name], value)
 
 
 def test_parameters_are_sharded_and_the_optimizer_rebound(ranks):
