@@ -1,5 +1,5 @@
-"""strategy="fsdp": FSDP2 gives DDP's weights (fp32, with and without accumulation); Trainer.state_dict();
-its options."""
+"""strategy="fsdp": FSDP2 gives DDP's weights and gradient norms (fp32, with and without accumulation); the
+profile's per-rank model state; Trainer.state_dict(); its options."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anndist import Trainer
+from anndist import ProfilingCallback, Trainer
 from models import make_dataset
 from spawn_ranks import run_spawn
+from test_step_records import Norms, Records
 
 
 def deep_model(seed: int = 0) -> nn.Module:
@@ -24,15 +25,22 @@ def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _train(strategy: str, k: int, rank: int) -> dict[str, torch.Tensor]:
+def _train(strategy: str, k: int, rank: int, extra=(), **options) -> dict:
+    """20 steps with clipping; the weights, every step's gradient norm, rank 0's step records, the profile."""
     model = deep_model(seed=rank)  # different weights per rank: both strategies take rank 0's
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # built before the Trainer
-    options = {"shard_modules": lambda m: isinstance(m, nn.Linear)} if strategy == "fsdp" else {}
+    if strategy == "fsdp":
+        options["shard_modules"] = lambda m: isinstance(m, nn.Linear)
+    norms, records, profile = Norms(), Records(log_interval=5), ProfilingCallback()
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), strategy=strategy, gradient_accumulation_steps=k,
-                      max_grad_norm=0.5, seed=0, progress_bar=False, handle_signals=False, **options)
+                      max_grad_norm=0.5, seed=0, progress_bar=False, handle_signals=False,
+                      callbacks=[norms, records, profile, *extra], **options)
     trainer.fit(DataLoader(make_dataset(96), batch_size=4, shuffle=True), max_steps=20)
     assert trainer.global_step == 20
-    return full_weights(trainer.module)
+    return {"weights": full_weights(trainer.module), "norms": norms.norms, "history": trainer.history,
+            "records": [r for r in records.records if r["kind"] == "step"], "profile": profile.summaries,
+            "dtypes": {(type(p).__name__, p.dtype) for p in trainer.module.parameters()},
+            "optimizer_dtypes": {v.dtype for st in optimizer.state.values() for v in st.values() if v.dim()}}
 
 
 def _fsdp_trainer(seed: int) -> Trainer:
@@ -82,14 +90,43 @@ def ranks():
 @pytest.mark.parametrize("k", [1, 3])
 def test_fsdp_weights_equal_ddp(ranks, k):
     for out in ranks:
-        ddp, fsdp = out[("ddp", k)], out[("fsdp", k)]
+        ddp, fsdp = out[("ddp", k)]["weights"], out[("fsdp", k)]["weights"]
         assert ddp.keys() == fsdp.keys()
         initial = deep_model(seed=0).state_dict()
         for name in ddp:
             assert not torch.equal(ddp[name], initial[name])  # it trained
             torch.testing.assert_close(fsdp[name], ddp[name], rtol=0, atol=1e-6)
-    for name in ranks[0][("fsdp", k)]:
-        assert torch.equal(ranks[0][("fsdp", k)][name], ranks[1][("fsdp", k)][name])
+    for name in ranks[0][("fsdp", k)]["weights"]:
+        assert torch.equal(ranks[0][("fsdp", k)]["weights"][name], ranks[1][("fsdp", k)]["weights"][name])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_grad_norm_is_the_global_norm_on_every_rank_and_in_the_records(ranks, k):
+    """clip_grad_norm_ on sharded gradients: the same norm on both ranks, DDP's norm, and what rank 0 logs."""
+    fsdp = [out[("fsdp", k)] for out in ranks]
+    ddp = ranks[0][("ddp", k)]["norms"]
+    assert sorted(fsdp[0]["norms"]) == list(range(1, 21)) and fsdp[0]["norms"] == fsdp[1]["norms"]
+    assert any(norm > 0.5 for norm in fsdp[0]["norms"].values())  # clipping acted
+    for step, norm in fsdp[0]["norms"].items():
+        assert norm == pytest.approx(ddp[step], rel=1e-5), step
+    records = fsdp[0]["records"]  # written on rank 0 only
+    assert [r["step"] for r in records] == [5, 10, 15, 20] and fsdp[1]["records"] == []
+    assert all(r["grad_norm"] == fsdp[0]["norms"][r["step"]] for r in records)
+
+
+def test_profile_reports_each_ranks_shards_of_model_state(ranks):
+    """ProfilingCallback's model state per rank: under FSDP each rank's shards (summing to one DDP copy)."""
+    fsdp, ddp = ranks[0][("fsdp", 1)]["profile"], ranks[0][("ddp", 1)]["profile"]
+    params = sum(p.numel() for p in deep_model().parameters()) * 4
+    assert [s["rank"] for s in fsdp] == [0, 1]
+    for s in ddp:  # whole copies: fp32 parameters and gradients, AdamW's two moments and a step count each
+        assert s["model_state"] == {"parameters": params, "gradients": params, "optimizer": 2 * params + 6 * 4}
+    for kind in ("parameters", "gradients"):
+        assert sum(s["model_state"][kind] for s in fsdp) == params
+        assert all(0 < s["model_state"][kind] < params for s in fsdp)
+    assert sum(s["model_state"]["optimizer"] for s in fsdp) == 2 * params + 2 * 6 * 4  # the step counts: per rank
+    from anndist.callbacks.profile_report import format_table
+    assert "model state 0.0 MiB (params+grads+optimizer, this rank)" in format_table(fsdp)
 
 
 def test_trainer_state_dict_holds_the_whole_model_and_optimizer(ranks):
