@@ -1,5 +1,5 @@
-"""strategy="fsdp": FSDP2 gives DDP's weights and gradient norms (fp32, with and without accumulation); the
-profile's per-rank model state; Trainer.state_dict(); its options."""
+"""strategy="fsdp": FSDP2 gives DDP's weights and gradient norms (fp32, with and without accumulation); bf16
+through FSDP's MixedPrecisionPolicy; the profile's per-rank model state; Trainer.state_dict(); its options."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anndist import ProfilingCallback, Trainer
+from anndist import Callback, ProfilingCallback, Trainer
+from anndist.fsdp import local
 from models import make_dataset
 from spawn_ranks import run_spawn
 from test_step_records import Norms, Records
@@ -43,6 +44,28 @@ def _train(strategy: str, k: int, rank: int, extra=(), **options) -> dict:
             "optimizer_dtypes": {v.dtype for st in optimizer.state.values() for v in st.values() if v.dim()}}
 
 
+class DtypeSpy(Callback):
+    """What a sharded Linear computes in: its input and (unsharded) weight in a forward pre-hook, its output."""
+
+    def __init__(self):
+        self.pre, self.out, self.grads = set(), set(), set()
+
+    def on_train_begin(self, trainer, logs=None):
+        layer = trainer.module[2]
+        layer.register_forward_pre_hook(lambda m, args: self.pre.add((args[0].dtype, m.weight.dtype)))
+        layer.register_forward_hook(lambda m, args, out: self.out.add(out.dtype))
+
+    def on_backward_end(self, batch_idx, trainer, logs=None):
+        self.grads |= {local(p.grad).dtype for p in trainer.module.parameters() if p.grad is not None}
+
+
+def _bf16(rank: int) -> dict:
+    spy = DtypeSpy()
+    out = {"fsdp": _train("fsdp", 1, rank, extra=[spy], use_amp=True), "ddp": _train("ddp", 1, rank, use_amp=True)}
+    out["spy"] = (spy.pre, spy.out, spy.grads)
+    return out
+
+
 def _fsdp_trainer(seed: int) -> Trainer:
     model = deep_model(seed)
     return Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nn.CrossEntropyLoss(), strategy="fsdp",
@@ -72,6 +95,7 @@ def _both_strategies(rank: int, world_size: int) -> dict:
     for k in (1, 3):
         out[("ddp", k)] = _train("ddp", k, rank)
         out[("fsdp", k)] = _train("fsdp", k, rank)
+    out["bf16"] = _bf16(rank)
     out["state_dict"] = _state_dict_round_trip()
     model = deep_model()
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
@@ -127,6 +151,33 @@ def test_profile_reports_each_ranks_shards_of_model_state(ranks):
     assert sum(s["model_state"]["optimizer"] for s in fsdp) == 2 * params + 2 * 6 * 4  # the step counts: per rank
     from anndist.callbacks.profile_report import format_table
     assert "model state 0.0 MiB (params+grads+optimizer, this rank)" in format_table(fsdp)
+
+
+def test_fsdp_bf16_equals_ddp_autocast_and_stays_near_fp32(ranks):
+    """use_amp=True: FSDP through MixedPrecisionPolicy(bf16, reduce fp32) computes what DDP under bf16
+    autocast computes (1e-5), and both stay near the fp32 run: loss within 0.01, weights within half of
+    how far they moved (Adam's normalised steps turn bf16's rounding into visible weight differences)."""
+    initial, fp32 = deep_model(seed=0).state_dict(), ranks[0][("ddp", 1)]
+    for out in ranks:
+        fsdp, ddp = out["bf16"]["fsdp"], out["bf16"]["ddp"]
+        for name, reference in fp32["weights"].items():
+            torch.testing.assert_close(fsdp["weights"][name], ddp["weights"][name], rtol=0, atol=1e-5)
+            moved = (reference - initial[name]).norm()
+            assert (fsdp["weights"][name] - reference).norm() < 0.5 * moved, name
+        assert fsdp["history"]["train_loss"] == pytest.approx(fp32["history"]["train_loss"], abs=0.01)
+
+
+def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_weights(ranks):
+    from torch.distributed.tensor import DTensor
+    for out in ranks:
+        pre, outputs, grads = out["bf16"]["spy"]
+        assert pre == {(torch.bfloat16, torch.bfloat16)}  # inputs cast, the unsharded weight in bf16
+        assert outputs == {torch.bfloat16}
+        assert grads == {torch.float32}  # reduced in fp32 (reduce_dtype) into the fp32 shards
+        fsdp = out["bf16"]["fsdp"]
+        assert fsdp["dtypes"] == {(DTensor.__name__, torch.float32)}
+        assert fsdp["optimizer_dtypes"] == {torch.float32}
+        assert all(torch.isfinite(torch.tensor(fsdp["history"]["train_loss"])))
 
 
 def test_trainer_state_dict_holds_the_whole_model_and_optimizer(ranks):
