@@ -1,6 +1,10 @@
 """Sharded (DCP) checkpoints under strategy="fsdp": bit-identical resume on 2 ranks (sync and async saves,
-through ModelCheckpoint), a 2 -> 1 reshard that trains on, and the consolidation into one file."""
+through ModelCheckpoint and through PreemptionCallback), 1 -> 2 and 2 -> 1 reshards that train on, and
+the consolidation into one file."""
 from __future__ import annotations
+
+import math
+import signal
 
 import pytest
 import torch
@@ -8,10 +12,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Trainer
-from anndist.callbacks import Callback, ModelCheckpoint
+from anndist.callbacks import Callback, ModelCheckpoint, PreemptionCallback
 from models import make_dataset
 from spawn_ranks import run_spawn
 from test_fsdp import full_weights
+from test_preemption import SignalAt
 
 
 def _model() -> nn.Module:
@@ -19,13 +24,13 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
 
 
-def _trainer(async_save: bool, callbacks=()) -> Trainer:
+def _trainer(async_save: bool, callbacks=(), **options) -> Trainer:
     model = _model()
     return Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nn.CrossEntropyLoss(), strategy="fsdp",
                    shard_modules=lambda m: isinstance(m, nn.Linear), async_checkpoint=async_save, seed=0,
                    progress_bar=False, handle_signals=False, callbacks=list(callbacks),
                    scheduler=None, gradient_accumulation_steps=2,
-                   stop_check_period=0)  # the stop lands at a known step (10), not up to 50 ms of steps later
+                   stop_check_period=0, **options)  # the stop lands at a known step, not up to 50 ms of steps later
 
 
 def _loader() -> DataLoader:
@@ -35,8 +40,11 @@ def _loader() -> DataLoader:
 class StopAt(Callback):
     """Stops the run mid-epoch, as a preemption would (all ranks agree on the step)."""
 
+    def __init__(self, step: int = 9) -> None:
+        self.step = step
+
     def on_batch_end(self, batch_idx, trainer=None, logs=None):
-        if trainer.global_step >= 9:
+        if trainer.global_step >= self.step:
             trainer.stop_training = True
 
 
@@ -57,14 +65,56 @@ def _resume(rank: int, world_size: int, folder: str, async_save: bool) -> dict:
             "history": (straight.history, resumed.history), "blocked": stopped.run_state.sharded.last_blocked_s}
 
 
+def _preempted(folder: str, async_save: bool) -> dict:
+    """SIGUSR1 on rank 1 after step 3: every rank stops after step 4 (mid-epoch), PreemptionCallback saves
+    the sharded checkpoint; a new Trainer with auto_resume goes on to step 14."""
+    stopped = _trainer(async_save, [SignalAt(signal.SIGUSR1, step=3, rank=1), PreemptionCallback(exit=False)],
+                       checkpoint_dir=folder)
+    stopped.fit(_loader(), max_steps=14)
+    position = (stopped.global_step, stopped.batch_in_epoch)
+    stopped.close()  # an asynchronous save completes here
+    resumed = _trainer(async_save, checkpoint_dir=folder, auto_resume=True)
+    resumed.fit(_loader(), max_steps=14)
+    return {"position": position, "weights": full_weights(resumed.module), "history": resumed.history}
+
+
+def _from_one_process(folder: str) -> dict:
+    """The checkpoint one process wrote (nothing sharded), loaded on 2 ranks; then 5 more steps."""
+    two = _trainer(False)
+    two.load_checkpoint(f"{folder}/one.ckpt")
+    loaded, step = full_weights(two.module), two.global_step
+    two.fit(_loader(), max_steps=step + 5)
+    return {"loaded": loaded, "step": step, "after": two.global_step, "trained": full_weights(two.module),
+            "history": two.history}
+
+
+def _scenarios(rank: int, world_size: int, folder: str, async_save: bool) -> dict:
+    out = _resume(rank, world_size, f"{folder}/run", async_save)
+    out["preempted"] = _preempted(f"{folder}/preempt", async_save)
+    if not async_save:  # once is enough
+        out["from_one"] = _from_one_process(f"{folder}/one")
+    return out
+
+
+def _save_in_one_process(folder) -> dict[str, torch.Tensor]:
+    """strategy='fsdp' without a process group: stopped after 4 steps (mid-epoch), saved as a DCP folder."""
+    one = _trainer(False, [StopAt(4)])
+    one.fit(_loader(), max_steps=12)
+    assert (one.global_step, one.batch_in_epoch) == (4, 8)  # of 24 micro-batches on one rank
+    one.save_in_dir(folder, "one")
+    return {k: v.detach().clone() for k, v in one.module.state_dict().items()}
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
 def two_ranks(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fsdp_ckpt")
-    return folder, request.param, run_spawn(_resume, 2, str(folder), request.param)
+    root = tmp_path_factory.mktemp("fsdp_ckpt")
+    saved_by_one = None if request.param else _save_in_one_process(root / "one")
+    ranks = run_spawn(_scenarios, 2, str(root), request.param)
+    return root / "run", request.param, ranks, root, saved_by_one
 
 
 def test_resume_on_two_ranks_is_bit_identical(two_ranks):
-    folder, _, ranks = two_ranks
+    folder, _, ranks, _, _ = two_ranks
     for out in ranks:
         for name, value in out["straight"].items():
             assert torch.equal(out["resumed"][name], value), name
@@ -78,7 +128,7 @@ def test_resume_on_two_ranks_is_bit_identical(two_ranks):
 
 
 def test_two_to_one_reshards_and_trains_on(two_ranks):
-    folder, async_save, ranks = two_ranks
+    folder, async_save, ranks, _, _ = two_ranks
     if async_save:
         pytest.skip("one reshard is enough")
     one = _trainer(False)  # this process: one rank, no process group
@@ -90,9 +140,41 @@ def test_two_to_one_reshards_and_trains_on(two_ranks):
     assert any(not torch.equal(loaded[k], v) for k, v in one.module.state_dict().items())  # it trained on
 
 
+def test_one_to_two_reshards_and_trains_on(two_ranks):
+    """Saved by one process (a DCP folder, nothing sharded), loaded on 2 ranks: the same weights once
+    gathered, the position rescaled (4 steps in), then 5 more steps with finite losses."""
+    _, async_save, ranks, root, saved = two_ranks
+    if async_save:
+        pytest.skip("one reshard is enough")
+    assert sorted(p.name for p in (root / "one" / "one.ckpt").iterdir()) == [".metadata", "__0_0.distcp", "run.ckpt"]
+    for out in (r["from_one"] for r in ranks):
+        assert out["step"] == 4 and out["after"] == 9
+        for name, value in saved.items():
+            assert torch.equal(out["loaded"][name], value), name
+        assert any(not torch.equal(out["trained"][k], v) for k, v in saved.items())  # it trained on
+        assert out["history"]["train_loss"] and all(math.isfinite(x) for x in out["history"]["train_loss"])
+    for name in saved:
+        assert torch.equal(ranks[0]["from_one"]["trained"][name], ranks[1]["from_one"]["trained"][name])
+
+
+def test_preemption_saves_a_sharded_checkpoint_and_resumes_bit_identical(two_ranks):
+    """PreemptionCallback under FSDP: a signal on one rank, an agreed stop mid-epoch, the save on every
+    rank (a DCP folder, `latest` naming it), and auto_resume ends where the uninterrupted run ends."""
+    _, _, ranks, root, _ = two_ranks
+    folder = root / "preempt"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-000000004.ckpt"]
+    assert (folder / "latest").read_text().strip() == "step-000000004.ckpt"
+    assert (folder / "step-000000004.ckpt" / "__1_0.distcp").is_file()
+    for out in ranks:
+        assert out["preempted"]["position"] == (4, 8)  # stopped after step 4, 8 of 12 micro-batches in
+        for name, value in out["straight"].items():
+            assert torch.equal(out["preempted"]["weights"][name], value), name
+        assert out["preempted"]["history"]["train_loss"] == out["history"][0]["train_loss"]
+
+
 def test_consolidate_gives_the_full_model(two_ranks, tmp_path):
     from anndist.consolidate import main
-    folder, async_save, ranks = two_ranks
+    folder, async_save, ranks, _, _ = two_ranks
     if async_save:
         pytest.skip("once is enough")
     out = tmp_path / "model.pt"
