@@ -1,9 +1,10 @@
 """Sharded (DCP) checkpoints under strategy="fsdp": bit-identical resume on 2 ranks (sync and async saves,
-through ModelCheckpoint and through PreemptionCallback), 1 -> 2 and 2 -> 1 reshards that train on, and
-the consolidation into one file."""
+through ModelCheckpoint and through PreemptionCallback), ModelCheckpoint's best and pruning, 1 -> 2 and
+2 -> 1 reshards that train on, and the consolidation into one file."""
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 
 import pytest
@@ -78,6 +79,20 @@ def _preempted(folder: str, async_save: bool) -> dict:
     return {"position": position, "weights": full_weights(resumed.module), "history": resumed.history}
 
 
+def _best_and_pruning(folder: str) -> dict:
+    """Epoch-end saves keeping the newest one, and best.ckpt by the highest train_loss (epoch 0's),
+    which pruning removes as step-000000006.ckpt two saves later."""
+    callback = ModelCheckpoint(folder, every_n_epochs=1, keep_last=1, monitor="train_loss", mode="max")
+    trainer = _trainer(False, [callback])
+    trainer.fit(_loader(), num_epochs=3)
+    best = _trainer(False)
+    try:
+        best.load_checkpoint(f"{folder}/best.ckpt")
+    except Exception as exc:  # reported by the test, rather than failing the whole spawn
+        return {"best_step": callback.best_step, "best_loaded": repr(exc), "steps": trainer.global_step}
+    return {"best_step": callback.best_step, "best_loaded": best.global_step, "steps": trainer.global_step}
+
+
 def _from_one_process(folder: str) -> dict:
     """The checkpoint one process wrote (nothing sharded), loaded on 2 ranks; then 5 more steps."""
     two = _trainer(False)
@@ -92,6 +107,7 @@ def _scenarios(rank: int, world_size: int, folder: str, async_save: bool) -> dic
     out = _resume(rank, world_size, f"{folder}/run", async_save)
     out["preempted"] = _preempted(f"{folder}/preempt", async_save)
     if not async_save:  # once is enough
+        out["best"] = _best_and_pruning(f"{folder}/best")
         out["from_one"] = _from_one_process(f"{folder}/one")
     return out
 
@@ -170,6 +186,36 @@ def test_preemption_saves_a_sharded_checkpoint_and_resumes_bit_identical(two_ran
         for name, value in out["straight"].items():
             assert torch.equal(out["preempted"]["weights"][name], value), name
         assert out["preempted"]["history"]["train_loss"] == out["history"][0]["train_loss"]
+
+
+def test_model_checkpoint_keeps_best_through_pruning_and_moves_latest(two_ranks):
+    _, async_save, ranks, root, _ = two_ranks
+    if async_save:
+        pytest.skip("once is enough")
+    folder = root / "best"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "latest", "step-000000018.ckpt"]
+    assert (folder / "best.ckpt").is_dir() and not (folder / "best.ckpt").is_symlink()
+    assert (folder / "latest").read_text().strip() == "step-000000018.ckpt"
+    for out in (r["best"] for r in ranks):
+        assert out["steps"] == 18 and out["best_step"] == 6  # epoch 0's loss is the highest
+        assert out["best_loaded"] == 6  # best.ckpt outlived step-000000006.ckpt, which pruning removed
+
+
+def test_a_folder_alias_is_hard_links_that_outlive_the_source(tmp_path):
+    from anndist.checkpoint.sharded import link_folder
+    first, second = tmp_path / "step-1.ckpt", tmp_path / "step-2.ckpt"
+    for folder, text in ((first, "one"), (second, "two")):
+        folder.mkdir()
+        (folder / ".metadata").write_text(text)
+        (folder / "__0_0.distcp").write_text(text)
+    alias = tmp_path / "best.ckpt"
+    link_folder(first, alias)
+    assert not alias.is_symlink() and (alias / ".metadata").stat().st_ino == (first / ".metadata").stat().st_ino
+    link_folder(second, alias)  # a new best replaces the old one
+    assert (alias / "__0_0.distcp").read_text() == "two"
+    shutil.rmtree(second)  # pruned, as keep_last does
+    assert sorted(p.name for p in alias.iterdir()) == [".metadata", "__0_0.distcp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "step-1.ckpt"]  # no temporary left
 
 
 def test_consolidate_gives_the_full_model(two_ranks, tmp_path):
