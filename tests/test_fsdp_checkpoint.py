@@ -49,13 +49,25 @@ class StopAt(Callback):
             trainer.stop_training = True
 
 
+class WeightsAt(Callback):
+    """The whole weights (gathered on every rank) after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.weights = step, None
+
+    def on_batch_end(self, batch_idx, trainer=None, logs=None):
+        if logs["ends_window"] and trainer.global_step == self.step and self.weights is None:
+            self.weights = full_weights(trainer.module)
+
+
 def _resume(rank: int, world_size: int, folder: str, async_save: bool) -> dict:
     straight = _trainer(async_save)
     straight.fit(_loader(), max_steps=14)
     # Saved every 4 steps by ModelCheckpoint (2 kept); stopped at step 10 on 2 ranks (the flag set after
     # step 9 is read one proposal later), mid-epoch (6 steps per epoch).
+    at_8 = WeightsAt(8)
     stopped = _trainer(async_save, [ModelCheckpoint(folder, every_n_steps=4, every_n_epochs=None, keep_last=2),
-                                    StopAt()])
+                                    StopAt(), at_8])
     stopped.fit(_loader(), max_steps=14)
     assert stopped.global_step == 10 and stopped.batch_in_epoch == 8
     stopped.save_in_dir(folder, "stop")
@@ -63,7 +75,8 @@ def _resume(rank: int, world_size: int, folder: str, async_save: bool) -> dict:
     resumed = _trainer(async_save)
     resumed.fit(_loader(), max_steps=14, resume_from=f"{folder}/stop.ckpt")
     return {"straight": full_weights(straight.module), "resumed": full_weights(resumed.module),
-            "history": (straight.history, resumed.history), "blocked": stopped.run_state.sharded.last_blocked_s}
+            "history": (straight.history, resumed.history), "blocked": stopped.run_state.sharded.last_blocked_s,
+            "at_8": at_8.weights}
 
 
 def _preempted(folder: str, async_save: bool) -> dict:
@@ -151,6 +164,8 @@ def test_two_to_one_reshards_and_trains_on(two_ranks):
     one.load_checkpoint(folder / "step-000000008.ckpt")
     assert one.global_step == 8
     loaded = {k: v.clone() for k, v in one.module.state_dict().items()}
+    for name, value in ranks[0]["at_8"].items():  # what the 2 ranks held at step 8, gathered
+        assert torch.equal(loaded[name], value), name
     one.fit(_loader(), max_steps=13)  # 2 ranks' position rescaled to 1 rank: mid-epoch, then on
     assert one.global_step == 13
     assert any(not torch.equal(loaded[k], v) for k, v in one.module.state_dict().items())  # it trained on
