@@ -213,7 +213,8 @@ def whole_states(run: Any) -> dict[str, Any]:
     on the CPU, and the other ranks get empty dicts (a full copy per rank is the memory FSDP saves).
     The model's is the plain ``module.state_dict()`` of the unsharded model (it loads into one); the
     optimizer's is keyed by parameter name, as DCP keys it. ``load_state_dict()`` is collective too:
-    rank 0's dicts are broadcast and every rank keeps its shard, on any world size.
+    rank 0's dicts are broadcast and every rank keeps its shard, on any world size; so every rank must
+    pass the same keys (what ``state_dict()`` gave it, empty entries included).
     """
     if run.sharded is None:
         return run.states
