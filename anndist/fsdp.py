@@ -165,39 +165,70 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
 
 class ShardedModel:
     """The model's state for DCP: each rank its shards (whole tensors when not sharded: DDP, one
-    process), by parameter name."""
+    process), by parameter name.
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    ``whole=True``: the full state dict instead (``Trainer.state_dict()``), see ``whole_states``.
+    """
+
+    def __init__(self, module: nn.Module, whole: bool = False) -> None:
+        self.module, self.whole = module, whole
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        return get_model_state_dict(self.module)
+        return get_model_state_dict(self.module, options=_whole_options(self.whole, loading=False))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
-        set_model_state_dict(self.module, state)
+        set_model_state_dict(self.module, state, options=_whole_options(self.whole, loading=True))
 
 
 class ShardedOptimizer:
-    """The optimizer's state for DCP, keyed by parameter name (so it reshards with the model)."""
+    """The optimizer's state for DCP, keyed by parameter name (so it reshards with the model); ``whole``: full."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.module, self.optimizer = module, optimizer
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, whole: bool = False) -> None:
+        self.module, self.optimizer, self.whole = module, optimizer, whole
 
     def state_dict(self) -> dict[str, Any]:
         """Its state by name. DCP first gives an optimizer that never stepped its state (one step with lr 0
         and zero gradients); that state is dropped again afterwards, so a save cannot change the run."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
         fresh = not self.optimizer.state
-        state = get_optimizer_state_dict(self.module, self.optimizer)
+        state = get_optimizer_state_dict(self.module, self.optimizer, options=_whole_options(self.whole, loading=False))
         if fresh:
             self.optimizer.state.clear()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-        set_optimizer_state_dict(self.module, self.optimizer, state)
+        set_optimizer_state_dict(self.module, self.optimizer, state, options=_whole_options(self.whole, loading=True))
+
+
+def _whole_options(whole: bool, loading: bool) -> Any:
+    """DCP's options for a whole state dict: gathered to rank 0 on the CPU; loaded from rank 0's copy."""
+    if not whole:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    if not loading:
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+
+
+def whole_states(run: Any) -> dict[str, Any]:
+    """The states ``Trainer.state_dict()`` and ``load_state_dict`` use: ``run.states`` (a ``RunState``), and
+    under FSDP model and optimizer as **whole** state dicts, which the checkpoint keeps sharded instead.
+
+    Their ``state_dict()`` is a collective (every rank must call it): the shards are gathered to rank 0
+    on the CPU, and the other ranks get empty dicts (a full copy per rank is the memory FSDP saves).
+    The model's is the plain ``module.state_dict()`` of the unsharded model (it loads into one); the
+    optimizer's is keyed by parameter name, as DCP keys it. ``load_state_dict()`` is collective too:
+    rank 0's dicts are broadcast and every rank keeps its shard, on any world size; so every rank must
+    pass the same keys (what ``state_dict()`` gave it, empty entries included).
+    """
+    if run.sharded is None or "model" in run.states:  # DDP keeps them whole in its states (sharded_states)
+        return run.states
+    model, optimizer = run.sharded.states["model"], run.sharded.states["optimizer"]
+    return {"model": ShardedModel(model.module, whole=True),
+            "optimizer": ShardedOptimizer(optimizer.module, optimizer.optimizer, whole=True), **run.states}
 
 
 def sharded_states(shared: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer, strategy: str,

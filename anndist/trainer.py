@@ -310,11 +310,11 @@ class Trainer:
         return self.checkpoints.load(path)
 
     def state_dict(self) -> dict[str, Any]:
-        """The state every rank shares (model, optimizer, scheduler, scaler, train_state, callbacks); no RNG."""
-        return {name: obj.state_dict() for name, obj in self.run_state.states.items()}
+        """Model, optimizer, scheduler, scaler, train_state, callbacks (no RNG). FSDP: collective, fsdp.whole_states."""
+        return {name: obj.state_dict() for name, obj in fsdp.whole_states(self.run_state).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, obj in self.run_state.states.items():
+        for name, obj in fsdp.whole_states(self.run_state).items():
             if name in state:
                 obj.load_state_dict(state[name])
 

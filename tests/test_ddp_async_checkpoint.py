@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from anndist import Trainer
 from anndist.checkpoint import CheckpointError, latest_checkpoint
 from anndist.checkpoint.file import read_checkpoint
 from anndist.callbacks import ModelCheckpoint

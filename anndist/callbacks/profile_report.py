@@ -16,11 +16,13 @@ PHASES = ("data", "forward", "backward", "optimizer")
 
 
 def summarize(rank: int, host: str, times_ms: dict[str, Sequence[float]], samples: int,
-              peak_memory: int | None, memory_kind: str | None) -> dict[str, Any]:
-    """One rank's figures from its per-step times in ms (keys: step, local and PHASES)."""
+              peak_memory: int | None, memory_kind: str | None,
+              model_state: dict[str, int] | None = None) -> dict[str, Any]:
+    """One rank's figures from its per-step times in ms (keys: step, local and PHASES); ``model_state``:
+    the bytes of parameters, gradients and optimizer state this rank holds (``memory.py``)."""
     step = np.asarray(times_ms["step"], dtype=np.float64)
     summary: dict[str, Any] = {"rank": rank, "host": host, "steps": int(step.size), "samples": samples,
-                               "peak_memory": peak_memory, "memory_kind": memory_kind}
+                               "peak_memory": peak_memory, "memory_kind": memory_kind, "model_state": model_state}
     if step.size == 0:
         return summary
     summary["step_ms"] = {"p50": float(np.percentile(step, 50)), "p90": float(np.percentile(step, 90)),
@@ -70,9 +72,11 @@ def _row(s: dict[str, Any]) -> str:
 
 
 def _memory(s: dict[str, Any]) -> str:
-    if s.get("peak_memory") is None:
-        return "-"
-    return f"{s['peak_memory'] / 2**20:.0f} MiB ({s['memory_kind']})"
+    peak = "-" if s.get("peak_memory") is None else f"{s['peak_memory'] / 2**20:.0f} MiB ({s['memory_kind']})"
+    state = s.get("model_state")
+    if not state:
+        return peak
+    return f"{peak}; model state {sum(state.values()) / 2**20:.1f} MiB (params+grads+optimizer, this rank)"
 
 
 def _verdict(summaries: Sequence[dict[str, Any]]) -> str:

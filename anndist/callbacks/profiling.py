@@ -6,6 +6,9 @@ from there to ``on_backward_end`` (loss, backward and DDP's all-reduce); optimiz
 ``on_batch_end``. Step time runs from one step's end to the next. On CUDA these marks are CUDA
 events read once they have completed, so timing never serialises the GPU; elsewhere they are host
 clock readings. At the end of ``fit`` the summaries are gathered and rank 0 prints one table.
+With ``profile_memory`` each rank also reports the bytes of model state it holds (``memory.py``:
+parameters and optimizer state at the end of ``fit``, gradients at the first optimizer step, when
+they all exist): under FSDP its shards, under DDP whole copies, so the table shows what sharding saves.
 With ``trace_dir``, a ``torch.profiler`` trace of the ``trace_steps`` window is written per rank.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import collectives
+from ..memory import model_state_bytes, tensor_bytes
 from .base import Callback
 from .profile_report import PHASES, format_table, summarize
 from .trace import TraceWindow, check_trace_steps
@@ -36,8 +40,9 @@ logger = logging.getLogger(__name__)
 class ProfilingCallback(Callback):
     """Per-step phase timings, p50/p90/max step time, samples/s, peak memory; a table at train end.
 
-    profile_memory: record the peak memory (CUDA max allocated; process peak RSS on CPU) and
-        memory events in the trace.
+    profile_memory: record the peak memory (CUDA max allocated; process peak RSS on CPU), the bytes
+        of model state this rank holds (``summaries[r]["model_state"]``), and memory events in the
+        trace.
     trace_dir / trace_steps: write ``trace_dir/rank{r}.json`` (Perfetto, chrome://tracing) covering
         the optimizer steps ``start <= step < stop`` of ``trace_steps=(start, stop)`` (default (5, 10)).
         Traced steps are left out of the table's figures (the profiler slows them down).
@@ -68,6 +73,7 @@ class ProfilingCallback(Callback):
         self._micro: list[Any] | None = None  # [begin, forward end, backward end] of the open micro-batch
         self._prev_end: Any = None
         self._host_last = time.perf_counter()
+        self._grad_bytes: int | None = None
         if self.profile_memory and trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
         self._hook = trainer.module.register_forward_hook(self._forward_done)
@@ -95,6 +101,9 @@ class ProfilingCallback(Callback):
         if self._micro is not None:
             self._micro[2] = self._clock.mark()
             self._micro = None
+        if self.profile_memory and self._grad_bytes is None and logs is not None and logs.get("ends_window"):
+            # The window's gradients, reduced (sharded under FSDP); the step sets them to None again.
+            self._grad_bytes = tensor_bytes(p.grad for p in trainer.module.parameters() if p.grad is not None)
 
     def on_batch_end(self, batch_idx: int, trainer: "Trainer", logs: dict | None = None) -> None:
         step = self._step
@@ -120,7 +129,7 @@ class ProfilingCallback(Callback):
             self._trace.finish(trainer.global_step, logger)
         self._resolve(block=True)
         mine = summarize(trainer.rank, socket.gethostname(), self._times, self._samples,
-                         *self._peak_memory(trainer.device))
+                         *self._peak_memory(trainer.device), self._model_state(trainer))
         self.summaries = collectives.all_gather_object(mine)  # every rank is at train end
         self.table = format_table(self.summaries)
         logger.info(self.table)
@@ -154,6 +163,13 @@ class ProfilingCallback(Callback):
             times["backward"].append(backward)
             times["optimizer"].append(clock.ms(step.micro[-1][2], step.end))
             self._samples += step.samples
+
+    def _model_state(self, trainer: "Trainer") -> dict[str, int] | None:
+        if not self.profile_memory:
+            return None
+        state = model_state_bytes(trainer.module, trainer.optimizer)
+        state["gradients"] = self._grad_bytes or 0  # none now: the last step zeroed them (to None)
+        return state
 
     def _peak_memory(self, device: torch.device) -> tuple[int | None, str | None]:
         if not self.profile_memory:

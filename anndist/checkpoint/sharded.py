@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import collectives
-from .file import CheckpointError, fsync_dir, read_checkpoint, write_checkpoint
+from .file import CheckpointError, atomic_link, fsync_dir, read_checkpoint, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +180,20 @@ def load(path: Path, sharded: ShardedStates) -> None:
 
 
 def link_folder(source: Path, alias: Path) -> None:
-    """``alias`` becomes a relative symbolic link to the checkpoint folder ``source``, atomically."""
-    tmp = alias.with_name(f".{alias.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(source.name, tmp)
-    if alias.is_dir() and not alias.is_symlink():
-        remove(alias)
+    """``alias`` becomes a second checkpoint folder whose files are hard links to ``source``'s (durable
+    copies where the file system has none), as a file checkpoint's alias is a hard link: it costs no
+    space and outlives ``source`` when ``keep_last`` prunes it (a symbolic link would dangle).
+
+    Built under a temporary name and renamed in; an existing ``alias`` is moved aside first, so a kill
+    in that instant leaves no ``alias`` (the next save makes it again) and never a partial one.
+    """
+    tmp, old = alias.with_name(f".{alias.name}.link.tmp"), alias.with_name(f".{alias.name}.old.tmp")
+    remove(tmp)
+    shutil.copytree(source, tmp, copy_function=lambda src, dst: atomic_link(Path(src), Path(dst)))
+    fsync_dir(tmp)
+    if alias.exists() or alias.is_symlink():
+        remove(old)
+        os.replace(alias, old)
     os.replace(tmp, alias)
     fsync_dir(alias.parent)
+    remove(old)
