@@ -84,7 +84,9 @@ class OptimizerStep:
         GradScaler's fused kernel does both in one pass (about 5 us for a small model where a norm
         costs 20 us), which keeps the check affordable on every step.
         """
-        grads = [local(p.grad) for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self._sharded:
+            grads = [local(grad) for grad in grads]
         if self._uniform:  # the usual case: one device, one dtype, one kernel call
             return self._check_group(grads, correction)
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -95,8 +97,7 @@ class OptimizerStep:
     def _check_group(self, grads: list[torch.Tensor], correction: float) -> bool:
         if not grads:
             return False
-        found, one = self._buffers(grads[0].device)
-        found.zero_()
+        found, one = self._buffers(grads[0].device)  # found is 0 here: it is zeroed below once read as set
         scale = one if correction == 1.0 else torch.full((1,), correction, device=grads[0].device)
         probe, self._loss_probe = self._loss_probe, None  # the window's losses (carry_losses), checked alike
         if probe is not None:
@@ -104,7 +105,10 @@ class OptimizerStep:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, scale)
         if self._sharded:
             collectives.all_reduce(found, torch.distributed.ReduceOp.MAX)
-        return bool(found.item())
+        if not found.item():
+            return False
+        found.zero_()  # only after a non-finite step: one kernel less on every healthy one
+        return True
 
     def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The found-inf flag and a constant 1.0 on ``device``, allocated once."""

@@ -41,6 +41,9 @@ def resolve_amp_dtype(use_amp: bool, amp_dtype: str | torch.dtype | None, device
     return dtype
 
 
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable: it holds no state
+
+
 class Precision:
     """Autocast for forward and loss (when ``dtype`` is set); backward and step as they are."""
 
@@ -52,7 +55,7 @@ class Precision:
 
     def autocast(self) -> ContextManager[Any]:
         if self.dtype is None:
-            return contextlib.nullcontext()
+            return _NO_AUTOCAST
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -199,7 +199,7 @@ class Trainer:
         equal = resumes_by_index(loader) or (self.world_size == 1 and self._loader_state.loader is None)
         batches = iter(loader)
         self._rng_state.apply()  # after iter(): see RNGState
-        begin, backward_end = cbs.has("on_batch_begin"), cbs.has("on_backward_end")  # no logs dicts for no one
+        begin, backward_end, end = (cbs.has(hook) for hook in ("on_batch_begin", "on_backward_end", "on_batch_end"))
         for batch_idx, batch, ends_window in micro_batches(batches, k, first_idx, equal, self.device):
             if begin:
                 cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": state.epoch})
@@ -211,9 +211,9 @@ class Trainer:
                 stepped = self._step.finish_window(self._where(batch_idx))
                 state.global_step += stepped
                 state.batch_in_epoch = batch_idx + 1
-            cbs.call("on_batch_end", batch_idx, trainer=self,
-                     logs={"loss": loss, "batch_size": n, "num_items": items, "ends_window": ends_window,
-                           "stepped": stepped})
+            if end:  # no logs dict for no one
+                cbs.call("on_batch_end", batch_idx, trainer=self, logs={
+                    "loss": loss, "batch_size": n, "num_items": items, "ends_window": ends_window, "stepped": stepped})
             if not ends_window:
                 continue
             if stepped and self._plan.evaluates_after(state.global_step):
