@@ -80,13 +80,14 @@ def _run(rank, world_size, run_dir):
     reduced = _spy_reductions(logging_cb, trainer)
     trainer.fit(loader, num_epochs=2)
     state = trainer.state_dict()
+    whole = {k: torch.equal(v, state["model"].get(k, torch.empty(0))) for k, v in trainer.module.state_dict().items()}
     # The resumed run: a new Trainer and new callbacks on the same folder, from the saved state.
     seen2, logging_cb2 = MicroBatches(), LoggingCallback(INTERVAL, run_dir)
     resumed = _trainer([seen2, logging_cb2, TensorBoardCallback(f"{run_dir}/tb", INTERVAL)])
     resumed.load_state_dict(state)
     reduced2 = _spy_reductions(logging_cb2, resumed)
     resumed.fit(loader, num_epochs=3)
-    return {"seen": seen.seen + seen2.seen, "reduced": (reduced, reduced2),
+    return {"seen": seen.seen + seen2.seen, "reduced": (reduced, reduced2), "whole_model": whole,
             "summaries": profiling.summaries, "table": profiling.table}
 
 
@@ -180,3 +181,10 @@ def test_profiling_table_has_every_rank_and_names_the_straggler(run):
     slow, fast = results[0]["summaries"][1], results[0]["summaries"][0]
     assert slow["data_ms"] > fast["data_ms"] + 4  # 4 samples x 2 ms per micro-batch, 2 per step
     assert "straggler: rank 1 " in table, table
+
+
+def test_ddp_state_dict_holds_the_whole_model_on_every_rank(run):
+    # Under DDP every rank holds the model: Trainer.state_dict() gives it whole on each (only FSDP gathers to rank 0).
+    results, _ = run
+    for result in results:
+        assert result["whole_model"] and all(result["whole_model"].values()), result["whole_model"]
