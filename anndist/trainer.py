@@ -321,9 +321,9 @@ class Trainer:
     # ------------------------------------------------------------------ teardown
     def release_distributed(self) -> None:
         """Finish an asynchronous save, drop the DDP wrapper (before the process group goes)."""
-        sharded = getattr(getattr(self, "run_state", None), "sharded", None)
-        if sharded is not None:
-            sharded.wait()
+        checkpoints = getattr(self, "checkpoints", None)  # absent when __init__ failed before it
+        if checkpoints is not None:
+            checkpoints.wait()
         self.model = self._compiled
 
     def close(self) -> None:

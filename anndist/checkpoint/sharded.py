@@ -143,15 +143,22 @@ def _commit(tmp: Path, path: Path, publish: Callable[[Path], None] | None) -> No
     if not (tmp / METADATA).is_file():
         raise CheckpointError(f"checkpoint {path}: DCP finished without writing {METADATA}")
     fsync_dir(tmp)
+    _rename_in(tmp, path)  # saving under a name again (best, preempt) moves the old folder aside
+    if publish is not None:
+        publish(path)
+
+
+def _rename_in(tmp: Path, path: Path) -> None:
+    """The complete folder ``tmp`` takes the name ``path``, durably. A folder already named ``path``
+    is moved aside first (a folder cannot be replaced in one rename), so a kill in that instant
+    leaves no ``path`` rather than a partial one; it is removed once the new one is in place."""
     old = path.with_name(f".{path.name}.old.tmp")
-    if path.exists() or path.is_symlink():  # saving under a name again (best, preempt)
+    if path.exists() or path.is_symlink():
         remove(old)
         os.replace(path, old)
     os.replace(tmp, path)
     fsync_dir(path.parent)
     remove(old)
-    if publish is not None:
-        publish(path)
 
 
 def remove(path: Path) -> None:
@@ -187,13 +194,8 @@ def link_folder(source: Path, alias: Path) -> None:
     Built under a temporary name and renamed in; an existing ``alias`` is moved aside first, so a kill
     in that instant leaves no ``alias`` (the next save makes it again) and never a partial one.
     """
-    tmp, old = alias.with_name(f".{alias.name}.link.tmp"), alias.with_name(f".{alias.name}.old.tmp")
+    tmp = alias.with_name(f".{alias.name}.link.tmp")
     remove(tmp)
     shutil.copytree(source, tmp, copy_function=lambda src, dst: atomic_link(Path(src), Path(dst)))
     fsync_dir(tmp)
-    if alias.exists() or alias.is_symlink():
-        remove(old)
-        os.replace(alias, old)
-    os.replace(tmp, alias)
-    fsync_dir(alias.parent)
-    remove(old)
+    _rename_in(tmp, alias)
