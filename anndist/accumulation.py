@@ -17,7 +17,7 @@ Two modes, fixed by what the loss step returns:
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -32,9 +32,13 @@ class Window:
         self.by_items: bool | None = None  # decided by the first micro-batch, then enforced
         self.reset()
 
-    def weight(self, n: int, num_items: Any) -> Any:
-        """The factor of this micro-batch's loss in the backward pass."""
+    def add(self, loss: torch.Tensor, n: int, num_items: Any) -> tuple[Any, Any]:
+        """Keep a micro-batch's detached loss; return the factor of its loss in the backward pass and
+        what it counts for in the epoch's loss (its items, or its n samples)."""
+        self.samples += n
+        self.losses.append(loss)
         by_items = num_items is not None
+        self.counts.append(num_items if by_items else n)
         if self.by_items is None:
             self.by_items = by_items
         elif self.by_items != by_items:
@@ -42,31 +46,20 @@ class Window:
                             "(loss, num_items) always, or a loss alone always")
         if by_items:
             self.items = self.items + num_items
-            return num_items
+            return num_items, num_items
         if not self.weighs:
-            return 1.0
+            return 1.0, n
         if self.nominal is None:
             self.nominal = n
-        return n / (self.k * self.nominal)
-
-    def add(self, loss: torch.Tensor, n: int, count: Any) -> None:
-        """A micro-batch's detached loss, its samples and what it counts for in the epoch's loss (items or n)."""
-        self.samples += n
-        self.losses.append(loss)
-        self.counts.append(count)
-
-    def stack_losses(self, last: torch.Tensor) -> torch.Tensor:
-        """The window's losses with ``last`` (the closing micro-batch's) as one tensor, kept as ``stacked``."""
-        self.stacked = torch.stack([*self.losses, last.detach()])
-        return self.stacked
+        return n / (self.k * self.nominal), n
 
     def count_items(self, device: torch.device) -> None:
-        """Start the all-reduce of the window's item count (items mode; before the last backward)."""
+        """Start the all-reduce of the window's item count (items mode only; before the last backward)."""
         if self.by_items:
             self._total = torch.as_tensor(self.items, dtype=torch.float64, device=device).reshape(1).clone()
             self._work = collectives.all_reduce_async(self._total)
 
-    def correction(self, where: str) -> float:
+    def correction(self, where: Callable[[], str]) -> float:
         """The factor the window's gradient is multiplied by before the step."""
         if self.by_items:
             if self._work is not None:
@@ -74,7 +67,7 @@ class Window:
             total = float(self._total.item())
             if total <= 0:
                 raise ValueError(
-                    f"compute_loss returned num_items=0 on every rank for {where}: there is nothing to average "
+                    f"compute_loss returned num_items=0 on every rank for {where()}: there is nothing to average "
                     "over; make sure each window holds items that count (labels other than the ignore index)")
             return self.world_size / total
         if not self.weighs or self.samples == 0:
@@ -83,7 +76,6 @@ class Window:
 
     def reset(self) -> None:
         self.samples, self.losses, self.counts, self.items = 0, [], [], 0
-        self.stacked: torch.Tensor | None = None
         self._total = self._work = None
 
 

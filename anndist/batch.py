@@ -36,7 +36,10 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 
 def prepare_batch(batch: Any, device: torch.device, non_blocking: bool = False) -> tuple[Any, Any, int]:
     """``(inputs, targets, batch size)`` of ``batch``, its tensors moved to ``device``."""
-    inputs, targets = split_batch(batch)
+    if type(batch) in (tuple, list) and len(batch) == 2:  # split_batch's common case, without the call
+        inputs, targets = batch
+    else:
+        inputs, targets = split_batch(batch)
     if (type(inputs) is torch.Tensor and type(targets) is torch.Tensor and inputs.device == device
             and targets.device == device and targets.dim()):  # the common case, checked in one go
         return inputs, targets, targets.shape[0]

@@ -33,16 +33,16 @@ logger = logging.getLogger(__name__)
 
 
 def micro_batches(batches: Iterator, k: int, first_idx: int, equal_shards: bool,
-                  device: torch.device) -> Iterator[tuple[int, Any, bool]]:
-    """Yield ``(batch_idx, batch, ends_window)`` for one epoch's iterator, starting at index ``first_idx``."""
+                  device: torch.device) -> Iterator[tuple[Any, bool]]:
+    """``(batch, ends)`` for one epoch's iterator whose first batch has index ``first_idx``: a window
+    ends at batch ``batch_idx`` where ``ends or (batch_idx + 1) % k == 0`` (the caller numbers them,
+    so the usual path is one generator, ``ahead``'s, per micro-batch)."""
     if equal_shards:
-        for batch_idx, (batch, is_last) in enumerate(ahead(batches, device), start=first_idx):
-            yield batch_idx, batch, is_last or (batch_idx + 1) % k == 0
-        return
-    yield from _agreed_windows(batches, k, first_idx, device)
+        return ahead(batches, device)  # ends: the epoch's last batch
+    return _agreed_windows(batches, k, first_idx, device)
 
 
-def _agreed_windows(iterator: Iterator, k: int, batch_idx: int, device: torch.device) -> Iterator[tuple[int, Any, bool]]:
+def _agreed_windows(iterator: Iterator, k: int, batch_idx: int, device: torch.device) -> Iterator[tuple[Any, bool]]:
     agree = collectives.world_size() > 1
     while True:
         wanted = k - batch_idx % k
@@ -52,7 +52,7 @@ def _agreed_windows(iterator: Iterator, k: int, batch_idx: int, device: torch.de
             logger.warning("another rank's data ended first: %d fetched batch(es) of this rank end unused "
                            "(streams of unequal length end together at the same step)", len(window) - usable)
         for offset, batch in enumerate(window[:usable]):
-            yield batch_idx, batch, offset == usable - 1
+            yield batch, offset == usable - 1
             batch_idx += 1
         if usable < wanted:
             return

@@ -17,7 +17,7 @@ model before the Trainer would hold stale tensors: while it has no state yet (no
 ``param_groups`` are rebound to the sharded parameters by name; an optimizer with state is refused.
 
 Accumulation: ``set_requires_gradient_sync(False)`` on the micro-batches that do not end a window
-(``gradient_sync``), so gradients are reduce-scattered once per window, as DDP's ``no_sync`` does.
+(``no_gradient_sync``), so gradients are reduce-scattered once per window, as DDP's ``no_sync`` does.
 """
 from __future__ import annotations
 
@@ -130,13 +130,11 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def gradient_sync(model: nn.Module, module: nn.Module, sync: bool, sharded: bool) -> ContextManager[Any]:
-    """The context a micro-batch's forward and backward run in: reduce gradients only when ``sync``.
+def no_gradient_sync(model: nn.Module, module: nn.Module, sharded: bool) -> ContextManager[Any]:
+    """The context of a micro-batch that does not end its window: its gradients are not reduced.
 
     ``sharded`` is ``is_sharded(module)``, decided once by the caller (it imports FSDP's class).
     """
-    if sync:
-        return _NO_CONTEXT
     if sharded:
         return _no_gradient_sync(module)
     return model.no_sync() if isinstance(model, DistributedDataParallel) else _NO_CONTEXT

@@ -8,7 +8,7 @@ collective.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -35,38 +35,37 @@ class OptimizerStep:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.last_grad_norm: float = float("nan")  # before clipping; measured only when clipping
         self._uniform = len({(p.device, p.dtype) for p in self.params}) <= 1
-        self._found_inf: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._found_inf: dict[torch.device, tuple[torch.Tensor, torch.Tensor, Any]] = {}
         # FSDP: each rank holds a shard of every gradient, so the NaN/inf verdict is all-reduced (MAX).
         self._sharded = any(hasattr(p, "to_local") for p in self.params)
-        self._loss_probe: torch.Tensor | None = None
         requiring = [p for p in self.params if p.requires_grad]
         # DDP on several ranks: a bad loss travels in the gradient all-reduce (carry_losses).
         replicated = collectives.is_initialized() and collectives.world_size() > 1 and not self._sharded
         self._anchor = min(requiring, key=torch.Tensor.numel) if requiring and replicated else None  # the smallest
+        self.carries_losses = self._anchor is not None
 
-    def carry_losses(self, losses: torch.Tensor) -> None:
-        """Add ``0 * losses.sum()`` (the window's, stacked) to the smallest gradient, before its last backward.
+    def carry_losses(self, losses: list[torch.Tensor]) -> None:
+        """Add ``0 * loss`` for each of the window's (detached) losses to the smallest gradient, before
+        its last backward (DDP on several ranks: ``carries_losses``).
 
         That adds nothing when the losses are finite and puts a NaN in the gradient when one is not
         (0 * inf and 0 * NaN are NaN). A loss can be NaN while its gradients are finite (a NaN term that
         does not depend on the weights), and each rank sees only its own losses; through the gradient,
         DDP's all-reduce carries a bad loss to every rank, so the found-inf check of the step decides
-        alike everywhere without a collective of its own: two or three tiny kernels per optimizer step.
+        alike everywhere without a collective of its own: one foreach kernel call per optimizer step.
         In one process, and under FSDP (whose found-inf flag is all-reduced anyway), the losses join
-        the gradients in the fused check of the step instead (``_check_group``): one stack, no more.
+        the gradients in the fused check of the step instead (``_scale_and_check``): no kernel at all.
         """
         anchor = self._anchor
-        if anchor is None:
-            self._loss_probe = losses
-            return
         if anchor.grad is None:
             anchor.grad = torch.zeros_like(anchor)
-        anchor.grad.add_(losses.sum() * 0)  # every element of the smallest gradient: one kernel, no indexing (~10 us less)
+        torch._foreach_add_([anchor.grad] * len(losses), losses, alpha=0)  # NaN-preserving: no 0 * x shortcut
 
-    def __call__(self, correction: float, window_losses: list[torch.Tensor], where: str) -> bool:
+    def __call__(self, correction: float, window_losses: list[torch.Tensor], where: Callable[[], str]) -> bool:
         """Take the step; return False when it was skipped (fp16 overflow or a skipped non-finite loss)."""
-        self.precision.unscale_(self.optimizer)
-        if self._scale_and_check(correction):
+        if self.precision.scales_loss:
+            self.precision.unscale_(self.optimizer)
+        if self._scale_and_check(correction, None if self.carries_losses else window_losses):
             stepped = self._nonfinite(window_losses, where)
         else:
             if self.max_grad_norm is not None:
@@ -78,8 +77,8 @@ class OptimizerStep:
         self.optimizer.zero_grad(set_to_none=True)
         return stepped
 
-    def _scale_and_check(self, correction: float) -> bool:
-        """Multiply the gradients by ``correction`` and return True if any is NaN or infinite.
+    def _scale_and_check(self, correction: float, losses: list[torch.Tensor] | None) -> bool:
+        """Multiply the gradients by ``correction`` and return True if any (or any of ``losses``) is NaN or infinite.
 
         GradScaler's fused kernel does both in one pass (about 5 us for a small model where a norm
         costs 20 us), which keeps the check affordable on every step.
@@ -88,35 +87,41 @@ class OptimizerStep:
         if self._sharded:
             grads = [local(grad) for grad in grads]
         if self._uniform:  # the usual case: one device, one dtype, one kernel call
-            return self._check_group(grads, correction)
+            return self._check_group(grads, correction, losses)
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for grad in grads:
             groups.setdefault((grad.device, grad.dtype), []).append(grad)
-        return any([self._check_group(group, correction) for group in groups.values()])
+        return any([self._check_group(group, correction, losses if i == 0 else None)
+                    for i, group in enumerate(groups.values())])
 
-    def _check_group(self, grads: list[torch.Tensor], correction: float) -> bool:
+    def _check_group(self, grads: list[torch.Tensor], correction: float, losses: list[torch.Tensor] | None) -> bool:
         if not grads:
             return False
-        found, one = self._buffers(grads[0].device)  # found is 0 here: it is zeroed below once read as set
-        scale = one if correction == 1.0 else torch.full((1,), correction, device=grads[0].device)
-        probe, self._loss_probe = self._loss_probe, None  # the window's losses (carry_losses), checked alike
-        if probe is not None:
-            grads = [*grads, probe if probe.device == grads[0].device else probe.to(grads[0].device)]
+        device = grads[0].device
+        buffers = self._found_inf.get(device) or self._buffers(device)
+        found, one, host_flag = buffers  # found is 0 here: zeroed below once read as set
+        scale = one if correction == 1.0 else torch.full((1,), correction, device=device)
+        if losses:
+            if scale is not one or losses[0].device != device:  # the kernel scales them too: scale copies
+                losses = [loss.to(device, copy=True) for loss in losses]
+            grads = [*grads, *losses]  # times 1.0 in place: the losses stay exactly as they are
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, scale)
         if self._sharded:
             collectives.all_reduce(found, torch.distributed.ReduceOp.MAX)
-        if not found.item():
+        if not (found.item() if host_flag is None else host_flag[0]):
             return False
         found.zero_()  # only after a non-finite step: one kernel less on every healthy one
         return True
 
-    def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The found-inf flag and a constant 1.0 on ``device``, allocated once."""
-        if device not in self._found_inf:
-            self._found_inf[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+    def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The found-inf flag and a constant 1.0 on ``device``, allocated once, and on the CPU a numpy
+        view of the flag, which reads it without an ``item()`` dispatch on every step."""
+        found = torch.zeros(1, device=device)
+        host_flag = found.numpy() if device.type == "cpu" else None
+        self._found_inf[device] = (found, torch.ones(1, device=device), host_flag)
         return self._found_inf[device]
 
-    def _nonfinite(self, window_losses: list[torch.Tensor], where: str) -> bool:
+    def _nonfinite(self, window_losses: list[torch.Tensor], where: Callable[[], str]) -> bool:
         # Every rank is here (the norm is of all-reduced gradients), so this gather cannot hang.
         local_bad = any(not torch.isfinite(loss).item() for loss in window_losses)
         bad_ranks = [r for r, bad in enumerate(collectives.all_gather_object(local_bad)) if bad]
@@ -125,7 +130,7 @@ class OptimizerStep:
         what = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradient norm with finite losses"
         if self.on_nonfinite == "error":
             raise NonFiniteLossError(
-                f"{what} at {where}; pass on_nonfinite='skip' to skip such steps, or lower the learning rate"
+                f"{what} at {where()}; pass on_nonfinite='skip' to skip such steps, or lower the learning rate"
             )
         self.precision.skip(self.optimizer)
         return False

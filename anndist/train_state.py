@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import collectives
+from .exact_sum import ExactSum
 
 logger = logging.getLogger(__name__)
 
@@ -97,39 +98,56 @@ def add_weighted(total: torch.Tensor, loss: torch.Tensor, n: Any) -> None:
 
 class EpochSums:
     """This rank's sum of ``loss * n`` and of ``n`` in the current epoch, where n is the micro-batch's
-    items (``num_items``) or samples. The loss sum is float64 on the device (no sync per batch); the
-    count stays a Python int while counts are ints."""
+    items (``num_items``) or samples.
+
+    A training step adds no tensor operation here: a window's losses are kept as they are on the
+    device and folded, ``FOLD`` windows at a time (and whenever the sums are read), into an exact
+    float sum with one stack and one copy to the host. The sum is exact (``ExactSum``), so where the
+    folds fall (a checkpoint folds early) never changes ``train_loss``."""
+
+    FOLD = 256  # windows kept on the device between folds: bounded memory, one sync per fold
 
     def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_sum = ExactSum()
         self.items: Any = 0
         self.dropped = 0  # windows of this epoch whose step was skipped
+        self._losses: list[torch.Tensor] = []
+        self._counts: list[Any] = []
+        self._windows = 0
 
-    def add_window(self, losses: list[torch.Tensor], stacked: torch.Tensor | None, counts: list[Any],
-                   stepped: bool) -> None:
-        """A finished window's micro-batch losses (also ``stacked`` in one tensor) and their counts,
-        added to the epoch if its optimizer step was taken; a skipped window (a non-finite loss under
-        ``on_nonfinite="skip"``, an fp16 overflow) trained nothing and its NaN would make the epoch's
-        ``train_loss`` NaN, so it is dropped. Every rank drops the same windows."""
+    def add_window(self, losses: list[torch.Tensor], counts: list[Any], stepped: bool) -> None:
+        """A finished window's micro-batch losses and their counts, added to the epoch if its optimizer
+        step was taken; a skipped window (a non-finite loss under ``on_nonfinite="skip"``, an fp16
+        overflow) trained nothing and its NaN would make the epoch's ``train_loss`` NaN, so it is
+        dropped. Every rank drops the same windows."""
         if not stepped:
             self.dropped += 1
             return
-        first = counts[0]
-        if stacked is not None and type(first) is int and all(count == first for count in counts):
-            self.loss_sum.add_(stacked.sum(), alpha=first)  # the usual window: two kernels, not one per micro-batch
-        else:
-            for loss, count in zip(losses, counts):
-                add_weighted(self.loss_sum, loss, count)
+        self._losses += losses
+        self._counts += counts
+        self._windows += 1
+        if self._windows == self.FOLD:
+            self.fold()
+
+    def fold(self) -> None:
+        """Move the kept losses into the exact sum (a sync on an accelerator)."""
+        if not self._losses:
+            return
+        losses, counts = torch.stack(self._losses).tolist(), self._counts
+        if set(map(type, counts)) != {int}:  # items counted by tensors: one copy for all
+            counts = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=self.device) for c in counts]).tolist()
+        self.loss_sum.add_all([loss * count for loss, count in zip(losses, counts)])
         self.items = self.items + sum(counts)
+        self._losses, self._counts, self._windows = [], [], 0
 
     def train_loss(self, epoch: int) -> float:
         """The epoch's ``train_loss`` over every rank's samples (or items): an all-reduce, on every rank."""
-        totals = torch.stack([self.loss_sum, torch.as_tensor(self.items, dtype=torch.float64, device=self.device),
-                              torch.as_tensor(self.dropped, dtype=torch.float64, device=self.device)])
+        self.fold()
+        totals = torch.tensor([self.loss_sum.value, self.items, self.dropped], dtype=torch.float64, device=self.device)
         collectives.all_reduce(totals)
         total_loss, total_items, dropped = totals.tolist()
         if not total_items and dropped:
@@ -143,14 +161,19 @@ class EpochSums:
         return total_loss / total_items
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_sum": float(self.loss_sum), "items": float(self.items)}
+        self.fold()
+        sums = self.loss_sum
+        return {"loss_sum": sums.value, "items": float(self.items), "loss_partials": [*sums.partials, sums.special]}
 
     def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        # older checkpoints carry the rounded loss_sum only
+        terms = [state.get("loss_partials", [state["loss_sum"]]) for state in states]
         if len(states) == self.world_size:
-            loss_sum, items = states[self.rank]["loss_sum"], states[self.rank]["items"]
+            terms, items = terms[self.rank], states[self.rank]["items"]
         elif self.rank == 0:  # on another world size only the epoch's global sums matter: rank 0 carries them
-            loss_sum, items = sum(s["loss_sum"] for s in states), sum(s["items"] for s in states)
+            terms, items = [term for rank_terms in terms for term in rank_terms], sum(s["items"] for s in states)
         else:
-            loss_sum, items = 0.0, 0
-        self.loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=self.device)
+            terms, items = [], 0
+        self.reset()
+        self.loss_sum = ExactSum(terms)
         self.items = int(items) if float(items).is_integer() else items

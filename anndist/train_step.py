@@ -3,7 +3,7 @@
 ``Trainer._run_batches`` calls it around the callbacks::
 
     for each micro-batch of a window:   loss, n = step.micro_batch(batch, ends_window)
-    at the window's end:                stepped = step.finish_window(where)
+    at the window's end:                stepped = step.finish_window(where)   # where() names the step in errors
 
 ``micro_batch`` runs the forward and the loss under autocast, then the backward of the loss weighted
 for the window, inside DDP's ``no_sync`` except on the window's last micro-batch, so gradients are
@@ -20,8 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .accumulation import Window
 from .batch import prepare_batch, to_device
-from .errors import ddp_errors_explained
-from .fsdp import gradient_sync, is_sharded
+from .errors import raise_explained
+from .fsdp import is_sharded, no_gradient_sync
 from .loss import call_on_inputs, check_result, sample_count
 from .optimization import OptimizerStep
 from .precision import Precision
@@ -46,9 +46,10 @@ class TrainStep:
         self.non_blocking = device.type == "cuda"
         self.window = Window(accumulation_steps, sum_reduction, None, world_size)
         self.sharded = is_sharded(module)
-        # One process, unsharded: no DDP or FSDP context to enter around each micro-batch.
-        self.plain = not isinstance(model, DistributedDataParallel) and not self.sharded
-        self.errors_explained = ddp_errors_explained(model)
+        self.autocasts = precision.dtype is not None
+        if not isinstance(model, DistributedDataParallel) and not self.sharded:
+            # One process, unsharded: no context around a micro-batch, so not even the call of one.
+            self.micro_batch = self._forward_backward  # type: ignore[method-assign]
 
     def begin_epoch(self, nominal_batch: int | None) -> None:
         """Start a fresh window; ``nominal_batch`` (the loader's batch size) weighs full windows exactly."""
@@ -56,39 +57,45 @@ class TrainStep:
 
     def micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
         """Forward and backward of one micro-batch; return its detached loss, samples and items (or samples)."""
-        if self.plain:  # one process: no DDP or FSDP contexts to enter (a few us per micro-batch)
-            loss, n, num_items = self._forward_backward(batch, sync)
-        else:
-            with self.errors_explained, gradient_sync(self.model, self.module, sync, self.sharded):
-                loss, n, num_items = self._forward_backward(batch, sync)
-        loss, count = loss.detach(), n if num_items is None else num_items
-        self.window.add(loss, n, count)
-        return loss, n, count
+        try:  # (in one process this is _forward_backward itself: see __init__)
+            if sync:  # the window's last micro-batch reduces its gradients: no context to enter
+                return self._forward_backward(batch, sync)
+            with no_gradient_sync(self.model, self.module, self.sharded):
+                return self._forward_backward(batch, sync)
+        except RuntimeError as exc:
+            raise_explained(exc, self.model)
 
     def _forward_backward(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
-        with self.precision.autocast():
+        if self.autocasts:
+            with self.precision.autocast():
+                loss, n, num_items = self.loss(batch)
+        else:  # without autocast, not even a null context: this runs for every micro-batch
             loss, n, num_items = self.loss(batch)
-        weight = self.window.weight(n, num_items)
+        detached = loss.detach()
+        weight, count = self.window.add(detached, n, num_items)
         if sync:
-            self.window.count_items(self.device)  # overlaps the backward below
-            self.optimizer_step.carry_losses(self.window.stack_losses(loss))  # a NaN loss reaches every rank
-        self.precision.backward(loss if isinstance(weight, float) and weight == 1.0 else loss * weight)
-        return loss, n, num_items
+            if self.window.by_items:
+                self.window.count_items(self.device)  # overlaps the backward below
+            if self.optimizer_step.carries_losses:
+                self.optimizer_step.carry_losses(self.window.losses)  # a NaN loss reaches every rank
+        self.precision.backward(loss if type(weight) is float and weight == 1.0 else loss * weight)
+        return detached, n, count
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, int, Any]:
         """``(loss, samples, num_items or None)`` of one micro-batch, moved to the device here."""
         if self.compute_loss is None:
             inputs, targets, n = prepare_batch(batch, self.device, self.non_blocking)
-            return self.criterion(call_on_inputs(self.model, inputs), targets), n, None
+            output = self.model(inputs) if type(inputs) is torch.Tensor else call_on_inputs(self.model, inputs)
+            return self.criterion(output, targets), n, None
         batch = to_device(batch, self.device, self.non_blocking)
         loss, num_items = check_result(self.compute_loss(self.model, batch))
         return loss, sample_count(batch, self.criterion is not None), num_items
 
-    def finish_window(self, where: str) -> bool:
+    def finish_window(self, where: Callable[[], str]) -> bool:
         """The optimizer step that ends the window, whose losses then go to the epoch's sums; return
         False when it was skipped."""
         window = self.window
         stepped = self.optimizer_step(window.correction(where), window.losses, where)
-        self.epoch_sums.add_window(window.losses, window.stacked, window.counts, stepped)
+        self.epoch_sums.add_window(window.losses, window.counts, stepped)
         window.reset()
         return stepped

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -200,15 +201,17 @@ class Trainer:
         batches = iter(loader)
         self._rng_state.apply()  # after iter(): see RNGState
         begin, backward_end, end = (cbs.has(hook) for hook in ("on_batch_begin", "on_backward_end", "on_batch_end"))
-        for batch_idx, batch, ends_window in micro_batches(batches, k, first_idx, equal, self.device):
+        micro_batch = self._step.micro_batch
+        for batch_idx, (batch, ends) in enumerate(micro_batches(batches, k, first_idx, equal, self.device), first_idx):
+            ends_window = ends or (batch_idx + 1) % k == 0
             if begin:
                 cbs.call("on_batch_begin", batch_idx, trainer=self, logs={"epoch": state.epoch})
-            loss, n, items = self._step.micro_batch(batch, sync=ends_window)
+            loss, n, items = micro_batch(batch, ends_window)
             if backward_end:
                 cbs.call("on_backward_end", batch_idx, trainer=self, logs={"loss": loss, "ends_window": ends_window})
             stepped = False
             if ends_window:
-                stepped = self._step.finish_window(self._where(batch_idx))
+                stepped = self._step.finish_window(partial(self._where, batch_idx))  # formatted on error only
                 state.global_step += stepped
                 state.batch_in_epoch = batch_idx + 1
             if end:  # no logs dict for no one

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from anndist.errors import ddp_errors_explained, explain_ddp_error
+from anndist.errors import explain_ddp_error, raise_explained
 
 
 class PartlyUsed(nn.Module):
@@ -47,8 +47,8 @@ def test_unused_parameters_point_at_ddp_kwargs_and_name_the_parameters(one_rank_
         assert "ddp_kwargs={'find_unused_parameters': True} to the Trainer" in str(explained)
         assert "on rank 0: spare.weight, spare.bias." in str(explained)
     assert "on rank 0." in str(explain_ddp_error(exc))  # no model: no names, the advice all the same
-    with pytest.raises(RuntimeError, match="ddp_kwargs=") as info, ddp_errors_explained(model):
-        raise exc
+    with pytest.raises(RuntimeError, match="ddp_kwargs=") as info:
+        raise_explained(exc, model)
     assert info.value.__cause__ is exc  # torch's original stays in the chain
 
 
@@ -56,6 +56,6 @@ def test_other_errors_are_left_alone():
     assert explain_ddp_error(RuntimeError("CUDA out of memory")) is None
     assert explain_ddp_error(ValueError("find_unused_parameters=True")) is None
     original = RuntimeError("CUDA out of memory")
-    with pytest.raises(RuntimeError) as info, ddp_errors_explained(nn.Linear(1, 1)):
-        raise original
+    with pytest.raises(RuntimeError) as info:
+        raise_explained(original, nn.Linear(1, 1))
     assert info.value is original
