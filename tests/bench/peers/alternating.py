@@ -84,7 +84,7 @@ def handwritten(data: TensorDataset, rank: int, world_size: int) -> Callable[[],
             if ends_window:
                 optimizer.step()
                 optimizer.zero_grad()
-    run.clock = clock  # type: ignore[attr-defined]
+    run.clock, run.optimizer = clock, optimizer  # type: ignore[attr-defined]
     return run
 
 
@@ -99,7 +99,7 @@ def anndist_loop(data: TensorDataset, rank: int, world_size: int) -> Callable[[]
 
     def run() -> None:
         trainer.fit(loader, num_epochs=trainer.epoch + 1)
-    run.trainer, run.clock = trainer, clock  # type: ignore[attr-defined]
+    run.trainer, run.clock, run.optimizer = trainer, clock, optimizer  # type: ignore[attr-defined]
     return run
 
 
