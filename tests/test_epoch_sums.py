@@ -34,8 +34,9 @@ def test_exact_sum_keeps_inf_and_nan():
 
 def _windows(seed: int) -> list[tuple[list[torch.Tensor], list[int]]]:
     rng = random.Random(seed)
-    return [([torch.tensor(rng.uniform(0, 5)) for _ in range(3)], [rng.randint(1, 64) for _ in range(3)])
-            for _ in range(40)]
+    # losses over twelve orders of magnitude, so that a plain float sum would round
+    return [([torch.tensor(rng.uniform(0, 5) * 10.0 ** rng.randint(-6, 6)) for _ in range(3)],
+             [rng.randint(1, 64) for _ in range(3)]) for _ in range(40)]
 
 
 @pytest.mark.parametrize("fold_every", [1, 7, 1000])
