@@ -7,6 +7,7 @@ so a resumed epoch reports the same ``train_loss`` as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -140,7 +141,7 @@ class EpochSums:
         losses, counts = torch.stack(self._losses).tolist(), self._counts
         if set(map(type, counts)) != {int}:  # items counted by tensors: one copy for all
             counts = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=self.device) for c in counts]).tolist()
-        self.loss_sum.add_all([loss * count for loss, count in zip(losses, counts)])
+        self.loss_sum.add_all(map(operator.mul, losses, counts))
         self.items = self.items + sum(counts)
         self._losses, self._counts, self._windows = [], [], 0
 

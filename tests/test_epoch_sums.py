@@ -30,6 +30,10 @@ def test_exact_sum_ignores_order_and_grouping():
 def test_exact_sum_keeps_inf_and_nan():
     assert ExactSum([1.0, math.inf, 2.0]).value == math.inf
     assert math.isnan(ExactSum([1.0, math.nan]).value)
+    assert ExactSum([1.5e308, 1.5e308, 1.0]).value == math.inf  # past float's range, not an error
+    sums = ExactSum([1e300, 1.0])
+    sums.add_all([-1e300])
+    assert sums.value == 1.0
 
 
 def _windows(seed: int) -> list[tuple[list[torch.Tensor], list[int]]]:
