@@ -83,7 +83,7 @@ class OptimizerStep:
         GradScaler's fused kernel does both in one pass (about 5 us for a small model where a norm
         costs 20 us), which keeps the check affordable on every step.
         """
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [grad for p in self.params if (grad := p.grad) is not None]  # one .grad read each
         if self._sharded:
             grads = [local(grad) for grad in grads]
         if self._uniform:  # the usual case: one device, one dtype, one kernel call

@@ -60,13 +60,21 @@ def dataset(steps: int, world_size: int) -> TensorDataset:
 
 
 def handwritten(data: TensorDataset, rank: int, world_size: int) -> Callable[[], None]:
-    """tests/bench/peers/handwritten.py's loop, one epoch per call."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    """tests/bench/peers/handwritten.py's loop, one epoch per call, with its step clock."""
     model = workload.build_model("small")
-    ddp = DDP(model) if dist.is_initialized() else model
     optimizer = workload.build_optimizer(model.parameters())
     clock = StepClock(optimizer)
+    run = handwritten_epochs(model, optimizer, data, rank, world_size)
+    run.clock, run.optimizer = clock, optimizer  # type: ignore[attr-defined]
+    return run
+
+
+def handwritten_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, data: TensorDataset, rank: int,
+                       world_size: int) -> Callable[[], None]:
+    """The hand-written loop on ``model`` and ``optimizer``, one epoch per call."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp = DDP(model) if dist.is_initialized() else model
     criterion = nn.CrossEntropyLoss()
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=workload.SEED)
     loader = DataLoader(data, batch_size=workload.SIZES["small"].batch, sampler=sampler)
@@ -84,7 +92,6 @@ def handwritten(data: TensorDataset, rank: int, world_size: int) -> Callable[[],
             if ends_window:
                 optimizer.step()
                 optimizer.zero_grad()
-    run.clock, run.optimizer = clock, optimizer  # type: ignore[attr-defined]
     return run
 
 

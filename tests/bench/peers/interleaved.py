@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1]), str(HERE)]
 import workload  # noqa: E402
-from alternating import CLOCKS, dataset  # noqa: E402
+from alternating import CLOCKS, dataset, handwritten_epochs  # noqa: E402
 from workload import K  # noqa: E402
 
 
@@ -119,28 +119,6 @@ def ranks_main(rank: int, world_size: int, steps: int, epochs: int, turn: int = 
             add_epoch(figures, ends[turn - 1::turn], hand.intervals, turn)
     close()
     return figures
-
-
-def handwritten_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, data: TensorDataset, rank: int,
-                       world_size: int) -> Callable[[], None]:
-    """One epoch of the hand-written loop per call, on ``model`` and ``optimizer`` (``--calibrate``)."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    ddp = DDP(model) if dist.is_initialized() else model
-    criterion = nn.CrossEntropyLoss()
-    sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=workload.SEED)
-    loader = DataLoader(data, batch_size=workload.SIZES["small"].batch, sampler=sampler)
-
-    def run() -> None:
-        for i, (inputs, targets) in enumerate(loader):
-            ends_window = (i + 1) % K == 0
-            with contextlib.nullcontext() if ends_window or ddp is model else ddp.no_sync():
-                loss = criterion(ddp(inputs), targets) / K
-                loss.backward()
-            if ends_window:
-                optimizer.step()
-                optimizer.zero_grad()
-    return run
 
 
 def add_epoch(figures: dict[str, list[tuple[float, ...]]], ends: list[tuple[float, ...]],
