@@ -27,12 +27,10 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 STRATEGIES = ("ddp", "fsdp")
 MIN_SHARD_PARAMS = 1_000_000
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def check_options(strategy: Any, fsdp_kwargs: Any, shard_modules: Any, amp_dtype: Any, async_checkpoint: Any) -> None:
@@ -133,11 +131,12 @@ def is_sharded(module: nn.Module) -> bool:
 def no_gradient_sync(model: nn.Module, module: nn.Module, sharded: bool) -> ContextManager[Any]:
     """The context of a micro-batch that does not end its window: its gradients are not reduced.
 
-    ``sharded`` is ``is_sharded(module)``, decided once by the caller (it imports FSDP's class).
+    ``sharded`` is ``is_sharded(module)``, decided once by the caller (it imports FSDP's class);
+    otherwise ``model`` is the DDP wrapper (one process needs no context and asks for none).
     """
     if sharded:
         return _no_gradient_sync(module)
-    return model.no_sync() if isinstance(model, DistributedDataParallel) else _NO_CONTEXT
+    return model.no_sync()
 
 
 @contextlib.contextmanager

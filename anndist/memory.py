@@ -20,6 +20,11 @@ def tensor_bytes(tensors: Iterable[Any]) -> int:
     return sum(part.numel() * part.element_size() for part in parts)
 
 
+def gradient_bytes(params: Iterable[torch.nn.Parameter]) -> int:
+    """The bytes of this rank's part of the gradients the parameters hold now (those not None)."""
+    return tensor_bytes(p.grad for p in params if p.grad is not None)
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterable[Any]:
     """Every value of the optimizer's per-parameter state (moments, step counts, ...)."""
     for state in optimizer.state.values():
@@ -30,5 +35,5 @@ def model_state_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer)
     """``{"parameters", "gradients", "optimizer"}``: bytes this rank holds now (gradients: those not None)."""
     params = list(module.parameters())
     return {"parameters": tensor_bytes(params),
-            "gradients": tensor_bytes(p.grad for p in params if p.grad is not None),
+            "gradients": gradient_bytes(params),
             "optimizer": tensor_bytes(optimizer_tensors(optimizer))}

@@ -98,8 +98,7 @@ class OptimizerStep:
         if not grads:
             return False
         device = grads[0].device
-        buffers = self._found_inf.get(device) or self._buffers(device)
-        found, one, host_flag = buffers  # found is 0 here: zeroed below once read as set
+        found, one, host_flag = self._found_inf.get(device) or self._buffers(device)  # found is 0: see below
         scale = one if correction == 1.0 else torch.full((1,), correction, device=device)
         if losses:
             if scale is not one or losses[0].device != device:  # the kernel scales them too: scale copies

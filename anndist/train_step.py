@@ -74,8 +74,7 @@ class TrainStep:
         detached = loss.detach()
         weight, count = self.window.add(detached, n, num_items)
         if sync:
-            if self.window.by_items:
-                self.window.count_items(self.device)  # overlaps the backward below
+            self.window.count_items(self.device)  # items mode: overlaps the backward below
             if self.optimizer_step.carries_losses:
                 self.optimizer_step.carry_losses(self.window.losses)  # a NaN loss reaches every rank
         self.precision.backward(loss if type(weight) is float and weight == 1.0 else loss * weight)

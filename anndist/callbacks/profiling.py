@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import collectives
-from ..memory import model_state_bytes, tensor_bytes
+from ..memory import gradient_bytes, model_state_bytes
 from .base import Callback
 from .profile_report import PHASES, format_table, summarize
 from .trace import TraceWindow, check_trace_steps
@@ -103,7 +103,7 @@ class ProfilingCallback(Callback):
             self._micro = None
         if self.profile_memory and self._grad_bytes is None and logs is not None and logs.get("ends_window"):
             # The window's gradients, reduced (sharded under FSDP); the step sets them to None again.
-            self._grad_bytes = tensor_bytes(p.grad for p in trainer.module.parameters() if p.grad is not None)
+            self._grad_bytes = gradient_bytes(trainer.module.parameters())
 
     def on_batch_end(self, batch_idx: int, trainer: "Trainer", logs: dict | None = None) -> None:
         step = self._step
