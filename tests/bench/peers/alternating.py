@@ -51,8 +51,8 @@ class StepClock:
         return {clock: (b - a) / (len(ends) - WARMUP) for clock, a, b in zip(CLOCKS, first, last)}
 
 
-def dataset(steps: int, world_size: int) -> TensorDataset:
-    spec = workload.SIZES["small"]
+def dataset(steps: int, world_size: int, size: str = "small") -> TensorDataset:
+    spec = workload.SIZES[size]
     count = steps * K * spec.batch * world_size
     generator = torch.Generator().manual_seed(0)
     return TensorDataset(torch.rand(count, spec.inputs, generator=generator),
@@ -70,14 +70,14 @@ def handwritten(data: TensorDataset, rank: int, world_size: int) -> Callable[[],
 
 
 def handwritten_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, data: TensorDataset, rank: int,
-                       world_size: int) -> Callable[[], None]:
+                       world_size: int, size: str = "small") -> Callable[[], None]:
     """The hand-written loop on ``model`` and ``optimizer``, one epoch per call."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     ddp = DDP(model) if dist.is_initialized() else model
     criterion = nn.CrossEntropyLoss()
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=workload.SEED)
-    loader = DataLoader(data, batch_size=workload.SIZES["small"].batch, sampler=sampler)
+    loader = DataLoader(data, batch_size=workload.SIZES[size].batch, sampler=sampler)
     epoch = [0]
 
     def run() -> None:

@@ -2,6 +2,7 @@
 
     python tests/bench/peers/interleaved.py --nprocs 1 --steps 1000 --epochs 3
     python tests/bench/peers/interleaved.py --nprocs 1 --steps 1000 --epochs 3 --calibrate
+    python tests/bench/peers/interleaved.py --nprocs 2 --size large --steps 50 --epochs 2
 
 alternating.py takes turns epoch by epoch, so the speed this VM drifts by over a second (±15-30%)
 still lands on one runner or the other, and a 2% difference needs thousands of epochs to show. Here
@@ -50,15 +51,15 @@ def clocks() -> tuple[float, float, float]:
 class HandSteps:
     """tests/bench/peers/handwritten.py's loop, one optimizer step (K micro-batches) per ``step()``."""
 
-    def __init__(self, data: TensorDataset, rank: int, world_size: int) -> None:
+    def __init__(self, data: TensorDataset, rank: int, world_size: int, size: str) -> None:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
-        self.model = workload.build_model("small")
+        self.model = workload.build_model(size)
         self.ddp = DDP(self.model) if dist.is_initialized() else self.model
         self.optimizer = workload.build_optimizer(self.model.parameters())
         self.criterion = nn.CrossEntropyLoss()
         self.sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=workload.SEED)
-        self.loader = DataLoader(data, batch_size=workload.SIZES["small"].batch, sampler=self.sampler)
+        self.loader = DataLoader(data, batch_size=workload.SIZES[size].batch, sampler=self.sampler)
         self.epoch, self.batches = 0, iter(())
         self.intervals: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
 
@@ -86,14 +87,14 @@ class HandSteps:
 
 
 def ranks_main(rank: int, world_size: int, steps: int, epochs: int, turn: int = 1,
-               calibrate: bool = False) -> dict[str, list[tuple[float, ...]]]:
+               calibrate: bool = False, size: str = "small") -> dict[str, list[tuple[float, ...]]]:
     import logging
     from anndist import Trainer
     torch.set_num_threads(1)
     logging.getLogger("anndist").setLevel(logging.WARNING)
-    data = dataset(steps, world_size)
-    hand = HandSteps(data, rank, world_size)
-    model = workload.build_model("small")
+    data = dataset(steps, world_size, size)
+    hand = HandSteps(data, rank, world_size, size)
+    model = workload.build_model(size)
     optimizer = workload.build_optimizer(model.parameters())
     ends: list[tuple[float, ...]] = []  # the end of each of anndist's turns
 
@@ -105,10 +106,10 @@ def ranks_main(rank: int, world_size: int, steps: int, epochs: int, turn: int = 
 
     optimizer.register_step_post_hook(take_turn)
     if calibrate:  # A/A: the hand-written loop in anndist's place; the method's own bias shows as != 1
-        run_epoch, close = handwritten_epochs(model, optimizer, data, rank, world_size), lambda: None
+        run_epoch, close = handwritten_epochs(model, optimizer, data, rank, world_size, size), lambda: None
     else:
         trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), gradient_accumulation_steps=K, seed=workload.SEED)
-        loader = DataLoader(data, batch_size=workload.SIZES["small"].batch, shuffle=True)
+        loader = DataLoader(data, batch_size=workload.SIZES[size].batch, shuffle=True)
         run_epoch, close = lambda: trainer.fit(loader, num_epochs=trainer.epoch + 1), trainer.close
     figures: dict[str, list[tuple[float, ...]]] = {"anndist": [], "hand-written": []}
     for epoch in range(epochs + 1):  # epoch 0 warms up
@@ -139,9 +140,10 @@ def median_interval(values: list[float]) -> tuple[float, float]:
     return ordered[max(0, int(n / 2 - half))], ordered[min(n - 1, int(math.ceil(n / 2 + half)))]
 
 
-def report(figures: dict[str, list[tuple[float, ...]]], nprocs: int, steps: int, epochs: int, turn: int) -> None:
+def report(figures: dict[str, list[tuple[float, ...]]], nprocs: int, steps: int, epochs: int, turn: int,
+           size: str) -> None:
     count = len(figures["anndist"])
-    print(f"small workload, K={K}, {nprocs} process(es), {count} pairs of turns of {turn} optimizer step(s) "
+    print(f"{size} workload, K={K}, {nprocs} process(es), {count} pairs of turns of {turn} optimizer step(s) "
           f"({epochs} epochs of {steps} steps) (rank 0)")
     print(f"{'runner':14s}" + "".join(f"{clock + ' us/step, median [IQR]':>34s}" for clock in CLOCKS))
     for name, steps_ in figures.items():
@@ -151,12 +153,17 @@ def report(figures: dict[str, list[tuple[float, ...]]], nprocs: int, steps: int,
             q1, q3 = values[len(values) // 4], values[3 * len(values) // 4]
             cells.append(f"{statistics.median(values):8.0f} [{q1:6.0f}-{q3:6.0f}]")
         print(f"{name:14s}" + "".join(f"{cell:>34s}" for cell in cells))
-    parts = []
-    for c, clock in enumerate(CLOCKS):
-        ratios = [a[c] / h[c] for a, h in zip(figures["anndist"], figures["hand-written"]) if h[c] > 0]
-        low, high = median_interval(ratios)
-        parts.append(f"{clock} {statistics.median(ratios):.3f}x [{low:.3f}-{high:.3f}]")
+    parts = [f"{clock} {median:.3f}x [{low:.3f}-{high:.3f}]" for clock, (median, low, high) in ratios(figures).items()]
     print("anndist / hand-written, median of the per-turn ratios [95% interval]: " + ", ".join(parts))
+
+
+def ratios(figures: dict[str, list[tuple[float, ...]]]) -> dict[str, tuple[float, float, float]]:
+    """Per clock: the median of the per-turn ratios anndist / hand-written and its 95% interval."""
+    out = {}
+    for c, clock in enumerate(CLOCKS):
+        values = [a[c] / h[c] for a, h in zip(figures["anndist"], figures["hand-written"]) if h[c] > 0]
+        out[clock] = (statistics.median(values), *median_interval(values))
+    return out
 
 
 def main() -> None:
@@ -165,15 +172,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per epoch")
     parser.add_argument("--epochs", type=int, default=3, help="measured epochs (after one warm-up epoch)")
     parser.add_argument("--turn", type=int, default=1, help="optimizer steps per turn")
+    parser.add_argument("--size", choices=sorted(workload.SIZES), default="small")
     parser.add_argument("--calibrate", action="store_true",
                         help="A/A: the hand-written loop in anndist's place (the method's bias; expect 1.000x)")
     args = parser.parse_args()
     if args.nprocs == 1:
-        figures = ranks_main(0, 1, args.steps, args.epochs, args.turn, args.calibrate)
+        figures = ranks_main(0, 1, args.steps, args.epochs, args.turn, args.calibrate, args.size)
     else:
         from spawn_ranks import run_spawn
-        figures = run_spawn(ranks_main, args.nprocs, args.steps, args.epochs, args.turn, args.calibrate)[0]
-    report(figures, args.nprocs, args.steps, args.epochs, args.turn)
+        figures = run_spawn(ranks_main, args.nprocs, args.steps, args.epochs, args.turn, args.calibrate, args.size)[0]
+    report(figures, args.nprocs, args.steps, args.epochs, args.turn, args.size)
 
 
 if __name__ == "__main__":
