@@ -29,7 +29,7 @@ from .callbacks.defaults import build_callbacks
 from .flight_recorder import enable_flight_recorder
 from .checkpointing import CheckpointManager, check_window_closed
 from .compiling import ModelState, compile_module, split_compiled
-from .config import TrainerConfig
+from .config import DDP_DEFAULTS, TrainerConfig
 from .device import default_device
 from .env import DistEnv, detect_env
 from .batch import split_batch
@@ -97,7 +97,7 @@ class Trainer:
         self.model: nn.Module = self._compiled
         if self.world_size > 1 and cfg.strategy == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self._compiled, device_ids=device_ids, **cfg.ddp_kwargs)  # syncs rank 0's weights
+            self.model = DDP(self._compiled, device_ids=device_ids, **{**DDP_DEFAULTS, **cfg.ddp_kwargs})  # syncs weights
         process_group.register_releaser(self)
         if cfg.seed is not None:
             seed_everything(rank_seed(cfg.seed, self.rank))

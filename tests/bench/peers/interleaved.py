@@ -3,6 +3,7 @@
     python tests/bench/peers/interleaved.py --nprocs 1 --steps 1000 --epochs 3
     python tests/bench/peers/interleaved.py --nprocs 1 --steps 1000 --epochs 3 --calibrate
     python tests/bench/peers/interleaved.py --nprocs 2 --size large --steps 50 --epochs 2
+    python tests/bench/peers/interleaved.py --nprocs 2 --steps 500 --epochs 3 --same-ddp
 
 alternating.py takes turns epoch by epoch, so the speed this VM drifts by over a second (±15-30%)
 still lands on one runner or the other, and a 2% difference needs thousands of epochs to show. Here
@@ -51,11 +52,11 @@ def clocks() -> tuple[float, float, float]:
 class HandSteps:
     """tests/bench/peers/handwritten.py's loop, one optimizer step (K micro-batches) per ``step()``."""
 
-    def __init__(self, data: TensorDataset, rank: int, world_size: int, size: str) -> None:
+    def __init__(self, data: TensorDataset, rank: int, world_size: int, size: str, ddp_options: dict) -> None:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
         self.model = workload.build_model(size)
-        self.ddp = DDP(self.model) if dist.is_initialized() else self.model
+        self.ddp = DDP(self.model, **ddp_options) if dist.is_initialized() else self.model
         self.optimizer = workload.build_optimizer(self.model.parameters())
         self.criterion = nn.CrossEntropyLoss()
         self.sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=workload.SEED)
@@ -87,13 +88,15 @@ class HandSteps:
 
 
 def ranks_main(rank: int, world_size: int, steps: int, epochs: int, turn: int = 1,
-               calibrate: bool = False, size: str = "small") -> dict[str, list[tuple[float, ...]]]:
+               calibrate: bool = False, size: str = "small",
+               same_ddp: bool = False) -> dict[str, list[tuple[float, ...]]]:
     import logging
     from anndist import Trainer
+    from anndist.config import DDP_DEFAULTS
     torch.set_num_threads(1)
     logging.getLogger("anndist").setLevel(logging.WARNING)
     data = dataset(steps, world_size, size)
-    hand = HandSteps(data, rank, world_size, size)
+    hand = HandSteps(data, rank, world_size, size, DDP_DEFAULTS if same_ddp else {})
     model = workload.build_model(size)
     optimizer = workload.build_optimizer(model.parameters())
     ends: list[tuple[float, ...]] = []  # the end of each of anndist's turns
@@ -173,14 +176,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="measured epochs (after one warm-up epoch)")
     parser.add_argument("--turn", type=int, default=1, help="optimizer steps per turn")
     parser.add_argument("--size", choices=sorted(workload.SIZES), default="small")
+    parser.add_argument("--same-ddp", action="store_true",
+                        help="the hand-written loop's DDP with anndist's DDP_DEFAULTS (gradients as bucket views): "
+                             "anndist's own cost alone, without what its DDP options save")
     parser.add_argument("--calibrate", action="store_true",
                         help="A/A: the hand-written loop in anndist's place (the method's bias; expect 1.000x)")
     args = parser.parse_args()
     if args.nprocs == 1:
-        figures = ranks_main(0, 1, args.steps, args.epochs, args.turn, args.calibrate, args.size)
+        figures = ranks_main(0, 1, args.steps, args.epochs, args.turn, args.calibrate, args.size, args.same_ddp)
     else:
         from spawn_ranks import run_spawn
-        figures = run_spawn(ranks_main, args.nprocs, args.steps, args.epochs, args.turn, args.calibrate, args.size)[0]
+        figures = run_spawn(ranks_main, args.nprocs, args.steps, args.epochs, args.turn, args.calibrate, args.size,
+                            args.same_ddp)[0]
     report(figures, args.nprocs, args.steps, args.epochs, args.turn, args.size)
 
 
