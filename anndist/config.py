@@ -241,9 +241,9 @@ _SET_BY_TRAINER = ("module", "device_ids")
 # DDP options the Trainer passes unless ddp_kwargs says otherwise. Gradients as views into DDP's
 # all-reduce buckets: after each all-reduce DDP hands the reduced bucket over as the gradients instead
 # of copying it back into them, one gradient-sized copy less per optimizer step (timed alone: 4 ms
-# for the large benchmark model, whose 2-process CPU step is ~350 ms; bit-identical weights). anndist never detaches a
-# reduced gradient, the one thing views forbid; ddp_kwargs={"gradient_as_bucket_view": False}
-# restores DDP's own default.
+# for the large benchmark model, whose 2-process CPU step is ~350 ms; bit-identical weights).
+# anndist never detaches a reduced gradient, the one thing views forbid;
+# ddp_kwargs={"gradient_as_bucket_view": False} restores DDP's own default.
 DDP_DEFAULTS = {"gradient_as_bucket_view": True}
 
 

@@ -70,11 +70,11 @@ def handwritten(data: TensorDataset, rank: int, world_size: int) -> Callable[[],
 
 
 def handwritten_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, data: TensorDataset, rank: int,
-                       world_size: int, size: str = "small") -> Callable[[], None]:
-    """The hand-written loop on ``model`` and ``optimizer``, one epoch per call."""
+                       world_size: int, size: str = "small", ddp_options: dict | None = None) -> Callable[[], None]:
+    """The hand-written loop on ``model`` and ``optimizer``, one epoch per call (``ddp_options``: DDP's keywords)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    ddp = DDP(model) if dist.is_initialized() else model
+    ddp = DDP(model, **(ddp_options or {})) if dist.is_initialized() else model
     criterion = nn.CrossEntropyLoss()
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=workload.SEED)
     loader = DataLoader(data, batch_size=workload.SIZES[size].batch, sampler=sampler)

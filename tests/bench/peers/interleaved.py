@@ -96,7 +96,8 @@ def ranks_main(rank: int, world_size: int, steps: int, epochs: int, turn: int = 
     torch.set_num_threads(1)
     logging.getLogger("anndist").setLevel(logging.WARNING)
     data = dataset(steps, world_size, size)
-    hand = HandSteps(data, rank, world_size, size, DDP_DEFAULTS if same_ddp else {})
+    ddp_options = DDP_DEFAULTS if same_ddp else {}
+    hand = HandSteps(data, rank, world_size, size, ddp_options)
     model = workload.build_model(size)
     optimizer = workload.build_optimizer(model.parameters())
     ends: list[tuple[float, ...]] = []  # the end of each of anndist's turns
@@ -109,7 +110,7 @@ def ranks_main(rank: int, world_size: int, steps: int, epochs: int, turn: int = 
 
     optimizer.register_step_post_hook(take_turn)
     if calibrate:  # A/A: the hand-written loop in anndist's place; the method's own bias shows as != 1
-        run_epoch, close = handwritten_epochs(model, optimizer, data, rank, world_size, size), lambda: None
+        run_epoch, close = handwritten_epochs(model, optimizer, data, rank, world_size, size, ddp_options), lambda: None
     else:
         trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), gradient_accumulation_steps=K, seed=workload.SEED)
         loader = DataLoader(data, batch_size=workload.SIZES[size].batch, shuffle=True)
