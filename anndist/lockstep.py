@@ -14,7 +14,7 @@ How the ranks agree on the number of forwards:
 * any other iterable: before each forward, a MAX all-reduce of "I still have a batch".
 
 The filler is the rank's last batch. A rank with no batch at all takes the dataset's first sample
-(``collate_fn([dataset[0]])``) from a map-style ``DataLoader``; from anything else it has nothing to
+(read and collated as the loader reads) from a map-style ``DataLoader``; from anything else it has nothing to
 run, and every rank raises a ValueError naming it. A module that is not sharded (DDP, one process)
 runs no collective in its forward: the loader is read as it is.
 """
@@ -90,12 +90,20 @@ def _max(device: torch.device, *flags: int) -> list[int]:
 
 
 def _first_sample(loader: DataLoader) -> Any:
-    """The dataset's first sample as a batch, or ``_END`` when the dataset has none."""
+    """The dataset's first sample as a batch, or ``_END`` when the dataset has none; read the way
+    the loader's own fetcher reads it."""
+    dataset = loader.dataset
+    read_batch = getattr(dataset, "__getitems__", None)
     try:
-        sample = loader.dataset[0]
+        if loader.batch_sampler is None:  # no automatic batching: each sample is collated alone
+            data = dataset[0]
+        elif callable(read_batch):  # a dataset that reads whole batches (batched_reads.py)
+            data = read_batch([0])
+        else:
+            data = [dataset[0]]
     except (IndexError, KeyError):
         return _END
-    return loader.collate_fn([sample] if loader.batch_sampler is not None else sample)
+    return loader.collate_fn(data)
 
 
 def _refuse(stuck: bool) -> None:

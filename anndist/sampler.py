@@ -2,7 +2,8 @@
 
 Train loaders whose sampler is torch's ``SequentialSampler``, ``RandomSampler`` or
 ``DistributedSampler`` are rebuilt with :class:`ResumableDistributedSampler` (same batch size,
-collate_fn, workers, pin_memory, drop_last; shuffle kept). Anything else (a custom sampler or batch
+collate_fn, workers, pin_memory, drop_last; shuffle kept; a ``TensorDataset`` is read a batch at a
+time, ``batched_reads.py``). Anything else (a custom sampler or batch
 sampler, an ``IterableDataset``) already decides what each rank reads and is left alone.
 Evaluation loaders are rebuilt with :class:`ShardSampler`, which pads nothing, so every sample of
 the dataset counts exactly once.
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torch.utils.data import RandomSampler, Sampler, SequentialSampler
 
+from .batched_reads import batched_reads
 from .seed import loader_seed
 
 
@@ -77,12 +79,13 @@ def _shuffles(loader: DataLoader) -> bool:
 
 
 def _rebuild(loader: DataLoader, sampler: Sampler, generator: torch.Generator | None) -> DataLoader:
+    dataset, collate_fn = batched_reads(loader.dataset, loader.collate_fn)  # in-memory data: whole batches
     return DataLoader(
-        loader.dataset,
+        dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
         num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
+        collate_fn=collate_fn,
         pin_memory=loader.pin_memory,
         drop_last=loader.drop_last,
         timeout=loader.timeout,

@@ -109,7 +109,7 @@ def ablate(parts: tuple[str, ...]) -> None:
 def ablated_ranks(rank: int, world_size: int, parts: tuple[str, ...], steps: int,
                   epochs: int) -> dict[str, list[tuple[float, ...]]]:
     ablate(parts)
-    return interleaved.ranks_main(rank, world_size, steps, epochs, same_ddp=True)  # anndist's own work only
+    return interleaved.ranks_main(rank, world_size, steps, epochs, own_cost=True)  # anndist's own work only
 
 
 def run_row(parts: tuple[str, ...], nprocs: int, steps: int, epochs: int) -> dict[str, list[tuple[float, ...]]]:

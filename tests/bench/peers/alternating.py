@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, default_collate
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1]), str(HERE)]
@@ -59,25 +59,40 @@ def dataset(steps: int, world_size: int, size: str = "small") -> TensorDataset:
                          torch.randint(0, spec.classes, (count,), generator=generator))
 
 
-def handwritten(data: TensorDataset, rank: int, world_size: int) -> Callable[[], None]:
+def handwritten(data: TensorDataset, rank: int, world_size: int, own_cost: bool) -> Callable[[], None]:
     """tests/bench/peers/handwritten.py's loop, one epoch per call, with its step clock."""
     model = workload.build_model("small")
     optimizer = workload.build_optimizer(model.parameters())
     clock = StepClock(optimizer)
-    run = handwritten_epochs(model, optimizer, data, rank, world_size)
+    run = handwritten_epochs(model, optimizer, data, rank, world_size, own_cost=own_cost)
     run.clock, run.optimizer = clock, optimizer  # type: ignore[attr-defined]
     return run
 
 
+def like_anndist(own_cost: bool) -> dict:
+    """The hand-written loop's DDP keywords: DDP's defaults, or anndist's with ``own_cost``."""
+    from anndist.config import DDP_DEFAULTS
+    return DDP_DEFAULTS if own_cost else {}
+
+
+def reading(data: TensorDataset, batch_size: int, sampler: DistributedSampler, own_cost: bool) -> DataLoader:
+    """The hand-written loop's loader: sample by sample as people write it, or with ``own_cost``
+    through anndist's batched reads (batched_reads.py), as the Trainer's rebuilt loader reads."""
+    from anndist.batched_reads import batched_reads
+    dataset, collate_fn = batched_reads(data, default_collate) if own_cost else (data, None)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
+
+
 def handwritten_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, data: TensorDataset, rank: int,
-                       world_size: int, size: str = "small", ddp_options: dict | None = None) -> Callable[[], None]:
-    """The hand-written loop on ``model`` and ``optimizer``, one epoch per call (``ddp_options``: DDP's keywords)."""
+                       world_size: int, size: str = "small", own_cost: bool = False) -> Callable[[], None]:
+    """The hand-written loop on ``model`` and ``optimizer``, one epoch per call (``own_cost``: with
+    anndist's DDP options and batched reads)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    ddp = DDP(model, **(ddp_options or {})) if dist.is_initialized() else model
+    ddp = DDP(model, **like_anndist(own_cost)) if dist.is_initialized() else model
     criterion = nn.CrossEntropyLoss()
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=workload.SEED)
-    loader = DataLoader(data, batch_size=workload.SIZES[size].batch, sampler=sampler)
+    loader = reading(data, workload.SIZES[size].batch, sampler, own_cost)
     epoch = [0]
 
     def run() -> None:
@@ -118,12 +133,13 @@ def measure(run: Callable[[], None]) -> dict[str, float]:
     return run.clock.per_step()  # type: ignore[attr-defined]
 
 
-def ranks_main(rank: int, world_size: int, steps: int, reps: int) -> dict[str, list[dict[str, float]]]:
+def ranks_main(rank: int, world_size: int, steps: int, reps: int,
+               own_cost: bool = False) -> dict[str, list[dict[str, float]]]:
     import logging
     torch.set_num_threads(1)
     logging.getLogger("anndist").setLevel(logging.WARNING)  # the epoch lines would print every repetition
     data = dataset(steps, world_size)
-    runs = {"hand-written": handwritten(data, rank, world_size), "anndist": anndist_loop(data, rank, world_size)}
+    runs = {"hand-written": handwritten(data, rank, world_size, own_cost), "anndist": anndist_loop(data, rank, world_size)}
     for run in runs.values():  # warm-up: first-call costs (allocator, imports, DDP's first buckets)
         measure(run)
     figures: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
@@ -156,12 +172,14 @@ def main() -> None:
     parser.add_argument("--nprocs", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--own-cost", action="store_true",
+                        help="the hand-written loop with anndist's DDP options and batched reads (interleaved.py)")
     args = parser.parse_args()
     if args.nprocs == 1:
-        figures = ranks_main(0, 1, args.steps, args.reps)
+        figures = ranks_main(0, 1, args.steps, args.reps, args.own_cost)
     else:
         from spawn_ranks import run_spawn
-        figures = run_spawn(ranks_main, args.nprocs, args.steps, args.reps)[0]
+        figures = run_spawn(ranks_main, args.nprocs, args.steps, args.reps, args.own_cost)[0]
     report(figures, args.nprocs, args.steps)
 
 

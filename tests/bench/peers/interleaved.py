@@ -3,7 +3,7 @@
     python tests/bench/peers/interleaved.py --nprocs 1 --steps 1000 --epochs 3
     python tests/bench/peers/interleaved.py --nprocs 1 --steps 1000 --epochs 3 --calibrate
     python tests/bench/peers/interleaved.py --nprocs 2 --size large --steps 50 --epochs 2
-    python tests/bench/peers/interleaved.py --nprocs 2 --steps 500 --epochs 3 --same-ddp
+    python tests/bench/peers/interleaved.py --nprocs 2 --steps 500 --epochs 3 --own-cost
 
 alternating.py takes turns epoch by epoch, so the speed this VM drifts by over a second (±15-30%)
 still lands on one runner or the other, and a 2% difference needs thousands of epochs to show. Here
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1]), str(HERE)]
 import workload  # noqa: E402
-from alternating import CLOCKS, dataset, handwritten_epochs  # noqa: E402
+from alternating import CLOCKS, dataset, handwritten_epochs, like_anndist, reading  # noqa: E402
 from workload import K  # noqa: E402
 
 
@@ -52,15 +52,15 @@ def clocks() -> tuple[float, float, float]:
 class HandSteps:
     """tests/bench/peers/handwritten.py's loop, one optimizer step (K micro-batches) per ``step()``."""
 
-    def __init__(self, data: TensorDataset, rank: int, world_size: int, size: str, ddp_options: dict) -> None:
+    def __init__(self, data: TensorDataset, rank: int, world_size: int, size: str, own_cost: bool) -> None:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
         self.model = workload.build_model(size)
-        self.ddp = DDP(self.model, **ddp_options) if dist.is_initialized() else self.model
+        self.ddp = DDP(self.model, **like_anndist(own_cost)) if dist.is_initialized() else self.model
         self.optimizer = workload.build_optimizer(self.model.parameters())
         self.criterion = nn.CrossEntropyLoss()
         self.sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=workload.SEED)
-        self.loader = DataLoader(data, batch_size=workload.SIZES[size].batch, sampler=self.sampler)
+        self.loader = reading(data, workload.SIZES[size].batch, self.sampler, own_cost)
         self.epoch, self.batches = 0, iter(())
         self.intervals: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
 
@@ -89,15 +89,13 @@ class HandSteps:
 
 def ranks_main(rank: int, world_size: int, steps: int, epochs: int, turn: int = 1,
                calibrate: bool = False, size: str = "small",
-               same_ddp: bool = False) -> dict[str, list[tuple[float, ...]]]:
+               own_cost: bool = False) -> dict[str, list[tuple[float, ...]]]:
     import logging
     from anndist import Trainer
-    from anndist.config import DDP_DEFAULTS
     torch.set_num_threads(1)
     logging.getLogger("anndist").setLevel(logging.WARNING)
     data = dataset(steps, world_size, size)
-    ddp_options = DDP_DEFAULTS if same_ddp else {}
-    hand = HandSteps(data, rank, world_size, size, ddp_options)
+    hand = HandSteps(data, rank, world_size, size, own_cost)
     model = workload.build_model(size)
     optimizer = workload.build_optimizer(model.parameters())
     ends: list[tuple[float, ...]] = []  # the end of each of anndist's turns
@@ -110,7 +108,7 @@ def ranks_main(rank: int, world_size: int, steps: int, epochs: int, turn: int = 
 
     optimizer.register_step_post_hook(take_turn)
     if calibrate:  # A/A: the hand-written loop in anndist's place; the method's own bias shows as != 1
-        run_epoch, close = handwritten_epochs(model, optimizer, data, rank, world_size, size, ddp_options), lambda: None
+        run_epoch, close = handwritten_epochs(model, optimizer, data, rank, world_size, size, own_cost), lambda: None
     else:
         trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), gradient_accumulation_steps=K, seed=workload.SEED)
         loader = DataLoader(data, batch_size=workload.SIZES[size].batch, shuffle=True)
@@ -177,18 +175,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="measured epochs (after one warm-up epoch)")
     parser.add_argument("--turn", type=int, default=1, help="optimizer steps per turn")
     parser.add_argument("--size", choices=sorted(workload.SIZES), default="small")
-    parser.add_argument("--same-ddp", action="store_true",
-                        help="the hand-written loop's DDP with anndist's DDP_DEFAULTS (gradients as bucket views): "
-                             "anndist's own cost alone, without what its DDP options save")
+    parser.add_argument("--own-cost", action="store_true",
+                        help="the hand-written loop with what anndist does for it: its DDP_DEFAULTS (gradients as "
+                             "bucket views) and its batched reads of a TensorDataset; anndist's own cost alone")
     parser.add_argument("--calibrate", action="store_true",
                         help="A/A: the hand-written loop in anndist's place (the method's bias; expect 1.000x)")
     args = parser.parse_args()
     if args.nprocs == 1:
-        figures = ranks_main(0, 1, args.steps, args.epochs, args.turn, args.calibrate, args.size, args.same_ddp)
+        figures = ranks_main(0, 1, args.steps, args.epochs, args.turn, args.calibrate, args.size, args.own_cost)
     else:
         from spawn_ranks import run_spawn
         figures = run_spawn(ranks_main, args.nprocs, args.steps, args.epochs, args.turn, args.calibrate, args.size,
-                            args.same_ddp)[0]
+                            args.own_cost)[0]
     report(figures, args.nprocs, args.steps, args.epochs, args.turn, args.size)
 
 
