@@ -13,10 +13,10 @@ How the ranks agree on the number of forwards:
 * a ``DataLoader`` over a map-style dataset knows its length: one MAX all-reduce up front;
 * any other iterable: before each forward, a MAX all-reduce of "I still have a batch".
 
-The filler is the rank's last batch. A rank with no batch at all takes the dataset's first sample
-(read and collated as the loader reads) from a map-style ``DataLoader``; from anything else it has nothing to
-run, and every rank raises a ValueError naming it. A module that is not sharded (DDP, one process)
-runs no collective in its forward: the loader is read as it is.
+The filler is the rank's last batch. A rank with no batch at all takes the dataset's first sample,
+read and collated as the loader reads, from a map-style ``DataLoader``; from anything else it has
+nothing to run, and every rank raises a ValueError naming it. A module that is not sharded (DDP,
+one process) runs no collective in its forward: the loader is read as it is.
 """
 from __future__ import annotations
 

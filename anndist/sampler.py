@@ -3,8 +3,8 @@
 Train loaders whose sampler is torch's ``SequentialSampler``, ``RandomSampler`` or
 ``DistributedSampler`` are rebuilt with :class:`ResumableDistributedSampler` (same batch size,
 collate_fn, workers, pin_memory, drop_last; shuffle kept; a ``TensorDataset`` is read a batch at a
-time, ``batched_reads.py``). Anything else (a custom sampler or batch
-sampler, an ``IterableDataset``) already decides what each rank reads and is left alone.
+time, ``batched_reads.py``). Anything else (a custom sampler or batch sampler, an
+``IterableDataset``) already decides what each rank reads and is left alone.
 Evaluation loaders are rebuilt with :class:`ShardSampler`, which pads nothing, so every sample of
 the dataset counts exactly once.
 """
