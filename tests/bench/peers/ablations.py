@@ -20,7 +20,7 @@ each row with more of anndist's per-step work swapped for what the hand-written 
 
 The drop from the first row is what the removed work costs in place, where it shares caches and
 branch predictors with the step's kernels (several times what the same code costs timed alone in a
-loop: the check is ~8 us alone). The last row keeps the Trainer's loop (the epoch reader's
+loop: the check is ~8 us alone). The fifth row keeps the Trainer's loop (the epoch reader's
 look-ahead, the hooks' guards, the plan, the stop agreement), the window's bookkeeping and the
 losses' detach. ``--checks`` compares the fused check with other ways to find a NaN among the
 gradients. ``interleaved.py --calibrate`` gives the method's own bias (0.995x at 1 process).
