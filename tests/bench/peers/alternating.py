@@ -11,7 +11,8 @@ times the steady state: from the end of step ``WARMUP`` to the end of the last s
 so the per-epoch costs (``fit``'s setup, the epoch's loss reduction and log line) stay out. Printed
 per runner, rank 0: wall, process CPU (every thread, gloo's included) and main-thread CPU per
 optimizer step, median and [min-max] over repetitions, and the median of the per-repetition ratios
-anndist / hand-written.
+anndist / hand-written. ``--own-cost`` gives the hand-written loop anndist's DDP options and batched
+reads (like with like: the Trainer's own work alone); without it the loop is written as people do.
 """
 from __future__ import annotations
 
