@@ -42,6 +42,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1]), str(HERE)]
 import interleaved  # noqa: E402
+from alternating import hand_epoch  # noqa: E402
 
 ROWS = {
     "as shipped": (),
@@ -93,20 +94,14 @@ def bare_window_end(self: Any, where: Any) -> bool:
 
 
 def hand_loop(self: Any, loader: Any, first_idx: int, check: bool = False) -> bool:
-    """``Trainer._run_batches`` as the hand-written loop: ``criterion(model(x), y) / K``, ``no_sync``
-    but on the window's last micro-batch, ``step``, ``zero_grad`` (``check``: the step's NaN check first)."""
-    ddp, module, optimizer, criterion, k = self.model, self.module, self.optimizer, self.criterion, interleaved.K
-    for i, (inputs, targets) in enumerate(loader):
-        ends_window = (i + 1) % k == 0
-        with contextlib.nullcontext() if ends_window or ddp is module else ddp.no_sync():
-            loss = criterion(ddp(inputs), targets) / k
-            loss.backward()
-        if ends_window:
-            if check and self._optimizer_step._scale_and_check(1.0, None):
-                raise FloatingPointError("non-finite gradient")
-            optimizer.step()
-            optimizer.zero_grad()
-            self.state.global_step += 1
+    """``Trainer._run_batches`` as alternating.py's hand-written epoch on the Trainer's model, optimizer
+    and loader (``check``: the step's NaN check before each optimizer step)."""
+    def checked() -> None:
+        if self._optimizer_step._scale_and_check(1.0, None):
+            raise FloatingPointError("non-finite gradient")
+
+    loss = hand_epoch(self.model, self.module, self.optimizer, self.criterion, loader, checked if check else None)
+    self.state.global_step += len(loader) // interleaved.K  # the windows it stepped
     self.epoch_sums.add_window([loss.detach()], [1], True)  # fit reads the epoch's loss
     return True
 

@@ -100,15 +100,25 @@ def handwritten_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, data:
         sampler.set_epoch(epoch[0])
         epoch[0] += 1
         ddp.train()
-        for i, (inputs, targets) in enumerate(loader):
-            ends_window = (i + 1) % K == 0
-            with contextlib.nullcontext() if ends_window or ddp is model else ddp.no_sync():
-                loss = criterion(ddp(inputs), targets) / K
-                loss.backward()
-            if ends_window:
-                optimizer.step()
-                optimizer.zero_grad()
+        hand_epoch(ddp, model, optimizer, criterion, loader)
     return run
+
+
+def hand_epoch(ddp: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+               loader: DataLoader, before_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """One epoch of tests/bench/peers/handwritten.py's loop (``ddp`` is ``model`` in one process);
+    ``before_step()`` runs before each optimizer step. Returns the last micro-batch's loss."""
+    for i, (inputs, targets) in enumerate(loader):
+        ends_window = (i + 1) % K == 0
+        with contextlib.nullcontext() if ends_window or ddp is model else ddp.no_sync():
+            loss = criterion(ddp(inputs), targets) / K
+            loss.backward()
+        if ends_window:
+            if before_step is not None:
+                before_step()
+            optimizer.step()
+            optimizer.zero_grad()
+    return loss
 
 
 def anndist_loop(data: TensorDataset, rank: int, world_size: int) -> Callable[[], None]:
