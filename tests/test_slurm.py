@@ -26,7 +26,7 @@ from slurm_cluster import SlurmCluster, unavailable_reason
 pytestmark = pytest.mark.slurm
 
 SLURM = ROOT / "slurm"
-EPOCHS = 20  # ~0.15 s each: long enough to signal a run after its first epoch, short enough for CI
+EPOCHS = 40  # ~0.07 s each (batched reads): a signal sent after epoch 0 has ~3 s to land; short enough for CI
 TRAIN = ("launch/train_digits.py", "--epochs", str(EPOCHS))
 
 
