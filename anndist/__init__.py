@@ -1,11 +1,11 @@
 """anndist: one training loop from one CPU to many GPU nodes, built on DistributedDataParallel."""
-from .batch import split_batch, to_device
+from .data.batch import split_batch, to_device
 from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, EarlyStopping, LoggingCallback,
                         MetricsCallback, ModelCheckpoint, PreemptionCallback, ProfilingCallback, ProgressBarCallback,
                         TensorBoardCallback, MLflowCallback, WandbCallback)
 from .checkpoint import CheckpointError, latest_checkpoint
-from .env import DistEnv, detect_env
-from .optimization import NonFiniteLossError
+from .dist.env import DistEnv, detect_env
+from .step.optimization import NonFiniteLossError
 from .optional import MissingDependencyError
 from .seed import seed_everything
 from .trainer import Trainer, save_in_dir

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from .checks import check_count
-from .compiling import check_compile
-from .env import detect_env
-from .fsdp import check_options
-from .optimization import NONFINITE_POLICIES
-from .precision import resolve_amp_dtype
-from .process_group import check_backend
+from .strategies.compile import check_compile
+from .dist.env import detect_env
+from .strategies.fsdp import check_options
+from .step.optimization import NONFINITE_POLICIES
+from .step.precision import resolve_amp_dtype
+from .dist.process_group import check_backend
 from .seed import check_seed
 
 

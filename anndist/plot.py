@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .jsonl import read_jsonl
+from .callbacks.jsonl import read_jsonl
 from .optional import MissingDependencyError, require
 
 Curve = tuple[list[float], list[float]]

@@ -21,30 +21,32 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from . import checkpoint, collectives, fsdp, log, process_group
-from .agreement import StopAgreement
+from . import checkpoint, log
+from .dist import collectives, process_group
+from .strategies import fsdp
+from .dist.agreement import StopAgreement
 from .callbacks.base import Callback
-from .callbacks.checkpoint import checkpoint_folder
+from .callbacks.model_checkpoint import checkpoint_folder
 from .callbacks.defaults import build_callbacks
-from .flight_recorder import enable_flight_recorder
-from .checkpointing import CheckpointManager, check_window_closed
-from .compiling import ModelState, compile_module, split_compiled
+from .dist.flight_recorder import enable_flight_recorder
+from .checkpoint.manager import CheckpointManager, check_window_closed
+from .strategies.compile import ModelState, compile_module, split_compiled
 from .config import DDP_DEFAULTS, TrainerConfig
-from .device import default_device
-from .env import DistEnv, detect_env
-from .batch import split_batch
-from .evaluation import Evaluator
-from .loss import call_on_inputs, model_loss
-from .optimization import OptimizerStep, step_epoch_scheduler, step_plateau
-from .precision import make_precision
-from .prediction import predict
-from .epoch_reader import epoch_position, micro_batches
-from .loaders import LoaderState, RankLoaders, resumes_by_index, start_position
-from .plan import RunPlan
-from .sampler import start_epoch
+from .dist.device import default_device
+from .dist.env import DistEnv, detect_env
+from .data.batch import split_batch
+from .evaluation.evaluator import Evaluator
+from .step.loss import call_on_inputs, model_loss
+from .step.optimization import OptimizerStep, step_epoch_scheduler, step_plateau
+from .step.precision import make_precision
+from .evaluation.prediction import predict
+from .data.epoch_reader import epoch_position, micro_batches
+from .data.loaders import LoaderState, RankLoaders, resumes_by_index, start_position
+from .step.plan import RunPlan
+from .data.sampler import start_epoch
 from .seed import RNGState, rank_seed, seed_everything
-from .train_state import EpochSums, TrainState
-from .train_step import TrainStep
+from .step.train_state import EpochSums, TrainState
+from .step.train_step import TrainStep
 
 logger = logging.getLogger(__name__)
 HISTORY_KEYS = ("train_loss", "val_loss", "val_accuracy")

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, seed_everything
-from anndist.fsdp import full_state_dict
+from anndist.strategies.fsdp import full_state_dict
 from digits_data import digits_datasets, digits_loaders  # noqa: F401 (benchmarks import digits_datasets from here)
 from example_support import add_common_args, limit_threads, report_missing_dependency
 

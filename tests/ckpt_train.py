@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from models import flat_params, make_dataset, make_model
 
-from anndist import Callback, ModelCheckpoint, Trainer, collectives
+from anndist import Callback, ModelCheckpoint, Trainer
+from anndist.dist import collectives
 
 SEED, BATCH, ACCUMULATION, EPOCHS = 7, 4, 2, 3
 

@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, random_split
 
 from anndist import Trainer
-from anndist.batched_reads import BatchReadTensorDataset, already_collated, batched_reads
-from anndist.sampler import ResumableDistributedSampler
+from anndist.data.batched_reads import BatchReadTensorDataset, already_collated, batched_reads
+from anndist.data.sampler import ResumableDistributedSampler
 from tests.models import flat_params, make_dataset, make_model
 
 
@@ -103,7 +103,7 @@ def test_training_on_a_tensor_dataset_is_bit_identical_to_reading_it_sample_by_s
 
 @pytest.mark.parametrize("size", [0, 3])
 def test_the_lockstep_filler_reads_the_first_sample_as_the_loader_reads(size):
-    from anndist.lockstep import _END, _first_sample
+    from anndist.evaluation.lockstep import _END, _first_sample
     dataset = _tensors(size)
     stock = DataLoader(dataset, batch_size=4)
     batched = DataLoader(*batched_reads(dataset, default_collate)[:1], batch_size=4, collate_fn=already_collated)

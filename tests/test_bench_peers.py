@@ -20,7 +20,7 @@ from spawn_ranks import run_spawn
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench" / "peers"))
 import workload  # noqa: E402
 
-from anndist.agreement import StopAgreement  # noqa: E402
+from anndist.dist.agreement import StopAgreement  # noqa: E402
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

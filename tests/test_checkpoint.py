@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anndist import (Callback, CallbackError, CheckpointError, ModelCheckpoint, Trainer, latest_checkpoint,
-                     save_in_dir)
+from anndist import Callback, CallbackError, CheckpointError, ModelCheckpoint, Trainer, latest_checkpoint, save_in_dir
 from anndist.checkpoint import file as file_module
 from anndist.checkpoint.file import FORMAT, atomic_link
 from ckpt_train import EPOCHS, make_run

@@ -24,7 +24,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from anndist import Callback, ProfilingCallback, Trainer  # noqa: E402
 from anndist.config import TrainerConfig  # noqa: E402
-from anndist.precision import ScaledPrecision  # noqa: E402
+from anndist.step.precision import ScaledPrecision  # noqa: E402
 from models import flat_params, make_dataset, make_model  # noqa: E402
 from processes import child_env, torchrun  # noqa: E402
 

@@ -3,7 +3,7 @@ from types import MappingProxyType
 
 import pytest
 
-from anndist.env import DistEnv, detect_env, first_host
+from anndist.dist.env import DistEnv, detect_env, first_host
 
 # Copied from a real `torchrun --standalone --nproc_per_node=2` worker (rank 1), torch 2.13.
 TORCHRUN_RANK1 = {

@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 import pytest
 
-from anndist.env import DistEnv, detect_env, expand_tasks_per_node
+from anndist.dist.env import DistEnv, detect_env, expand_tasks_per_node
 
 # slurm/srun_tasks.sbatch (1 node, 2 tasks): the srun task of rank 1.
 SRUN_TASK_RANK1 = {

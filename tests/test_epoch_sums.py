@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Callback, Trainer
-from anndist.exact_sum import ExactSum
-from anndist.train_state import EpochSums
+from anndist.step.exact_sum import ExactSum
+from anndist.step.train_state import EpochSums
 from tests.models import make_dataset, make_model
 
 

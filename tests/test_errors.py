@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from anndist.errors import explain_ddp_error, raise_explained
+from anndist.strategies.ddp_errors import explain_ddp_error, raise_explained
 
 
 class PartlyUsed(nn.Module):

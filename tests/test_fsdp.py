@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Callback, ProfilingCallback, Trainer
-from anndist.fsdp import local
+from anndist.strategies.fsdp import local
 from models import make_dataset
 from spawn_ranks import run_spawn
 from test_step_records import Norms, Records
@@ -230,7 +230,7 @@ def test_options_are_checked_at_construction():
 
 
 def test_default_choice_of_shard_groups():
-    from anndist.fsdp import MIN_SHARD_PARAMS, choose_submodules
+    from anndist.strategies.fsdp import MIN_SHARD_PARAMS, choose_submodules
     big = MIN_SHARD_PARAMS // 1000 + 1
     blocks = nn.ModuleList([nn.Linear(1000, big) for _ in range(2)])
     model = nn.Module()

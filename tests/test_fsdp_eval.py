@@ -80,7 +80,7 @@ def _close(result: dict, reference: dict) -> None:
 
 
 def test_the_ranks_really_get_different_numbers_of_batches():
-    from anndist.sampler import ShardSampler
+    from anndist.data.sampler import ShardSampler
     assert [-(-len(ShardSampler(len(EVAL), 2, rank)) // 9) for rank in (0, 1)] == [3, 2]
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from anndist import LoggingCallback, ProfilingCallback, ProgressBarCallback, TensorBoardCallback, Trainer
 from anndist.callbacks.profile_report import find_straggler, format_table
 from anndist.callbacks.progress import progress_bar_wanted
-from anndist.jsonl import JsonlWriter, read_jsonl
+from anndist.callbacks.jsonl import JsonlWriter, read_jsonl
 from anndist.plot import load_curves, resumes
 from models import make_dataset, make_model
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, collectives
+from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer
+from anndist.dist import collectives
 from spawn_ranks import run_spawn
 from models import make_dataset, make_model
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from anndist import PREEMPTED_EXIT_CODE, Callback, PreemptionCallback, Trainer, latest_checkpoint
-from anndist.slurm import RequeueError, requeue
+from anndist.dist.slurm import RequeueError, requeue
 from spawn_ranks import run_spawn
 from processes import ROOT, child_env
 from models import make_dataset, make_model

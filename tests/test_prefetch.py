@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-import anndist.epoch_reader
+import anndist.data.epoch_reader
 from anndist import Trainer
-from anndist.accumulation import with_last
-from anndist.prefetch import _copied_ahead, ahead, tensors
+from anndist.step.accumulation import with_last
+from anndist.data.prefetch import _copied_ahead, ahead, tensors
 from tests.models import flat_params, make_dataset, make_model
 
 
@@ -57,7 +57,7 @@ def test_tensors_walks_nested_batches():
 
 def _train(monkeypatch, copier: bool) -> torch.Tensor:
     if copier:
-        monkeypatch.setattr(anndist.epoch_reader, "ahead", lambda batches, device: _copied_ahead(batches, CloningCopier()))
+        monkeypatch.setattr(anndist.data.epoch_reader, "ahead", lambda batches, device: _copied_ahead(batches, CloningCopier()))
     model = make_model()
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), seed=0,
                       gradient_accumulation_steps=3, handle_signals=False, progress_bar=False)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anndist import NonFiniteLossError, Trainer, collectives
+from anndist import NonFiniteLossError, Trainer
+from anndist.dist import collectives
 from models import make_dataset, make_model
 from spawn_ranks import run_spawn
 

@@ -19,7 +19,7 @@ import torch
 
 from anndist import latest_checkpoint
 from anndist.checkpoint.file import read_checkpoint
-from anndist.slurm import RequeueError, requeue
+from anndist.dist.slurm import RequeueError, requeue
 from processes import ROOT, child_env
 from slurm_cluster import SlurmCluster, unavailable_reason
 

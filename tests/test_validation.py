@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from anndist import Trainer
 from anndist.config import TrainerConfig
-from anndist.precision import ScaledPrecision, resolve_amp_dtype
+from anndist.step.precision import ScaledPrecision, resolve_amp_dtype
 from models import make_dataset, make_model
 
 

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from anndist import Trainer
-from anndist.flight_recorder import enable_flight_recorder, flight_recorder_env
+from anndist.dist.flight_recorder import enable_flight_recorder, flight_recorder_env
 from models import make_model
 from processes import ROOT, child_env, torchrun
 

@@ -1,6 +1,6 @@
 """Callbacks shipped with anndist. Write your own by subclassing :class:`Callback`."""
 from .base import Callback, CallbackError, CallbackList
-from .checkpoint import ModelCheckpoint
+from .model_checkpoint import ModelCheckpoint
 from .early_stopping import EarlyStopping
 from .logging import LoggingCallback
 from .metrics import MetricsCallback

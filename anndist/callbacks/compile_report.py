@@ -11,7 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ..compiling import compiled_graphs
+from ..strategies.compile import compiled_graphs
 from .base import Callback
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..jsonl import JsonlWriter
+from .jsonl import JsonlWriter
 from .metrics import MetricsCallback
 from .summary import run_summary
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import collectives
-from ..train_state import add_weighted
+from ..dist import collectives
+from ..step.train_state import add_weighted
 from .base import Callback
 
 if TYPE_CHECKING:

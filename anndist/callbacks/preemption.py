@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 import torch.distributed as dist
 
-from .. import collectives
-from ..slurm import RequeueError, job_id, requeue
+from ..dist import collectives
+from ..dist.slurm import RequeueError, job_id, requeue
 from .base import Callback
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import collectives
-from ..memory import gradient_bytes, model_state_bytes
+from ..dist import collectives
+from .memory import gradient_bytes, model_state_bytes
 from .base import Callback
 from .profile_report import PHASES, format_table, summarize
 from .trace import TraceWindow, check_trace_steps

@@ -16,7 +16,7 @@ import torch
 
 from ..log import set_console_stream
 from ..optional import require
-from ..train_state import add_weighted
+from ..step.train_state import add_weighted
 from .base import Callback
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..checkpoint import CheckpointFolder
-from .checkpoint import BEST, ModelCheckpoint
+from .model_checkpoint import BEST, ModelCheckpoint
 
 if TYPE_CHECKING:
     from ..trainer import Trainer

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import arrival, collectives
+from ..dist import arrival, collectives
 from .base import Callback
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .. import arrival, collectives
+from ..dist import arrival, collectives
 from .file import CheckpointError, read_checkpoint, write_checkpoint
 from .payload import build, check_metadata, upgrade, warn_versions
 from . import sharded as sharded_ckpt

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import collectives
+from ..dist import collectives
 from .file import CheckpointError, atomic_link, fsync_dir, read_checkpoint, write_checkpoint
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,8 @@ def measure(rounds: int, epochs: int, period: float) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from anndist import Trainer, collectives
+    from anndist import Trainer
+    from anndist.dist import collectives
     from train_digits import digits_datasets, digits_model
 
     torch.set_num_threads(1)

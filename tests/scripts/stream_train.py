@@ -20,7 +20,8 @@ from torch.utils.data import IterableDataset
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from models import flat_params, make_model  # noqa: E402
 
-from anndist import Callback, Trainer, collectives  # noqa: E402
+from anndist import Callback, Trainer  # noqa: E402
+from anndist.dist import collectives  # noqa: E402
 
 SHARD, BATCH, K = 9, 4, 2
 

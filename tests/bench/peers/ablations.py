@@ -107,8 +107,8 @@ def hand_loop(self: Any, loader: Any, first_idx: int, check: bool = False) -> bo
 
 
 def ablate(parts: tuple[str, ...]) -> None:
-    from anndist.optimization import OptimizerStep
-    from anndist.train_step import TrainStep
+    from anndist.step.optimization import OptimizerStep
+    from anndist.step.train_step import TrainStep
     from anndist.trainer import Trainer
     if "check" in parts:
         OptimizerStep._scale_and_check = lambda self, correction, losses: False

@@ -79,7 +79,7 @@ def like_anndist(own_cost: bool) -> dict:
 def reading(data: TensorDataset, batch_size: int, sampler: DistributedSampler, own_cost: bool) -> DataLoader:
     """The hand-written loop's loader: sample by sample as people write it, or with ``own_cost``
     through anndist's batched reads (batched_reads.py), as the Trainer's rebuilt loader reads."""
-    from anndist.batched_reads import batched_reads
+    from anndist.data.batched_reads import batched_reads
     dataset, collate_fn = batched_reads(data, default_collate) if own_cost else (data, None)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
 

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from . import collectives
+from ..dist import collectives
 from .prefetch import ahead
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import collectives
+from ..dist import collectives
 
 _END = object()
 

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from . import checkpoint, collectives
-from .checkpoint.folder import resolve as resolve_checkpoint
-from .seed import RNGState
-from .train_state import TrainState
+from .. import checkpoint
+from ..dist import collectives
+from .folder import resolve as resolve_checkpoint
+from ..seed import RNGState
+from ..step.train_state import TrainState
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import collectives
+from ..dist import collectives
 from .exact_sum import ExactSum
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from . import collectives
+from ..dist import collectives
 
 
 class Window:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .batch import batch_size, first_tensor, split_batch
+from ..data.batch import batch_size, first_tensor, split_batch
 
 LossResult = tuple[torch.Tensor, "torch.Tensor | int | None"]  # (scalar loss, num_items or None)
 

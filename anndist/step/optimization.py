@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import collectives
-from .fsdp import full_value, local
+from ..dist import collectives
+from ..strategies.fsdp import full_value, local
 from .precision import Precision
 
 NONFINITE_POLICIES = ("error", "skip")

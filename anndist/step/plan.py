@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any, Iterable
 
-from .checks import check_count
+from ..checks import check_count
 from .train_state import TrainState
 
 

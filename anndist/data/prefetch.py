@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .accumulation import with_last
+from ..step.accumulation import with_last
 from .batch import to_device
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .. import collectives
+from ..dist import collectives
 from ..checkpoint import CheckpointFolder, step_name
 from ..checks import check_count
 from .base import Callback

@@ -236,7 +236,7 @@ def sharded_states(shared: dict[str, Any], module: nn.Module, optimizer: torch.o
     DDP: they stay in ``shared`` too, so the default run saves single files as ever and can still load
     a folder; with ``async_save`` its saves are folders, each replicated tensor written once.
     """
-    from .checkpoint.sharded import ShardedStates
+    from ..checkpoint.sharded import ShardedStates
     states = {"model": ShardedModel(module), "optimizer": ShardedOptimizer(module, optimizer)}
     if strategy == "fsdp":
         del shared["model"], shared["optimizer"]

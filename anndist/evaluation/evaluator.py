@@ -20,12 +20,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-from . import collectives
-from .batch import prepare_batch, split_batch, to_device
+from ..dist import collectives
+from ..data.batch import prepare_batch, split_batch, to_device
 from .lockstep import lockstep
-from .loss import (call_model, call_on_inputs, check_result, default_metric_inputs, loss_of, model_loss,
-                   sample_count)
-from .precision import Precision
+from ..step.loss import (call_model, call_on_inputs, check_result, default_metric_inputs, loss_of, model_loss, sample_count)
+from ..step.precision import Precision
 
 
 def is_classification(outputs: Any, targets: Any) -> bool:

@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .accumulation import Window
-from .batch import prepare_batch, to_device
-from .errors import raise_explained
-from .fsdp import is_sharded, no_gradient_sync
+from ..data.batch import prepare_batch, to_device
+from ..strategies.ddp_errors import raise_explained
+from ..strategies.fsdp import is_sharded, no_gradient_sync
 from .loss import call_on_inputs, check_result, sample_count
 from .optimization import OptimizerStep
 from .precision import Precision

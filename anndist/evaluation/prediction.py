@@ -15,12 +15,12 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from . import collectives
-from .batch import split_batch, to_device
+from ..dist import collectives
+from ..data.batch import split_batch, to_device
 from .lockstep import lockstep
-from .loss import call_model, call_on_inputs, predictions_of
-from .precision import Precision
-from .sampler import ShardSampler
+from ..step.loss import call_model, call_on_inputs, predictions_of
+from ..step.precision import Precision
+from ..data.sampler import ShardSampler
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from torch.utils.data import RandomSampler, Sampler, SequentialSampler
 
 from .batched_reads import batched_reads
-from .seed import loader_seed
+from ..seed import loader_seed
 
 
 class ResumableDistributedSampler(DistributedSampler):

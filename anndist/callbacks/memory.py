@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .fsdp import local
+from ..strategies.fsdp import local
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:
