@@ -1,9 +1,10 @@
-"""anndist: one training loop from one CPU to many GPU nodes, built on DistributedDataParallel."""
+"""anndist: one training loop from one CPU to many GPU nodes, with DDP or FSDP placing the model."""
 from .data.batch import split_batch, to_device
 from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, EarlyStopping, LoggingCallback,
                         MetricsCallback, ModelCheckpoint, PreemptionCallback, ProfilingCallback, ProgressBarCallback,
                         TensorBoardCallback, MLflowCallback, WandbCallback)
 from .checkpoint import CheckpointError, latest_checkpoint
+from .config import TrainerConfig
 from .dist.env import DistEnv, detect_env
 from .step.optimization import NonFiniteLossError
 from .optional import MissingDependencyError
@@ -12,7 +13,7 @@ from .trainer import Trainer, save_in_dir
 from .version import __version__
 
 __all__ = [
-    "Trainer", "Callback", "CallbackList", "CallbackError", "LoggingCallback", "seed_everything",
+    "Trainer", "TrainerConfig", "Callback", "CallbackList", "CallbackError", "LoggingCallback", "seed_everything",
     "MetricsCallback", "ProfilingCallback", "ProgressBarCallback", "TensorBoardCallback",
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
     "ModelCheckpoint", "CheckpointError", "save_in_dir", "latest_checkpoint",

@@ -1,207 +1,224 @@
-"""Trainer options, validated at construction so mistakes surface before any training starts."""
+"""The Trainer's options after validation: ``TrainerConfig``, built once when the Trainer is built.
+
+Every option is checked here, before any process group, model placement or training starts, so a
+mistake surfaces at once with an error that names the option, the value and the fix. Each field of
+``TrainerConfig`` keeps one type after validation (``amp_dtype`` a ``torch.dtype`` or None,
+``checkpoint_dir`` a ``Path`` or None, ``compile`` a dict of torch.compile options or None, ...); the
+defaults and what each option does are in ``Trainer.__init__``'s signature and docstring.
+"""
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 import numbers
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from .checks import check_count
-from .strategies.compile import check_compile
 from .dist.env import detect_env
-from .strategies.fsdp import check_options
-from .step.optimization import NONFINITE_POLICIES
-from .step.precision import resolve_amp_dtype
 from .dist.process_group import check_backend
 from .seed import check_seed
+from .step.optimization import NONFINITE_POLICIES
+from .step.precision import resolve_amp_dtype
+from .strategies import check_strategy_options
+from .strategies.compile import check_compile
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerConfig:
-    """Every keyword option of ``Trainer``.
+    """The Trainer's options, validated, one type per field; read it as ``trainer.config``. The
+    defaults are in ``Trainer.__init__``'s signature.
 
-    use_amp / amp_dtype: autocast forward and loss; ``"bf16"`` (default where supported) or ``"fp16"``
-        (or ``torch.bfloat16`` / ``torch.float16``).
-    gradient_accumulation_steps: micro-batches per optimizer step (one all-reduce per step).
-    max_grad_norm: clip the global gradient norm (after unscaling) once per step.
-    scheduler / scheduler_interval / scheduler_monitor: an LR scheduler stepped per optimizer step
-        (``"step"``) or per epoch (``"epoch"``; ``ReduceLROnPlateau`` is given ``scheduler_monitor``).
-    on_nonfinite: ``"error"`` stops with an error naming step and ranks; ``"skip"`` skips such steps.
-    seed: reproducible runs; each rank gets its own stream (seed + rank) once the weights are in sync.
-    device / backend / dist_timeout: override the device (``cuda:LOCAL_RANK`` or CPU; ``"cuda"`` without
-        an index means ``cuda:LOCAL_RANK``), the backend (NCCL for CUDA, gloo for CPU) and the collective
-        timeout (seconds or a timedelta) of a group the Trainer creates.
-    rebuild_train_loader / rebuild_eval_loader: shard stock-sampler loaders across ranks (see sampler.py).
-    ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``, over ``DDP_DEFAULTS``.
-    strategy / fsdp_kwargs / shard_modules: ``"ddp"`` (default) replicates the model on every rank;
-        ``"fsdp"`` shards parameters, gradients and optimizer state with FSDP2's ``fully_shard``
-        (``fsdp_kwargs`` are its keyword arguments; ``shard_modules(m) -> bool`` picks the submodules
-        that get their own shard group); see fsdp.py and docs/fsdp.md.
-    async_checkpoint: checkpoints are DCP folders (as under ``strategy="fsdp"``, also with ``"ddp"``),
-        staged in memory and written in the background while training goes on (checkpoint/sharded.py).
-    progress_bar: a tqdm bar on rank 0; None (default) shows it when stderr is a terminal and not under CI.
-    checkpoint_dir / auto_resume: the folder of checkpoints (``fit(resume_from="latest")`` and
-        ``ModelCheckpoint()`` use it); with ``auto_resume=True`` the first ``fit`` resumes from its latest
-        checkpoint when there is one, which is what SLURM requeues and torchrun restarts need.
-    stop_check_period: seconds between the cross-rank agreements on ``stop_training`` (0: after every
-        optimizer step). The default 0.25 makes that all-reduce rare when steps are small and fast
-        (one per step cost 5-10% of the digits step on 2 quiet gloo ranks, 0.6 ms per all-reduce on a
-        busy 2-core machine); a stop takes effect within about the period, still at the same step on
-        every rank. Steps slower than the period agree after every step.
-    compute_loss: ``compute_loss(model, batch) -> loss | (loss, num_items)`` replaces the loss step (the
-        batch is on the device; ``model`` is the DDP wrapper when distributed); with ``num_items``,
-        accumulation weighs every item equally across micro-batches and ranks (see accumulation.py).
-    metrics: ``{"name": metric}``, objects with ``update(preds, targets)``, ``compute()``, ``reset()``
-        (torchmetrics works as it is), reported as ``val_<name>``, exact over the dataset on any ranks.
-    metric_inputs: ``metric_inputs(outputs, batch) -> (preds, targets)`` for the metrics; by default
-        the outputs and targets (criterion), else the output's ``logits`` and the batch's ``labels``.
-    watchdog_timeout: seconds without a micro-batch starting or ending (or an evaluation) after which every
-        rank dumps its threads' stacks to ``<checkpoint_dir or cwd>/watchdog-rank{r}.txt`` and the job ends
-        naming the rank(s) that did not reach the collective (``callbacks/watchdog.py``); on NCCL it also turns
-        on PyTorch's flight recorder, dumped to the same folder. None (default): off, because a legitimately slow
-        step, evaluation or save longer than any default would end a healthy run; set it above the longest.
-    handle_signals: install a ``PreemptionCallback`` (SIGUSR1/SIGTERM: stop all ranks at the same step,
-        checkpoint, requeue on SLURM, exit 75) unless ``callbacks`` holds one; see docs/slurm.md.
-    compile: ``True`` or a dict of ``torch.compile`` options compiles the bare module before DDP wraps it;
-        training, evaluation and predict call the compiled module, checkpoints hold the original module's
-        keys (no ``_orig_mod.``); see compiling.py and docs/compile.md.
+    The step: ``gradient_accumulation_steps`` micro-batches per optimizer step (one gradient reduction
+        per step); ``max_grad_norm`` clips the global gradient norm once per step; ``use_amp`` /
+        ``amp_dtype`` autocast the forward and loss (``"bf16"``, the default where supported, or
+        ``"fp16"`` with a gradient scaler); ``compute_loss(model, batch) -> loss | (loss, num_items)``
+        replaces the loss step, and with ``num_items`` accumulation weighs every item equally across
+        micro-batches and ranks; ``on_nonfinite``: ``"error"`` stops naming the step and ranks,
+        ``"skip"`` skips such steps; ``scheduler`` is stepped per optimizer step or per epoch
+        (``scheduler_interval``; ``ReduceLROnPlateau`` is given ``scheduler_monitor``).
+    Evaluation: ``metrics`` ``{"name": metric}`` (``update``/``compute``/``reset``, as torchmetrics'),
+        reported as ``val_<name>``, exact over the dataset on any ranks; ``metric_inputs(outputs, batch)
+        -> (preds, targets)`` (default: outputs and targets, or ``logits`` and the batch's ``labels``).
+    Placement: ``strategy`` ``"ddp"`` (replicas) or ``"fsdp"`` (FSDP2 shards; ``fsdp_kwargs`` for
+        FSDP2's sharding call, ``shard_modules(m) -> bool`` picks the submodules with their own shard group);
+        ``ddp_kwargs`` for DistributedDataParallel; ``compile`` (True or torch.compile options) compiles
+        where the strategy should; ``device`` (default ``cuda:LOCAL_RANK`` or the CPU), ``backend``
+        (NCCL for CUDA, gloo for CPU) and ``dist_timeout`` of a process group the Trainer creates.
+    Data: ``seed`` makes runs reproducible (each rank its own stream); ``rebuild_train_loader`` /
+        ``rebuild_eval_loader`` shard stock-sampler loaders across ranks (data/sampler.py).
+    Checkpoints: ``checkpoint_dir`` (``fit(resume_from="latest")``, ``ModelCheckpoint()``); with
+        ``auto_resume`` the first ``fit`` resumes from its latest checkpoint (SLURM requeues, torchrun
+        restarts); ``async_checkpoint`` writes DCP folders in the background while training goes on.
+    Run control: ``handle_signals`` installs a ``PreemptionCallback`` (SIGUSR1/SIGTERM: stop all ranks
+        at the same step, checkpoint, requeue, exit 75); ``watchdog_timeout`` seconds without progress
+        dump every rank's stacks and end the job naming the missing ranks (off by default: set it above
+        the longest step, evaluation or save); ``stop_check_period`` seconds between the ranks'
+        agreements on ``stop_training``; ``progress_bar`` a tqdm bar on rank 0 (None: when stderr is a
+        terminal and not under CI).
+    See docs/training.md for each in full.
     """
 
-    use_amp: bool = False
-    amp_dtype: Any = None  # after validation: a torch.dtype or None
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = None
-    scheduler: Any = None
-    scheduler_interval: str = "step"
-    scheduler_monitor: str = "val_loss"
-    on_nonfinite: str = "error"
-    seed: int | None = None
-    device: Any = None
-    backend: str | None = None
-    dist_timeout: timedelta = timedelta(minutes=10)
-    rebuild_train_loader: bool = True
-    rebuild_eval_loader: bool = True
-    ddp_kwargs: dict = field(default_factory=dict)
-    strategy: str = "ddp"
-    fsdp_kwargs: dict = field(default_factory=dict)
-    shard_modules: Any = None
-    async_checkpoint: bool = False
-    progress_bar: bool | None = None
-    checkpoint_dir: Any = None  # after validation: a pathlib.Path or None
-    auto_resume: bool = False
-    stop_check_period: float = 0.25
-    handle_signals: bool = True
-    watchdog_timeout: float | None = None
-    compute_loss: Any = None
-    metrics: Any = None  # after validation: a dict
-    metric_inputs: Any = None
-    compile: Any = False  # after validation: a dict of torch.compile options, or None
-    sum_reduction: bool = False  # derived: criterion.reduction == "sum"
+    # the step
+    gradient_accumulation_steps: int
+    max_grad_norm: float | None
+    use_amp: bool
+    amp_dtype: torch.dtype | None
+    compute_loss: Callable | None
+    on_nonfinite: str
+    scheduler: Any
+    scheduler_interval: str
+    scheduler_monitor: str
+    # evaluation
+    metrics: dict[str, Any]
+    metric_inputs: Callable | None
+    # placement
+    strategy: str
+    ddp_kwargs: dict[str, Any]
+    fsdp_kwargs: dict[str, Any]
+    shard_modules: Callable | None
+    compile: dict[str, Any] | None
+    device: torch.device | None
+    backend: str | None
+    dist_timeout: timedelta
+    # data
+    seed: int | None
+    rebuild_train_loader: bool
+    rebuild_eval_loader: bool
+    # checkpoints
+    checkpoint_dir: Path | None
+    auto_resume: bool
+    async_checkpoint: bool
+    # run control
+    handle_signals: bool
+    watchdog_timeout: float | None
+    stop_check_period: float
+    progress_bar: bool | None
 
     @classmethod
-    def from_options(cls, model: Any, optimizer: Any, criterion: Any, options: dict[str, Any]) -> "TrainerConfig":
-        known = {f.name for f in fields(cls)} - {"sum_reduction"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f"Trainer got unknown option(s) {unknown}; valid options are {sorted(known)}")
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def validated(cls, model: Any, optimizer: Any, criterion: Any, arguments: Mapping[str, Any],
+                  unknown: Mapping[str, Any]) -> "TrainerConfig":
+        """Check the Trainer's arguments (``arguments``: its options by name; ``unknown``: keywords it
+        does not take) and return them with one type per option."""
+        _check_unknown(unknown, cls.names())
         _check_model_optimizer_criterion(model, optimizer, criterion)
-        cfg = cls(**options)
-        cfg._validate(optimizer)
-        cfg.sum_reduction = getattr(criterion, "reduction", "mean") == "sum"
-        return cfg
+        v = {name: arguments[name] for name in cls.names()}
+        _check_step(v, optimizer)
+        _check_loss_and_metrics(v)
+        _check_run_control(v)
+        v["compile"] = check_compile(v["compile"])
+        if v["seed"] is not None:
+            check_seed(v["seed"])
+        v["device"] = _resolve_device(v["device"])
+        check_backend(v["backend"])
+        v["dist_timeout"] = _timeout(v["dist_timeout"])
+        _check_checkpointing(v)
+        for name in ("use_amp", "rebuild_train_loader", "rebuild_eval_loader", "async_checkpoint"):
+            _check_bool(name, v[name])  # "no" would be truthy
+        v["amp_dtype"] = resolve_amp_dtype(v["use_amp"], v["amp_dtype"], v["device"] or _probe_device())
+        for name in ("ddp_kwargs", "fsdp_kwargs"):
+            v[name] = {} if v[name] is None else v[name]
+        check_strategy_options(v["strategy"], v["ddp_kwargs"], v["fsdp_kwargs"], v["shard_modules"], v["amp_dtype"])
+        v["ddp_kwargs"], v["fsdp_kwargs"] = dict(v["ddp_kwargs"]), dict(v["fsdp_kwargs"])
+        return cls(**v)
 
-    def _validate(self, optimizer: torch.optim.Optimizer) -> None:
-        check_count("gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1)
-        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, numbers.Real) and self.max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be a positive number or None")
-        _check_choice("scheduler_interval", self.scheduler_interval, ("step", "epoch"))
-        _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
-        if self.progress_bar is not None and not isinstance(self.progress_bar, bool):
-            raise TypeError(f"progress_bar must be True, False or None (auto), got {self.progress_bar!r}")
-        if isinstance(self.stop_check_period, bool) or not isinstance(self.stop_check_period, numbers.Real) \
-                or not 0 <= self.stop_check_period < float("inf"):
-            raise ValueError(f"stop_check_period={self.stop_check_period!r} must be a number of seconds >= 0 "
-                             "(0 agrees on stop_training after every optimizer step)")
-        self._validate_loss_and_metrics()
-        if not isinstance(self.handle_signals, bool):
-            raise TypeError(f"handle_signals must be True or False, got {type(self.handle_signals).__name__} "
-                            f"{self.handle_signals!r}")
-        self._validate_scheduler(optimizer)
-        wd = self.watchdog_timeout
-        if wd is not None and (isinstance(wd, bool) or not isinstance(wd, numbers.Real)):
-            raise TypeError(f"watchdog_timeout must be a number of seconds or None (off), got {type(wd).__name__} {wd!r}")
-        if wd is not None and not 0 < wd < float("inf"):
-            raise ValueError(f"watchdog_timeout={wd!r} must be a positive, finite number of seconds or None, e.g. 600")
-        self.compile = check_compile(self.compile)
-        if self.seed is not None:
-            check_seed(self.seed)
-        self._validate_distributed()
-        self._validate_checkpointing()
-        if not isinstance(self.use_amp, bool):  # "no" would be truthy and turn AMP on
-            raise TypeError(f"use_amp must be True or False, got {type(self.use_amp).__name__} {self.use_amp!r}")
-        self.amp_dtype = resolve_amp_dtype(self.use_amp, self.amp_dtype, self.device or _probe_device())
-        check_options(self.strategy, self.fsdp_kwargs, self.shard_modules, self.amp_dtype, self.async_checkpoint)
 
-    def _validate_scheduler(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scheduler is None:
-            return
-        missing = [m for m in ("step", "state_dict", "load_state_dict") if not callable(getattr(self.scheduler, m, None))]
+def _check_unknown(unknown: Mapping[str, Any], known: list[str]) -> None:
+    if not unknown:
+        return
+    hints = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise TypeError(f"Trainer got unknown option(s) {', '.join(hints)}; valid options are {sorted(known)}")
+
+
+def _check_step(v: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    check_count("gradient_accumulation_steps", v["gradient_accumulation_steps"], minimum=1)
+    norm = v["max_grad_norm"]
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, numbers.Real) or not norm > 0):
+        raise ValueError(f"max_grad_norm={norm!r} must be a positive number or None")
+    _check_choice("scheduler_interval", v["scheduler_interval"], ("step", "epoch"))
+    _check_choice("on_nonfinite", v["on_nonfinite"], NONFINITE_POLICIES)
+    _check_scheduler(v["scheduler"], v["scheduler_interval"], optimizer)
+
+
+def _check_scheduler(scheduler: Any, interval: str, optimizer: torch.optim.Optimizer) -> None:
+    if scheduler is None:
+        return
+    missing = [m for m in ("step", "state_dict", "load_state_dict") if not callable(getattr(scheduler, m, None))]
+    if missing:
+        raise TypeError(f"scheduler ({type(scheduler).__name__}) has no {missing}; pass a "
+                        "torch.optim.lr_scheduler scheduler or an object with step(), state_dict() and "
+                        "load_state_dict() (a checkpoint saves and restores it)")
+    if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+        raise ValueError("scheduler was built on another optimizer; build it on the Trainer's optimizer")
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and interval != "epoch":
+        raise ValueError("ReduceLROnPlateau steps on a metric once per epoch; pass scheduler_interval='epoch'")
+
+
+def _check_loss_and_metrics(v: dict[str, Any]) -> None:
+    for name in ("compute_loss", "metric_inputs"):
+        value = v[name]
+        if value is not None and not callable(value):
+            raise TypeError(f"{name} must be a function, got {type(value).__name__} {value!r}")
+    metrics = {} if v["metrics"] is None else v["metrics"]
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict of name -> metric, got {type(metrics).__name__}; "
+                        "e.g. metrics={'f1': MulticlassF1Score(num_classes)}")
+    for name, metric in metrics.items():
+        if not isinstance(name, str) or not name.isidentifier() or name in ("loss", "accuracy"):
+            raise ValueError(f"metrics name {name!r} must be an identifier other than 'loss' and 'accuracy' "
+                             "(it is reported as val_<name>)")
+        missing = [m for m in ("update", "compute", "reset") if not callable(getattr(metric, m, None))]
         if missing:
-            raise TypeError(f"scheduler ({type(self.scheduler).__name__}) has no {missing}; pass a "
-                            "torch.optim.lr_scheduler scheduler or an object with step(), state_dict() and "
-                            "load_state_dict() (a checkpoint saves and restores it)")
-        if getattr(self.scheduler, "optimizer", optimizer) is not optimizer:
-            raise ValueError("scheduler was built on another optimizer; build it on the Trainer's optimizer")
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.scheduler_interval != "epoch":
-            raise ValueError("ReduceLROnPlateau steps on a metric once per epoch; pass scheduler_interval='epoch'")
+            raise TypeError(f"metrics[{name!r}] ({type(metric).__name__}) has no {missing}; a metric needs "
+                            "update(preds, targets), compute() and reset(), as torchmetrics' metrics have")
+    v["metrics"] = dict(metrics)
 
-    def _validate_distributed(self) -> None:
-        """device, backend, dist_timeout, ddp_kwargs: checked here even in one process, where they go unused."""
-        self.device = _resolve_device(self.device)
-        check_backend(self.backend)
-        self.dist_timeout = _timeout(self.dist_timeout)
-        _check_ddp_kwargs(self.ddp_kwargs)
 
-    def _validate_loss_and_metrics(self) -> None:
-        for name in ("compute_loss", "metric_inputs"):
-            value = getattr(self, name)
-            if value is not None and not callable(value):
-                raise TypeError(f"{name} must be a function, got {type(value).__name__} {value!r}")
-        metrics = {} if self.metrics is None else self.metrics
-        if not isinstance(metrics, dict):
-            raise TypeError(f"metrics must be a dict of name -> metric, got {type(metrics).__name__}; "
-                            "e.g. metrics={'f1': MulticlassF1Score(num_classes)}")
-        for name, metric in metrics.items():
-            if not isinstance(name, str) or not name.isidentifier() or name in ("loss", "accuracy"):
-                raise ValueError(f"metrics name {name!r} must be an identifier other than 'loss' and 'accuracy' "
-                                 "(it is reported as val_<name>)")
-            missing = [m for m in ("update", "compute", "reset") if not callable(getattr(metric, m, None))]
-            if missing:
-                raise TypeError(f"metrics[{name!r}] ({type(metric).__name__}) has no {missing}; a metric needs "
-                                "update(preds, targets), compute() and reset(), as torchmetrics' metrics have")
-        self.metrics = dict(metrics)
+def _check_run_control(v: dict[str, Any]) -> None:
+    if v["progress_bar"] is not None and not isinstance(v["progress_bar"], bool):
+        raise TypeError(f"progress_bar must be True, False or None (auto), got {v['progress_bar']!r}")
+    period = v["stop_check_period"]
+    if isinstance(period, bool) or not isinstance(period, numbers.Real) or not 0 <= period < float("inf"):
+        raise ValueError(f"stop_check_period={period!r} must be a number of seconds >= 0 "
+                         "(0 agrees on stop_training after every optimizer step)")
+    _check_bool("handle_signals", v["handle_signals"])
+    wd = v["watchdog_timeout"]
+    if wd is not None and (isinstance(wd, bool) or not isinstance(wd, numbers.Real)):
+        raise TypeError(f"watchdog_timeout must be a number of seconds or None (off), got {type(wd).__name__} {wd!r}")
+    if wd is not None and not 0 < wd < float("inf"):
+        raise ValueError(f"watchdog_timeout={wd!r} must be a positive, finite number of seconds or None, e.g. 600")
 
-    def _validate_checkpointing(self) -> None:
-        if self.checkpoint_dir is not None:
-            if not isinstance(self.checkpoint_dir, (str, os.PathLike)):
-                raise TypeError(f"checkpoint_dir must be a path or None, got "
-                                f"{type(self.checkpoint_dir).__name__} {self.checkpoint_dir!r}")
-            if not os.fspath(self.checkpoint_dir):
-                raise ValueError("checkpoint_dir='' is empty (it would mean the working directory); pass a folder "
-                                 "such as checkpoint_dir='runs/exp1', or None for no checkpoints")
-            self.checkpoint_dir = Path(self.checkpoint_dir)
-        if not isinstance(self.auto_resume, bool):
-            raise TypeError(f"auto_resume must be True or False, got {self.auto_resume!r}")
-        if self.auto_resume and self.checkpoint_dir is None:
-            raise ValueError("auto_resume=True needs checkpoint_dir=...: the folder to look for checkpoints in")
+
+def _check_checkpointing(v: dict[str, Any]) -> None:
+    folder = v["checkpoint_dir"]
+    if folder is not None:
+        if not isinstance(folder, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir must be a path or None, got {type(folder).__name__} {folder!r}")
+        if not os.fspath(folder):
+            raise ValueError("checkpoint_dir='' is empty (it would mean the working directory); pass a folder "
+                             "such as checkpoint_dir='runs/exp1', or None for no checkpoints")
+        v["checkpoint_dir"] = Path(folder)
+    _check_bool("auto_resume", v["auto_resume"])
+    if v["auto_resume"] and folder is None:
+        raise ValueError("auto_resume=True needs checkpoint_dir=...: the folder to look for checkpoints in")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def _resolve_device(device: Any) -> torch.device | None:
@@ -234,37 +251,6 @@ def _timeout(value: Any) -> timedelta:
         raise ValueError(f"dist_timeout={value!r} must be a positive, finite number of seconds or timedelta, "
                          "e.g. 600 or timedelta(minutes=10)")
     return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
-
-
-_SET_BY_TRAINER = ("module", "device_ids")
-
-# DDP options the Trainer passes unless ddp_kwargs says otherwise. Gradients as views into DDP's
-# all-reduce buckets: after each all-reduce DDP hands the reduced bucket over as the gradients instead
-# of copying it back into them, one gradient-sized copy less per optimizer step (timed alone: 4 ms
-# for the large benchmark model, whose 2-process CPU step is ~350 ms; bit-identical weights).
-# anndist never detaches a reduced gradient, the one thing views forbid;
-# ddp_kwargs={"gradient_as_bucket_view": False} restores DDP's own default.
-DDP_DEFAULTS = {"gradient_as_bucket_view": True}
-
-
-def _check_ddp_kwargs(ddp_kwargs: Any) -> None:
-    """Keys DistributedDataParallel would refuse only once there are two ranks, refused now."""
-    if not isinstance(ddp_kwargs, dict):
-        raise TypeError(f"ddp_kwargs must be a dict of DistributedDataParallel keyword arguments, got "
-                        f"{type(ddp_kwargs).__name__}; e.g. ddp_kwargs={{'find_unused_parameters': True}}")
-    parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return  # a DDP that takes any keyword: nothing to check against
-    accepted = [name for name in parameters if name != "self" and name not in _SET_BY_TRAINER]
-    for key in ddp_kwargs:
-        if key in _SET_BY_TRAINER:
-            raise ValueError(f"ddp_kwargs key {key!r} is set by the Trainer (from the model and device=...); "
-                             "remove it, and pass device='cuda:N' to choose the GPU")
-        if key not in accepted:
-            close = difflib.get_close_matches(str(key), accepted, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise TypeError(f"ddp_kwargs key {key!r} is not a parameter of DistributedDataParallel; {hint}"
-                            f"it takes {accepted}")
 
 
 def _probe_device() -> torch.device:

@@ -91,14 +91,16 @@ def _python_state_from_tensor(state: dict[str, Any]) -> tuple:
 class RNGState:
     """This rank's RNG streams as a checkpoint entry: each rank saves and restores its own.
 
-    Loading only keeps the saved streams; ``apply()`` sets them. A run resumed mid-epoch applies them
-    after it has created the epoch's data iterator, because creating a DataLoader iterator draws from
-    the global torch RNG (a loader without its own generator), which the saved streams already include.
-    A rank that did not exist when the checkpoint was written keeps the stream it was seeded with.
+    The one place a resumed run's streams are set. Creating a DataLoader iterator draws from the
+    global torch RNG (a loader without its own generator), so a checkpoint taken mid-epoch holds
+    streams that already include that draw: there they are set right after the epoch's iterator is
+    created (``iterate``). At an epoch's boundary (or a load outside ``fit``) they are set at load,
+    before anything draws. A rank that did not exist when the checkpoint was written keeps the stream
+    it was seeded with. ``train_state`` (loaded before the rank states) tells which case a load is.
     """
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, rank: int, train_state: Any) -> None:
+        self.rank, self.train_state = rank, train_state
         self.pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -106,8 +108,16 @@ class RNGState:
 
     def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
         self.pending = states[self.rank] if self.rank < len(states) else None
+        if not self.train_state.batch_in_epoch:
+            self._apply()
 
-    def apply(self) -> None:
+    def iterate(self, loader: Any) -> Any:
+        """``iter(loader)`` for an epoch, and the streams of a mid-epoch checkpoint set right after it."""
+        batches = iter(loader)
+        self._apply()
+        return batches
+
+    def _apply(self) -> None:
         if self.pending is not None:
             set_rng_state(self.pending)
             self.pending = None

@@ -1,11 +1,12 @@
 """The Trainer: any model, optimizer and loss, from one process to many nodes.
 
-Read ``fit`` top to bottom: per epoch, per micro-batch: forward and backward (inside DDP's
+Read ``fit`` top to bottom: per epoch, per micro-batch: forward and backward (inside the strategy's
 ``no_sync`` except on the last micro-batch of an accumulation window), then one optimizer step per
-window (``train_step.py``). Where the run is lives in ``self.state`` (``train_state.py``); what a
-checkpoint holds is ``self.run_state``, a set of objects with ``state_dict()`` that the checkpoint
-code saves and restores without knowing the Trainer. Everything else (logging, checkpoints,
-profiling, preemption) lives in callbacks.
+window (``step/train_step.py``). How the model is placed on the ranks (one process, DDP, FSDP) is the
+strategy's (``strategies/``): the Trainer asks it and never tests for a kind of model. Where the run
+is lives in ``self.state`` (``step/train_state.py``); what a checkpoint holds is ``self.run_state``, a
+set of objects with ``state_dict()`` that the checkpoint code saves and restores without knowing the
+Trainer. Everything else (logging, checkpoints, profiling, preemption) lives in callbacks.
 """
 from __future__ import annotations
 
@@ -13,40 +14,40 @@ import logging
 import os
 import time
 from functools import partial
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from . import checkpoint, log
-from .dist import collectives, process_group
-from .strategies import fsdp
-from .dist.agreement import StopAgreement
 from .callbacks.base import Callback
-from .callbacks.model_checkpoint import checkpoint_folder
 from .callbacks.defaults import build_callbacks
-from .dist.flight_recorder import enable_flight_recorder
+from .callbacks.model_checkpoint import checkpoint_folder
 from .checkpoint.manager import CheckpointManager, check_window_closed
-from .strategies.compile import ModelState, compile_module, split_compiled
-from .config import DDP_DEFAULTS, TrainerConfig
-from .dist.device import default_device
-from .dist.env import DistEnv, detect_env
+from .checkpoint.states import ModelState, whole_states
+from .config import TrainerConfig
 from .data.batch import split_batch
-from .evaluation.evaluator import Evaluator
-from .step.loss import call_on_inputs, model_loss
-from .step.optimization import OptimizerStep, step_epoch_scheduler, step_plateau
-from .step.precision import make_precision
-from .evaluation.prediction import predict
 from .data.epoch_reader import epoch_position, micro_batches
 from .data.loaders import LoaderState, RankLoaders, resumes_by_index, start_position
-from .step.plan import RunPlan
 from .data.sampler import start_epoch
+from .dist import collectives, process_group
+from .dist.agreement import StopAgreement
+from .dist.device import default_device
+from .dist.env import DistEnv, detect_env
+from .dist.flight_recorder import enable_flight_recorder
+from .evaluation.evaluator import Evaluator
+from .evaluation.prediction import predict
 from .seed import RNGState, rank_seed, seed_everything
+from .step.loss import LossStep, call_on_inputs, model_loss
+from .step.optimization import OptimizerStep, step_epoch_scheduler, step_plateau
+from .step.plan import RunPlan
+from .step.precision import make_precision
 from .step.train_state import EpochSums, TrainState
 from .step.train_step import TrainStep
+from .strategies import Strategy, make_strategy
 
 logger = logging.getLogger(__name__)
 HISTORY_KEYS = ("train_loss", "val_loss", "val_accuracy")
@@ -54,32 +55,59 @@ HISTORY_KEYS = ("train_loss", "val_loss", "val_accuracy")
 
 class Trainer:
     """Trains ``model`` with ``optimizer``: on ``criterion(outputs, targets)``, on the loss the model
-    computes itself (no criterion), or on ``compute_loss``; see ``TrainerConfig`` for options."""
+    computes itself (no criterion), or on ``compute_loss``; placed on the ranks by ``strategy``."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable | None = None,
-                 callbacks: Sequence[Callback] | None = None, **options: Any) -> None:
-        self.config = cfg = TrainerConfig.from_options(model, optimizer, criterion, options)
-        self._init_distributed(model, cfg)
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable | None = None,
+        callbacks: Sequence[Callback] | None = None, *,
+        # the step
+        gradient_accumulation_steps: int = 1, max_grad_norm: float | None = None, use_amp: bool = False,
+        amp_dtype: str | torch.dtype | None = None, compute_loss: Callable | None = None,
+        on_nonfinite: str = "error", scheduler: Any = None, scheduler_interval: str = "step",
+        scheduler_monitor: str = "val_loss",
+        # evaluation
+        metrics: dict[str, Any] | None = None, metric_inputs: Callable | None = None,
+        # placement
+        strategy: str = "ddp", ddp_kwargs: dict[str, Any] | None = None, fsdp_kwargs: dict[str, Any] | None = None,
+        shard_modules: Callable[[nn.Module], bool] | None = None, compile: bool | dict[str, Any] = False,
+        device: str | torch.device | None = None, backend: str | None = None,
+        dist_timeout: float | timedelta = timedelta(minutes=10),
+        # data
+        seed: int | None = None, rebuild_train_loader: bool = True, rebuild_eval_loader: bool = True,
+        # checkpoints
+        checkpoint_dir: str | os.PathLike | None = None, auto_resume: bool = False, async_checkpoint: bool = False,
+        # run control
+        handle_signals: bool = True, watchdog_timeout: float | None = None, stop_check_period: float = 0.25,
+        progress_bar: bool | None = None,
+        **unknown: Any,
+    ) -> None:
+        """The options are keyword-only, in sections as above; each is documented on ``TrainerConfig``
+        (``help(anndist.TrainerConfig)``) and in docs/training.md, and checked here before anything starts."""
+        self.config = cfg = TrainerConfig.validated(model, optimizer, criterion, locals(), unknown)
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
-        if cfg.strategy == "fsdp":  # in place: self.model is self.module, now with DTensor parameters
-            fsdp.shard(self.module, optimizer, cfg.fsdp_kwargs, cfg.shard_modules, cfg.amp_dtype, self.world_size)
+        self._init_distributed(cfg)
+        self.strategy: Strategy = make_strategy(cfg, self.device, self.rank, self.world_size)
+        self.strategy.setup(model, optimizer)
+        process_group.register_releaser(self)
+        if cfg.seed is not None:  # once the weights are the same on every rank
+            seed_everything(rank_seed(cfg.seed, self.rank))
         self.precision = make_precision(cfg.amp_dtype, self.device)
         self.callbacks = build_callbacks(callbacks, cfg, self.rank)
         self.state = TrainState(self.world_size, cfg.seed, cfg.gradient_accumulation_steps)
         self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
         self._init_steps(cfg)
         self.run_state = self._make_run_state()
-        self.checkpoints = CheckpointManager(self.run_state, self.state, self._rng_state, cfg.checkpoint_dir,
+        self.checkpoints = CheckpointManager(self.run_state, self.state, cfg.checkpoint_dir,
                                              lambda: checkpoint_folder(cfg.checkpoint_dir, self.callbacks),
                                              cfg.auto_resume)
-        self._loaders = RankLoaders(self.world_size, self.rank, cfg.seed or 0,
+        self._loaders = RankLoaders(self.strategy.data_world_size, self.strategy.data_rank, cfg.seed or 0,
                                     cfg.rebuild_train_loader, cfg.rebuild_eval_loader)
         self.stop_training = False
         self._plan: RunPlan | None = None
         self._val_loader: Iterable | None = None
 
-    def _init_distributed(self, model: nn.Module, cfg: TrainerConfig) -> None:
-        """Device, process group, rank, the DDP wrapper, and the per-rank seed."""
+    def _init_distributed(self, cfg: TrainerConfig) -> None:
+        """The device, the process group (created when the launcher asks for several ranks), the rank."""
         self.env: DistEnv = detect_env(os.environ)
         self.device = cfg.device or default_device(self.env)
         if self.device.type == "cuda":
@@ -93,31 +121,26 @@ class Trainer:
         self.local_rank = self.env.local_rank if self.env.is_distributed else 0
         self.is_main_process = self.rank == 0
 
-        model, compiled = split_compiled(model)  # compiling.py: module, the compiled module, model
-        self.module = model.to(self.device)
-        self._compiled = compile_module(self.module, cfg.compile, compiled)
-        self.model: nn.Module = self._compiled
-        if self.world_size > 1 and cfg.strategy == "ddp":
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self._compiled, device_ids=device_ids, **{**DDP_DEFAULTS, **cfg.ddp_kwargs})  # syncs weights
-        process_group.register_releaser(self)
-        if cfg.seed is not None:
-            seed_everything(rank_seed(cfg.seed, self.rank))
-
     def _init_steps(self, cfg: TrainerConfig) -> None:
         """The training step, the evaluation and the stop agreement."""
-        optimizer, criterion = self.optimizer, self.criterion
-        self._optimizer_step = OptimizerStep(
-            optimizer, self.precision, cfg.scheduler, cfg.scheduler is not None and cfg.scheduler_interval == "step",
-            cfg.max_grad_norm, cfg.on_nonfinite)
+        step_scheduler = cfg.scheduler is not None and cfg.scheduler_interval == "step"
+        self._optimizer_step = OptimizerStep(self.optimizer, self.precision, cfg.scheduler, step_scheduler,
+                                             cfg.max_grad_norm, cfg.on_nonfinite, self.strategy)
         loss_step = self._loss_step()
-        self._step = TrainStep(self.model, self._compiled, criterion, loss_step, self.precision, self._optimizer_step,
-                               cfg.gradient_accumulation_steps, cfg.sum_reduction, self.device, self.world_size,
-                               self.epoch_sums)
-        self._evaluator = Evaluator(criterion, loss_step, cfg.metrics, cfg.metric_inputs, self.device, self.precision)
+        sum_reduction = getattr(self.criterion, "reduction", "mean") == "sum"
+        self._step = TrainStep(self.strategy, LossStep(self.criterion, loss_step, self.device), self.precision,
+                               self._optimizer_step, self.epoch_sums, (cfg.gradient_accumulation_steps, sum_reduction))
+        self._evaluator = Evaluator(self.criterion, loss_step, cfg.metrics, cfg.metric_inputs, self.device,
+                                    self.precision)
         self.metrics = self._evaluator.metrics
         self._history_keys = HISTORY_KEYS + tuple(f"val_{name}" for name in self.metrics)
         self._agreement = StopAgreement(self.device, cfg.stop_check_period)
+
+    # ------------------------------------------------------------------ the model, as the strategy placed it
+    module = property(lambda self: self.strategy.module,
+                      doc="The user's module (sharded in place under FSDP); its state_dict() is what checkpoints hold.")
+    model = property(lambda self: self.strategy.train_module,
+                     doc="What a training micro-batch calls: the DDP wrapper under DDP, else the (compiled) module.")
 
     # ------------------------------------------------------------------ progress (in self.state)
     epoch = property(lambda self: self.state.epoch, doc="The epoch being trained, or the next one to train.")
@@ -200,8 +223,7 @@ class Trainer:
         cbs, state, k = self.callbacks, self.state, self.config.gradient_accumulation_steps
         self._step.begin_epoch(getattr(loader, "batch_size", None))
         equal = resumes_by_index(loader) or (self.world_size == 1 and self._loader_state.loader is None)
-        batches = iter(loader)
-        self._rng_state.apply()  # after iter(): see RNGState
+        batches = self._rng_state.iterate(loader)  # a resumed run's RNG streams are set around iter()
         begin, backward_end, end = (cbs.has(hook) for hook in ("on_batch_begin", "on_backward_end", "on_batch_end"))
         micro_batch = self._step.micro_batch
         for batch_idx, (batch, ends) in enumerate(micro_batches(batches, k, first_idx, equal, self.device), first_idx):
@@ -256,7 +278,8 @@ class Trainer:
 
     def _evaluate(self, loader: Iterable, when: str) -> dict[str, float]:
         self.callbacks.call("on_evaluate_begin", trainer=self, logs={"when": when})
-        metrics = self._evaluator(self._compiled, self._loaders.eval(loader))
+        strategy = self.strategy
+        metrics = self._evaluator(strategy.forward_module, strategy.eval_batches(self._loaders.eval(loader)))
         self.callbacks.call("on_evaluate_end", trainer=self, logs={
             **metrics, "when": when, "epoch": self.epoch, "global_step": self.global_step})
         return metrics
@@ -264,8 +287,10 @@ class Trainer:
     def predict(self, loader: Iterable, main_process_only: bool = False) -> torch.Tensor | None:
         """The model's outputs (``logits`` of a ``ModelOutput``) for every sample once, in dataset order,
         on every rank (on rank 0 only with ``main_process_only``); see ``prediction.py`` for the memory."""
-        return predict(self._compiled, self._loaders.eval(loader), self.criterion is not None and
-                       self.config.compute_loss is None, self.device, self.precision, main_process_only)
+        loader = self._loaders.eval(loader)
+        with_criterion = self.criterion is not None and self.config.compute_loss is None
+        return predict(self.strategy.forward_module, loader, self.strategy.eval_batches(loader), with_criterion,
+                       self.device, self.precision, main_process_only)
 
     def compute_loss(self, model: nn.Module, batch: Any) -> Any:
         """One micro-batch's loss, the batch already on the device: override it in a subclass (or pass
@@ -286,14 +311,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _make_run_state(self) -> checkpoint.RunState:
         self._loader_state = LoaderState(self.rank, self.world_size, self.state)
-        self._rng_state = RNGState(self.rank)
+        self._rng_state = RNGState(self.rank, self.state)
         shared = {"model": ModelState(self.module), "optimizer": self.optimizer, "scaler": self.precision,
                   "train_state": self.state, "callbacks": self.callbacks}
         if self.scheduler is not None:
             shared["scheduler"] = self.scheduler
         own = {"rng": self._rng_state, "epoch_sums": self.epoch_sums, "loader": self._loader_state}
-        cfg = self.config
-        sharded = fsdp.sharded_states(shared, self.module, self.optimizer, cfg.strategy, cfg.async_checkpoint)
+        sharded = self.strategy.checkpoint_states(shared, self.optimizer)  # may take model and optimizer out
         return checkpoint.RunState(shared, own, ready_to_save=lambda: check_window_closed(self.module, self.state),
                                    sharded=sharded)
 
@@ -315,11 +339,12 @@ class Trainer:
         return self.checkpoints.load(path)
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer, scheduler, scaler, train_state, callbacks (no RNG). FSDP: collective, fsdp.whole_states."""
-        return {name: obj.state_dict() for name, obj in fsdp.whole_states(self.run_state).items()}
+        """Model, optimizer, scheduler, scaler, train_state, callbacks (no RNG); whole even where the strategy
+        shards (then a collective, gathered to rank 0: see checkpoint/states.py ``whole_states``)."""
+        return {name: obj.state_dict() for name, obj in whole_states(self.run_state).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, obj in fsdp.whole_states(self.run_state).items():
+        for name, obj in whole_states(self.run_state).items():
             if name in state:
                 obj.load_state_dict(state[name])
 
@@ -329,7 +354,9 @@ class Trainer:
         checkpoints = getattr(self, "checkpoints", None)  # absent when __init__ failed before it
         if checkpoints is not None:
             checkpoints.wait()
-        self.model = self._compiled
+        strategy = getattr(self, "strategy", None)
+        if strategy is not None:
+            strategy.release()
 
     def close(self) -> None:
         """Release DDP and destroy the process group if this Trainer created it. Also runs at exit."""

@@ -19,7 +19,6 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, seed_everything
-from anndist.strategies.fsdp import full_state_dict
 from digits_data import digits_datasets, digits_loaders  # noqa: F401 (benchmarks import digits_datasets from here)
 from example_support import add_common_args, limit_threads, report_missing_dependency
 
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     history = trainer.fit(train_loader, num_epochs=args.epochs, max_steps=args.max_steps, val_loader=val_loader)
     if args.save:
-        weights = full_state_dict(trainer.module)  # collective: gathers the shards under fsdp
+        weights = trainer.state_dict()["model"]  # on every rank: gathers the shards to rank 0 under fsdp
         if trainer.is_main_process:
             torch.save(weights, args.save)
     trainer.close()

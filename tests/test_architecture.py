@@ -86,3 +86,31 @@ def test_checkpoint_code_imports_neither_the_trainer_nor_callbacks():
     for name, targets in edges.items():
         if name.startswith("anndist.checkpoint"):
             assert not {t for t in targets if t.startswith(("anndist.trainer", "anndist.callbacks"))}, name
+
+
+def test_only_the_strategies_know_kinds_of_model():
+    """No module outside strategies/ names FSDP's classes or functions, a DTensor's local part, or tests
+    which strategy runs: the Trainer and the step ask the strategy instead."""
+    import re
+    forbidden = re.compile(r"FSDPModule|fully_shard|to_local|strategy\s*[!=]=|[!=]=\s*[\"'](ddp|fsdp)[\"']")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).parts[0] == "strategies":
+            continue
+        offenders += [f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}"
+                      for n, line in enumerate(path.read_text().splitlines(), 1) if forbidden.search(line)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_a_dozen_modules_or_fewer_at_the_top():
+    top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= 12, top
+
+
+def test_the_trainer_signature_lists_every_option():
+    import inspect
+    from anndist import Trainer, TrainerConfig
+    parameters = inspect.signature(Trainer.__init__).parameters.values()
+    keyword_only = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
+    assert keyword_only == TrainerConfig.names()
+    assert all(p.annotation is not inspect.Parameter.empty for p in parameters if p.kind is p.KEYWORD_ONLY)

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Trainer
-from anndist.strategies.compile import COMPILE_PREFIX, check_compile, strip_compile_prefix
+from anndist.checkpoint.states import COMPILE_PREFIX, strip_compile_prefix
+from anndist.strategies.compile import check_compile
 from tests.models import flat_params, make_dataset, make_model
 
 OPTIONS = dict(seed=0, handle_signals=False, progress_bar=False)
@@ -38,7 +39,7 @@ def scenario(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile")
     calls = []
     a = _trainer(True)
-    a._compiled.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    a.strategy.forward_module.register_forward_pre_hook(lambda mod, args: calls.append(1))
     handler = _Records()
     logging.getLogger("anndist").addHandler(handler)
     try:
@@ -80,8 +81,8 @@ def test_compiled_checkpoint_has_clean_keys_and_loads_into_an_eager_trainer(scen
 
 def test_the_trainer_keeps_the_original_module_and_calls_the_compiled_one(scenario):
     a = scenario["a"]
-    assert type(a.module) is nn.Sequential and a._compiled._orig_mod is a.module
-    assert a.model is a._compiled  # one process: no DDP
+    assert type(a.module) is nn.Sequential and a.strategy.forward_module._orig_mod is a.module
+    assert a.model is a.strategy.forward_module  # one process: no DDP
     assert scenario["train_calls"] == 8  # every micro-batch went through the compiled module
 
 
@@ -112,8 +113,9 @@ def test_compile_time_and_recompilations_are_logged_once(scenario):
 
 def test_a_model_compiled_by_the_user_is_taken_apart():
     model = make_model()
-    trainer = _trainer(False, torch.compile(model))  # nothing is compiled until it is called
-    assert trainer.module is model and trainer._compiled is not model
+    compiled = torch.compile(model)  # nothing is compiled until it is called
+    trainer = _trainer(False, compiled)
+    assert trainer.module is model and trainer.strategy.forward_module is compiled
     assert not any(COMPILE_PREFIX in key for key in trainer.state_dict()["model"])
 
 

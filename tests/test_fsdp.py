@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Callback, ProfilingCallback, Trainer
-from anndist.strategies.fsdp import local
+from anndist.strategies.dtensor import local
 from models import make_dataset
 from spawn_ranks import run_spawn
 from test_step_records import Norms, Records

@@ -1,4 +1,5 @@
 """Bad arguments fail at construction (or at the first batch) with errors that name the fix."""
+import inspect
 from datetime import timedelta
 
 import pytest
@@ -47,7 +48,7 @@ def _parts():
      r"ddp_kwargs key 'find_unused_parameter' is not a parameter of DistributedDataParallel.*find_unused_parameters"),
     ({"ddp_kwargs": {"device_ids": [0]}}, ValueError, "ddp_kwargs key 'device_ids' is set by the Trainer"),
     ({"device": "gpu"}, ValueError, "device='gpu' is not a device"),
-    ({"async_checkpoint": "yes"}, TypeError, "async_checkpoint must be True or False, got 'yes'"),
+    ({"async_checkpoint": "yes"}, TypeError, "async_checkpoint must be True or False, got str 'yes'"),
 ])
 def test_bad_options(options, error, match):
     with pytest.raises(error, match=match):
@@ -63,6 +64,13 @@ def test_good_options_are_normalised():
     assert Trainer(*_parts(), backend="GLOO", dist_timeout=timedelta(minutes=1)).config.dist_timeout.seconds == 60
 
 
+def _config(model, optimizer, criterion, **options) -> TrainerConfig:
+    """The options as the Trainer validates them: its signature's defaults, ``options`` over them."""
+    parameters = inspect.signature(Trainer.__init__).parameters.values()
+    arguments = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY} | options
+    return TrainerConfig.validated(model, optimizer, criterion, arguments, {})
+
+
 def test_cuda_without_an_index_means_the_local_rank(monkeypatch):
     model, optimizer, criterion = _parts()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -70,12 +78,12 @@ def test_cuda_without_an_index_means_the_local_rank(monkeypatch):
     monkeypatch.setenv("RANK", "6")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "2")
-    config = TrainerConfig.from_options(model, optimizer, criterion, {"device": "cuda"})
+    config = _config(model, optimizer, criterion, device="cuda")
     assert config.device == torch.device("cuda", 2)
-    assert TrainerConfig.from_options(model, optimizer, criterion, {"device": "cuda:1"}).device == torch.device("cuda", 1)
+    assert _config(model, optimizer, criterion, device="cuda:1").device == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="device='cuda' but this machine has no CUDA device"):
-        TrainerConfig.from_options(model, optimizer, criterion, {"device": "cuda"})
+        _config(model, optimizer, criterion, device="cuda")
 
 
 def test_model_must_be_a_module():

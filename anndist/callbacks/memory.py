@@ -1,6 +1,6 @@
 """The bytes of model state one rank holds: its parameters, their gradients and the optimizer's state.
 
-Under ``strategy="fsdp"`` a rank holds its shards (``DTensor.to_local()``), under DDP every rank the
+Under ``strategy="fsdp"`` a rank holds its shards (a DTensor's local part), under DDP every rank the
 whole tensors, so these figures show what sharding saves, per rank, on any device: the CPU keeps no
 allocator statistics, and a process's RSS mixes the model state with everything else. Counted from
 the tensors themselves (``numel() * element_size()``).
@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..strategies.fsdp import local
+from ..strategies.dtensor import local
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:

@@ -1,7 +1,7 @@
 """The Trainer's side of checkpoints: what a run saves (its ``RunState``), where, and how it resumes.
 
 In the manner of torchtitan's ``CheckpointManager``: the Trainer hands over its state objects once;
-this class saves and loads them through ``checkpoint/`` and never touches the Trainer itself.
+this class saves and loads them through the rest of ``checkpoint/`` and never touches the Trainer.
 """
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import checkpoint
 from ..dist import collectives
-from .folder import resolve as resolve_checkpoint
-from ..seed import RNGState
 from ..step.train_state import TrainState
+from . import protocol
+from .folder import CheckpointFolder, latest_checkpoint, resolve as resolve_checkpoint, step_name
+from .protocol import RunState
 
 logger = logging.getLogger(__name__)
 
 
 class CheckpointManager:
-    def __init__(self, run: checkpoint.RunState, train_state: TrainState, rng: RNGState,
-                 checkpoint_dir: Path | None, default_dir: Callable[[], Path | None], auto_resume: bool) -> None:
-        self.run, self.train_state, self.rng = run, train_state, rng
+    def __init__(self, run: RunState, train_state: TrainState, checkpoint_dir: Path | None,
+                 default_dir: Callable[[], Path | None], auto_resume: bool) -> None:
+        self.run, self.train_state = run, train_state
         self.checkpoint_dir, self.default_dir = checkpoint_dir, default_dir
         self.pending_auto_resume = auto_resume  # the first fit() looks for a checkpoint
 
@@ -40,11 +40,11 @@ class CheckpointManager:
                              "folder this job can create and write (on a file system every node sees)")
 
     def save(self, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
-        return checkpoint.save(path, self.run, metadata)
+        return protocol.save(path, self.run, metadata)
 
     def save_in_dir(self, dirpath: str | os.PathLike, name: str | None, metadata: dict[str, Any]) -> Path:
-        name = name if name is not None else checkpoint.step_name(self.train_state.global_step)
-        return checkpoint.CheckpointFolder(dirpath).save(self.run, name, metadata)
+        name = name if name is not None else step_name(self.train_state.global_step)
+        return CheckpointFolder(dirpath).save(self.run, name, metadata)
 
     def wait(self) -> None:
         """Block until an asynchronous save in flight is written and committed (every rank)."""
@@ -52,10 +52,8 @@ class CheckpointManager:
             self.run.sharded.wait()
 
     def load(self, path: str | os.PathLike) -> dict[str, Any]:
-        metadata = checkpoint.load(path, self.run)
+        metadata = protocol.load(path, self.run)
         state = self.train_state
-        if not state.batch_in_epoch:  # mid-epoch, the streams are set once the epoch's iterator exists
-            self.rng.apply()
         logger.info("resumed from %s: epoch %d, optimizer step %d, %d batch(es) into the epoch",
                     path, state.epoch, state.global_step, state.batch_in_epoch)
         return metadata
@@ -78,7 +76,7 @@ class CheckpointManager:
 
     def _locate(self, resume_from: str | os.PathLike | None) -> str | None:
         if resume_from is None:  # auto_resume: a missing checkpoint means a first start
-            found = checkpoint.latest_checkpoint(self.checkpoint_dir)
+            found = latest_checkpoint(self.checkpoint_dir)
             return None if found is None else str(found)
         return str(resolve_checkpoint(resume_from, self.default_dir()))
 

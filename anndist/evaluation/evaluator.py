@@ -3,8 +3,8 @@
 Each rank sums ``loss * n`` (n: the batch's items when the loss step gives ``num_items``, else its
 samples), and correct predictions for classification, over its shard; one all-reduce adds the sums
 and counts, so the result equals a single process evaluating the whole dataset, to float tolerance,
-whatever the world size or batch size. The bare module is used: no DDP collectives. Under FSDP the
-forwards are collectives, and the ranks run them in lockstep (``lockstep.py``).
+whatever the world size or batch size. The bare module is used: no DDP collectives. Where the
+forward is itself a collective (FSDP), the strategy hands over the batches in lockstep (``lockstep.py``).
 
 Metrics (``Trainer(metrics={"f1": ...})``) see each batch's predictions and targets. A torchmetrics
 ``Metric`` is updated on each rank and synchronises its own states in ``compute()`` (every rank
@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from ..dist import collectives
 from ..data.batch import prepare_batch, split_batch, to_device
-from .lockstep import lockstep
-from ..step.loss import (call_model, call_on_inputs, check_result, default_metric_inputs, loss_of, model_loss, sample_count)
+from ..step.loss import (call_model, call_on_inputs, check_result, default_metric_inputs, loss_of, model_loss,
+                         sample_count)
 from ..step.precision import Precision
 
 
@@ -47,7 +47,8 @@ class Evaluator:
         self.non_blocking = device.type == "cuda"
 
     @torch.no_grad()
-    def __call__(self, module: torch.nn.Module, loader: Iterable) -> dict[str, float]:
+    def __call__(self, module: torch.nn.Module, batches: Iterable[tuple[Any, bool]]) -> dict[str, float]:
+        """The metrics over ``batches``, ``(batch, counts)`` pairs (``Strategy.eval_batches``)."""
         # float64 sums: loss_sum, correct, loss weights (items or samples), samples of classification batches
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         gathered: dict[str, list[tuple[Any, Any]]] = {name: [] for name in self.metrics if not _syncs_itself(self.metrics[name])}
@@ -57,7 +58,7 @@ class Evaluator:
         was_training = module.training
         module.eval()
         try:
-            for batch, counts in lockstep(loader, module, self.device):  # FSDP: as many forwards as any rank
+            for batch, counts in batches:
                 self._batch(module, batch, totals, gathered, counts)
         finally:
             module.train(was_training)

@@ -3,7 +3,7 @@
 Under FSDP every forward all-gathers parameters, a collective: every rank must run the model the same
 number of times. Each rank evaluates its unpadded shard of the eval set, and shards can differ by a
 batch, so a rank with fewer batches would leave the others waiting forever in their next forward.
-``lockstep(loader, module, device)`` yields ``(batch, counts)``: this rank's own batches
+``lockstep(loader, device)`` yields ``(batch, counts)``: this rank's own batches
 (``counts`` True), then, until every rank is done, filler batches (``counts`` False) that run the same
 forward only to take part in the all-gathers; their outputs are discarded, so every sample still
 counts exactly once.
@@ -15,8 +15,8 @@ How the ranks agree on the number of forwards:
 
 The filler is the rank's last batch. A rank with no batch at all takes the dataset's first sample,
 read and collated as the loader reads, from a map-style ``DataLoader``; from anything else it has
-nothing to run, and every rank raises a ValueError naming it. A module that is not sharded (DDP,
-one process) runs no collective in its forward: the loader is read as it is.
+nothing to run, and every rank raises a ValueError naming it. The strategy decides when lockstep is
+needed (``Strategy.eval_batches``): a model whose forward runs no collective reads the loader as it is.
 """
 from __future__ import annotations
 
@@ -31,10 +31,8 @@ from ..dist import collectives
 _END = object()
 
 
-def lockstep(loader: Iterable, module: torch.nn.Module, device: torch.device) -> Iterator[tuple[Any, bool]]:
-    """``(batch, counts)`` pairs, the same number on every rank when ``module`` is sharded."""
-    if collectives.world_size() == 1 or not any(hasattr(p, "to_local") for p in module.parameters()):
-        return ((batch, True) for batch in loader)
+def lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple[Any, bool]]:
+    """``(batch, counts)`` pairs, the same number on every rank."""
     length = _length(loader)
     return _by_length(loader, length, device) if length is not None else _by_flags(loader, device)
 

@@ -6,7 +6,8 @@ r, r+W, r+2W, ...), under ``no_grad`` and autocast when enabled; the outputs (``
 position i div W: the dataset's order. Every rank ends up holding the outputs of the whole dataset in
 CPU memory (``main_process_only=True`` keeps them on rank 0 alone, the others get None). A loader
 that anndist does not shard (a custom sampler, an ``IterableDataset``) is gathered in rank order.
-Under FSDP the ranks run as many forwards as the rank with the most batches (``lockstep.py``).
+Where the forward is a collective (FSDP), the ranks run as many forwards as the rank with the most
+batches (``Strategy.eval_batches``, ``lockstep.py``).
 """
 from __future__ import annotations
 
@@ -17,20 +18,20 @@ import torch.distributed as dist
 
 from ..dist import collectives
 from ..data.batch import split_batch, to_device
-from .lockstep import lockstep
 from ..step.loss import call_model, call_on_inputs, predictions_of
 from ..step.precision import Precision
 from ..data.sampler import ShardSampler
 
 
 @torch.no_grad()
-def predict(module: torch.nn.Module, loader: Iterable, with_criterion: bool, device: torch.device,
-            precision: Precision, main_process_only: bool = False) -> torch.Tensor | None:
+def predict(module: torch.nn.Module, loader: Iterable, batches: Iterable[tuple[Any, bool]], with_criterion: bool,
+            device: torch.device, precision: Precision, main_process_only: bool = False) -> torch.Tensor | None:
+    """Every sample's output of ``loader``, read as ``batches`` (``Strategy.eval_batches(loader)``)."""
     was_training = module.training
     module.eval()
     try:
         mine = []
-        for batch, counts in lockstep(loader, module, device):  # FSDP: as many forwards as any rank
+        for batch, counts in batches:
             output = _outputs(module, to_device(batch, device, device.type == "cuda"), with_criterion, precision)
             if counts:  # a filler's output is dropped
                 mine.append(output)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..data.batch import batch_size, first_tensor, split_batch
+from ..data.batch import batch_size, first_tensor, prepare_batch, split_batch, to_device
 
 LossResult = tuple[torch.Tensor, "torch.Tensor | int | None"]  # (scalar loss, num_items or None)
 
@@ -120,3 +120,25 @@ def _describe(value: Any) -> str:
 
 
 MetricInputs = Callable[[Any, Any], tuple[Any, Any]]
+
+
+class LossStep:
+    """One training micro-batch's ``(loss, samples, num_items or None)``, the batch moved to the device here.
+
+    ``compute_loss`` None is the criterion path, kept as the short path it always was: split, move,
+    ``criterion(model(inputs), targets)``; otherwise ``compute_loss(model, batch)`` (``model_loss`` for a
+    model that computes its own loss).
+    """
+
+    def __init__(self, criterion: Callable | None, compute_loss: Callable | None, device: torch.device) -> None:
+        self.criterion, self.compute_loss, self.device = criterion, compute_loss, device
+        self.non_blocking = device.type == "cuda"
+
+    def __call__(self, model: Any, batch: Any) -> tuple[torch.Tensor, int, Any]:
+        if self.compute_loss is None:
+            inputs, targets, n = prepare_batch(batch, self.device, self.non_blocking)
+            output = model(inputs) if type(inputs) is torch.Tensor else call_on_inputs(model, inputs)
+            return self.criterion(output, targets), n, None
+        batch = to_device(batch, self.device, self.non_blocking)
+        loss, num_items = check_result(self.compute_loss(model, batch))
+        return loss, sample_count(batch, self.criterion is not None), num_items

@@ -3,8 +3,8 @@
 In order: unscale (fp16); in one fused pass, correct the window's normalisation (when it held a
 different number of samples than a full window) and check the gradients for NaN/inf; handle a
 non-finite gradient; clip; step; advance the scheduler; zero the gradients. Gradients are already
-all-reduced here, so every decision taken from them is identical on every rank without another
-collective.
+reduced here; where each rank holds only part of them, the strategy reduces the non-finite flag and
+the norm, so every decision taken from them is identical on every rank.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from ..dist import collectives
-from ..strategies.fsdp import full_value, local
+from ..strategies.base import Strategy
 from .precision import Precision
 
 NONFINITE_POLICIES = ("error", "skip")
@@ -25,8 +25,8 @@ class NonFiniteLossError(FloatingPointError):
 
 class OptimizerStep:
     def __init__(self, optimizer: torch.optim.Optimizer, precision: Precision, scheduler: Any,
-                 step_scheduler: bool, max_grad_norm: float | None, on_nonfinite: str) -> None:
-        self.optimizer = optimizer
+                 step_scheduler: bool, max_grad_norm: float | None, on_nonfinite: str, strategy: Strategy) -> None:
+        self.optimizer, self.strategy = optimizer, strategy
         self.precision = precision
         self.scheduler = scheduler
         self.step_scheduler = step_scheduler
@@ -36,12 +36,11 @@ class OptimizerStep:
         self.last_grad_norm: float = float("nan")  # before clipping; measured only when clipping
         self._uniform = len({(p.device, p.dtype) for p in self.params}) <= 1
         self._found_inf: dict[torch.device, tuple[torch.Tensor, torch.Tensor, Any]] = {}
-        # FSDP: each rank holds a shard of every gradient, so the NaN/inf verdict is all-reduced (MAX).
-        self._sharded = any(hasattr(p, "to_local") for p in self.params)
+        # Each rank holds part of every gradient (FSDP): the NaN/inf verdict is reduced across ranks.
+        self._sharded = strategy.sharded
         requiring = [p for p in self.params if p.requires_grad]
-        # DDP on several ranks: a bad loss travels in the gradient all-reduce (carry_losses).
-        replicated = collectives.is_initialized() and collectives.world_size() > 1 and not self._sharded
-        self._anchor = min(requiring, key=torch.Tensor.numel) if requiring and replicated else None  # the smallest
+        # DDP: a bad loss travels in the gradient all-reduce (carry_losses), into the smallest gradient.
+        self._anchor = min(requiring, key=torch.Tensor.numel) if requiring and strategy.carries_losses else None
         self.carries_losses = self._anchor is not None
 
     def carry_losses(self, losses: list[torch.Tensor]) -> None:
@@ -69,8 +68,7 @@ class OptimizerStep:
             stepped = self._nonfinite(window_losses, where)
         else:
             if self.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)  # global across shards
-                self.last_grad_norm = float(full_value(norm))
+                self.last_grad_norm = self.strategy.clip_grad_norm(self.params, self.max_grad_norm)
             stepped = self.precision.step(self.optimizer)
         if stepped and self.step_scheduler:
             self.scheduler.step()
@@ -85,7 +83,7 @@ class OptimizerStep:
         """
         grads = [grad for p in self.params if (grad := p.grad) is not None]  # one .grad read each
         if self._sharded:
-            grads = [local(grad) for grad in grads]
+            grads = self.strategy.local_grads(grads)
         if self._uniform:  # the usual case: one device, one dtype, one kernel call
             return self._check_group(grads, correction, losses)
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -106,7 +104,7 @@ class OptimizerStep:
             grads = [*grads, *losses]  # times 1.0 in place: the losses stay exactly as they are
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, scale)
         if self._sharded:
-            collectives.all_reduce(found, torch.distributed.ReduceOp.MAX)
+            self.strategy.reduce_found_inf(found)
         if not (found.item() if host_flag is None else host_flag[0]):
             return False
         found.zero_()  # only after a non-finite step: one kernel less on every healthy one

@@ -1,17 +1,14 @@
-"""``Trainer(compile=...)``: torch.compile the bare module before DDP wraps it, and keep checkpoints clean.
+"""``Trainer(compile=...)``: which module torch.compile compiles, and a model the user compiled already.
 
-The Trainer holds three views of one set of parameters:
+Each strategy compiles where PyTorch recommends for its placement (DDP: the bare module, then the
+wrapper; FSDP: after ``fully_shard``); this module says what compiling means:
 
-- ``module``: the user's model itself. Its ``state_dict()`` is what checkpoints hold, so their keys
-  never carry torch.compile's ``_orig_mod.`` prefix: a checkpoint loads into an eager model and into a
-  compiled one, and an eager checkpoint resumes a compiled run.
-- the compiled module, ``torch.compile(module, **options)`` (the module itself when not compiling):
-  what training, evaluation and ``predict`` call.
-- ``model``: DDP around the compiled module with several ranks, as PyTorch recommends for DDP
-  (compile the bare module, then wrap), else the compiled module.
-
-A model the user compiled already (an ``OptimizedModule``) is taken apart the same way: its original
-module is ``module``, and it is the compiled module.
+- the compiled module, ``torch.compile(module, **options)`` (the module itself when not compiling), is
+  what training, evaluation and ``predict`` call;
+- the user's module itself stays the strategy's ``module``: its ``state_dict()`` is what checkpoints
+  hold, so their keys never carry torch.compile's ``_orig_mod.`` prefix (checkpoint/states.py);
+- a model the user compiled already (an ``OptimizedModule``) is taken apart the same way: its original
+  module is ``module``, and it is the compiled module.
 """
 from __future__ import annotations
 
@@ -20,8 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-COMPILE_PREFIX = "_orig_mod."
 
 
 def check_compile(value: Any) -> dict[str, Any] | None:
@@ -56,27 +51,6 @@ def compile_module(module: nn.Module, options: dict[str, Any] | None, compiled: 
     if options is None:
         return module
     return torch.compile(module, **options)
-
-
-def strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with torch.compile's ``_orig_mod.`` taken out of every key (other files' checkpoints)."""
-    if not any(COMPILE_PREFIX in key for key in state_dict):
-        return state_dict
-    return type(state_dict)((key.replace(COMPILE_PREFIX, ""), value) for key, value in state_dict.items())
-
-
-class ModelState:
-    """The model's entry in a checkpoint: the original module's state dict, and on load one whose keys
-    may carry ``_orig_mod.`` (saved by a compiled model elsewhere) is accepted too."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> Any:
-        return self.module.load_state_dict(strip_compile_prefix(state))
 
 
 def compiled_graphs() -> int:

@@ -72,7 +72,7 @@ def handwritten(data: TensorDataset, rank: int, world_size: int, own_cost: bool)
 
 def like_anndist(own_cost: bool) -> dict:
     """The hand-written loop's DDP keywords: DDP's defaults, or anndist's with ``own_cost``."""
-    from anndist.config import DDP_DEFAULTS
+    from anndist.strategies.ddp import DDP_DEFAULTS
     return DDP_DEFAULTS if own_cost else {}
 
 
