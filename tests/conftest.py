@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The checkout under test first (not an installed copy), then the helpers and the example.
+# The checkout under test first (not an installed copy), then tests/ (the support package) and the examples.
 for path in (ROOT / "launch", ROOT / "tests", ROOT):
     sys.path.insert(0, str(path))
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -6,8 +6,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import DataLoader
 
 from anndist import Callback, Trainer
-from spawn_ranks import run_spawn
-from models import flat_params, make_dataset, make_model
+from support import flat_params, make_dataset, make_model, run_spawn
 
 N, B, K, SEED, EPOCHS, LR = 60, 4, 3, 17, 2, 0.05  # 30 samples per rank: windows of 12, 12 and a short 6 (4 + 2)
 

@@ -13,8 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from anndist import Trainer
-from models import make_dataset, make_model
-from spawn_ranks import run_spawn
+from support import make_dataset, make_model, run_spawn
 
 V, T, N, B, LR = 11, 6, 28, 2, 0.5  # 28 sequences: per rank of 2, K=3 windows of 6, 6 and a short 2
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from anndist import Trainer
 from anndist.data.batched_reads import BatchReadTensorDataset, already_collated, batched_reads
 from anndist.data.sampler import ResumableDistributedSampler
-from tests.models import flat_params, make_dataset, make_model
+from support import flat_params, make_dataset, make_model
 
 
 def _tensors(n: int = 53) -> TensorDataset:

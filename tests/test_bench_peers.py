@@ -15,7 +15,7 @@ from accelerate.data_loader import BatchSamplerShard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import TensorDataset
 
-from spawn_ranks import run_spawn
+from support import run_spawn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench" / "peers"))
 import workload  # noqa: E402

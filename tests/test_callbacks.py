@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Callback, CallbackError, CallbackList, Trainer
-from models import make_dataset, make_model
+from support import make_dataset, make_model
 
 
 class Named(Callback):

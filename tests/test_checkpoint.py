@@ -11,8 +11,8 @@ import torch
 from anndist import Callback, CallbackError, CheckpointError, ModelCheckpoint, Trainer, latest_checkpoint, save_in_dir
 from anndist.checkpoint import file as file_module
 from anndist.checkpoint.file import FORMAT, atomic_link
-from ckpt_train import EPOCHS, make_run
-from models import flat_params, make_model
+from support import flat_params, make_model
+from support.scripts.ckpt_train import EPOCHS, make_run
 
 
 def _trained(epochs: int = 1, callbacks=(), **options):

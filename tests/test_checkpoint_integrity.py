@@ -14,8 +14,8 @@ import torch
 
 from anndist import CheckpointError, latest_checkpoint, save_in_dir
 from anndist.checkpoint.file import read_checkpoint
-from ckpt_train import make_run
-from models import flat_params
+from support import flat_params
+from support.scripts.ckpt_train import make_run
 
 
 def record_of(path: Path, tensor: torch.Tensor) -> zipfile.ZipInfo:

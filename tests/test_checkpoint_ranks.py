@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from anndist import ModelCheckpoint, save_in_dir
-from ckpt_train import make_run
-from spawn_ranks import run_spawn
+from support import run_spawn
+from support.scripts.ckpt_train import make_run
 
 
 def _draws() -> list[float]:

@@ -11,8 +11,8 @@ limit, killing both ranks; pytest-xdist may spread the launches over its workers
 """
 import pytest
 
-from exit_trials import launch_pair
-from processes import ROOT
+from support import ROOT
+from support.exit_trials import launch_pair
 
 TRIALS = 10
 LAUNCH_LIMIT_S = 120
@@ -20,5 +20,5 @@ LAUNCH_LIMIT_S = 120
 
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_two_rank_launch_exits_zero(trial):
-    script = str(ROOT / "tests" / "scripts" / "exit_cleanly.py")
+    script = str(ROOT / "tests" / "support" / "scripts" / "exit_cleanly.py")
     assert launch_pair(script, timeout=LAUNCH_LIMIT_S) == [0, 0]

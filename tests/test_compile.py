@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from anndist import Trainer
 from anndist.strategies.compile import COMPILE_PREFIX, check_compile, strip_compile_prefix
-from tests.models import flat_params, make_dataset, make_model
+from support import flat_params, make_dataset, make_model
 
 OPTIONS = dict(seed=0, handle_signals=False, progress_bar=False)
 

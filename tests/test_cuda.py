@@ -25,8 +25,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 from anndist import Callback, ProfilingCallback, Trainer  # noqa: E402
 from anndist.config import TrainerConfig  # noqa: E402
 from anndist.step.precision import ScaledPrecision  # noqa: E402
-from models import flat_params, make_dataset, make_model  # noqa: E402
-from processes import child_env, torchrun  # noqa: E402
+from support import child_env, flat_params, make_dataset, make_model, torchrun  # noqa: E402
 
 pytestmark = [
     pytest.mark.cuda,
@@ -138,7 +137,7 @@ def test_pinned_non_blocking_copies_train_exactly_as_pageable_ones():
 
 # ----------------------------------------------------------------------------- exact resume, CUDA RNG
 def _resume_runs(tmp_path: Path, drop_cuda_rng: bool = False):
-    from ckpt_train import EPOCHS, make_run  # the fixed run of the CPU resume tests: dropout, K=2, AdamW, StepLR
+    from support.scripts.ckpt_train import EPOCHS, make_run  # the fixed run of the CPU resume tests: dropout, K=2, AdamW, StepLR
 
     class StopAt(Callback):
         def on_batch_end(self, batch_idx, trainer, logs=None):

@@ -5,8 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from anndist import Callback, Trainer, seed_everything
-from spawn_ranks import run_spawn
-from models import flat_params, make_dataset, make_model
+from support import flat_params, make_dataset, make_model, run_spawn
 
 HOOKS = ["on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_batch_begin",
          "on_batch_end", "on_backward_end", "on_evaluate_begin", "on_evaluate_end"]

@@ -8,8 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Callback, CallbackError, EarlyStopping, Trainer
-from models import flat_params, make_dataset, make_model
-from spawn_ranks import run_spawn
+from support import flat_params, make_dataset, make_model, run_spawn
 
 # val_score per evaluation: best 3.0 at the third (epoch 2), then three evaluations that do not beat it
 SCORES = [5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 2.0, 1.0, 0.5, 0.1]

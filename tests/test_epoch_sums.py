@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from anndist import Callback, Trainer
 from anndist.step.exact_sum import ExactSum
 from anndist.step.train_state import EpochSums
-from tests.models import make_dataset, make_model
+from support import make_dataset, make_model
 
 
 def test_exact_sum_ignores_order_and_grouping():

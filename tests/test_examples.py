@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from processes import ROOT, child_env, run, torchrun
+from support import ROOT, child_env, run, torchrun
 
 LAUNCH = ROOT / "launch"
 LIMIT_S = 180

@@ -9,21 +9,13 @@ from torch.utils.data import DataLoader
 
 from anndist import Callback, ProfilingCallback, Trainer
 from anndist.strategies.fsdp import local
-from models import make_dataset
-from spawn_ranks import run_spawn
-from test_step_records import Norms, Records
+from support import full_weights, make_dataset, run_spawn
+from support.callbacks import Norms, Records
 
 
 def deep_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
-
-
-def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on every rank (gathered from the shards under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _train(strategy: str, k: int, rank: int, extra=(), **options) -> dict:
@@ -240,7 +232,7 @@ def test_default_choice_of_shard_groups():
 
 
 def test_digits_example_with_fsdp_under_torchrun(tmp_path):
-    from processes import ROOT, torchrun
+    from support import ROOT, torchrun
     out = tmp_path / "digits.pt"
     proc = torchrun(ROOT / "launch" / "train_digits.py", "--strategy", "fsdp", "--max-steps", "30",
                     "--no-progress-bar", "--save", str(out), timeout=300)

@@ -13,8 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Trainer
-from models import make_dataset, make_model
-from spawn_ranks import run_spawn
+from support import make_dataset, make_model, run_spawn
 
 EVAL = make_dataset(37, seed=2)
 

@@ -23,9 +23,9 @@ for _package in ("transformers", "torchmetrics"):
     if importlib.util.find_spec(_package) is None:
         pytest.skip(f"the Hugging Face tests need {_package} (pip install '.[hf]')", allow_module_level=True)
 
-from processes import ROOT, torchrun  # noqa: E402
+from support import ROOT, torchrun  # noqa: E402
 
-SCRIPT = ROOT / "tests" / "scripts" / "hf_train.py"
+SCRIPT = ROOT / "tests" / "support" / "scripts" / "hf_train.py"
 JOBS = ("gpt2", "bert")
 STOP_AT = {"gpt2": 9, "bert": 8}  # as in the script
 STEPS_PER_EPOCH = {"gpt2": 7, "bert": 6}  # 13 and 11 micro-batches per rank, K=2

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from processes import ROOT, child_env, python, torchrun
+from support import ROOT, child_env, python, torchrun
 
 EXAMPLE = ROOT / "launch" / "train_digits.py"
 
@@ -35,7 +35,7 @@ def test_example_runs_single_process_for_debugging():
 @pytest.mark.parametrize("fail_rank", [1])
 def test_exception_on_one_rank_ends_all_ranks_with_its_traceback(fail_rank):
     started = time.perf_counter()
-    proc = torchrun(ROOT / "tests" / "scripts" / "fail_on_rank.py", nproc=2, check=False, timeout=500,
+    proc = torchrun(ROOT / "tests" / "support" / "scripts" / "fail_on_rank.py", nproc=2, check=False, timeout=500,
                     env=child_env(FAIL_RANK=str(fail_rank)))
     elapsed = time.perf_counter() - started
     output = proc.stdout + proc.stderr

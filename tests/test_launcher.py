@@ -18,9 +18,9 @@ import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from anndist import launcher
-from processes import ROOT, child_env
+from support import ROOT, child_env
 
-WORKER = ROOT / "tests" / "scripts" / "launcher_worker.py"
+WORKER = ROOT / "tests" / "support" / "scripts" / "launcher_worker.py"
 NPROC = 2
 QUIET_LINE = "workers preempted (exit 75), torchrun exits 75"
 

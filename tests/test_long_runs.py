@@ -10,11 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Callback, Trainer
-from models import flat_params, make_dataset, make_model
-from processes import ROOT, child_env, torchrun
-from spawn_ranks import run_spawn
+from support import ROOT, child_env, flat_params, make_dataset, make_model, run_spawn, torchrun
 
-STREAM = ROOT / "tests" / "scripts" / "stream_train.py"
+STREAM = ROOT / "tests" / "support" / "scripts" / "stream_train.py"
 
 
 class StopAt(Callback):

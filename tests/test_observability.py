@@ -13,7 +13,7 @@ from anndist.callbacks.profile_report import find_straggler, format_table
 from anndist.callbacks.progress import progress_bar_wanted
 from anndist.callbacks.jsonl import JsonlWriter, read_jsonl
 from anndist.plot import load_curves, resumes
-from models import make_dataset, make_model
+from support import make_dataset, make_model
 
 
 def _summary(rank, local):

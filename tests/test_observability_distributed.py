@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer
 from anndist.dist import collectives
-from spawn_ranks import run_spawn
-from models import make_dataset, make_model
+from support import make_dataset, make_model, run_spawn
 
 INTERVAL = 2
 SLOW_RANK_DELAY_S = 0.002  # per sample on rank 1: ~8 ms of extra data wait per micro-batch

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from anndist.callbacks.logging import format_record
-from processes import ROOT, child_env, torchrun
+from support import ROOT, child_env, torchrun
 
 TRACE_STEPS = (3, 6)
 # What an earlier (requeued) job left in the folder: the new processes must append after it.

@@ -7,8 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import NonFiniteLossError, Trainer
-from spawn_ranks import run_spawn
-from models import flat_params, make_dataset, make_model
+from support import flat_params, make_dataset, make_model, run_spawn
 
 
 class NaNOnRank(nn.Module):

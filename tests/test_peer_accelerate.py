@@ -1,13 +1,12 @@
 """anndist's accumulation matches Hugging Face Accelerate's on 2 ranks (full windows)."""
 import torch
 
-from processes import ROOT, torchrun
-from models import make_model
+from support import ROOT, make_model, torchrun
 
 
 def test_same_final_weights_as_accelerate(tmp_path):
     out = tmp_path / "weights.pt"
-    torchrun(ROOT / "tests" / "scripts" / "accelerate_vs_anndist.py", str(out), nproc=2)
+    torchrun(ROOT / "tests" / "support" / "scripts" / "accelerate_vs_anndist.py", str(out), nproc=2)
     result = torch.load(out)
     assert result["processes"] == 2  # Accelerate really ran distributed (it needs cpu=True here)
     assert result["steps"] == 2 * 3

@@ -11,27 +11,10 @@ from torch.utils.data import DataLoader
 
 from anndist import PREEMPTED_EXIT_CODE, Callback, PreemptionCallback, Trainer, latest_checkpoint
 from anndist.dist.slurm import RequeueError, requeue
-from spawn_ranks import run_spawn
-from processes import ROOT, child_env
-from models import make_dataset, make_model
+from support import ROOT, child_env, make_dataset, make_model, run_spawn
+from support.callbacks import SignalAt
 
 BATCHES_PER_EPOCH = 8  # 64 samples / batch 8 on one rank; 4 per rank on two
-
-
-class SignalAt(Callback):
-    """Sends ``sig`` to this very process on rank ``rank`` after optimizer step ``step`` (or at the
-    end of epoch ``epoch_end``)."""
-
-    def __init__(self, sig: int, step: int | None = None, rank: int = 0, epoch_end: int | None = None) -> None:
-        self.sig, self.step, self.rank, self.epoch_end = sig, step, rank, epoch_end
-
-    def on_batch_end(self, batch_idx, trainer, logs=None):
-        if trainer.rank == self.rank and trainer.global_step == self.step:
-            os.kill(os.getpid(), self.sig)
-
-    def on_epoch_end(self, epoch, trainer, logs=None):
-        if trainer.rank == self.rank and epoch == self.epoch_end:
-            os.kill(os.getpid(), self.sig)
 
 
 def _trainer(callbacks, **options):
@@ -121,7 +104,7 @@ import os, signal, sys, torch
 from torch.utils.data import DataLoader
 sys.path.insert(0, "tests")
 from anndist import Callback, Trainer
-from models import flat_params, make_dataset, make_model
+from support import flat_params, make_dataset, make_model
 sig, at_step, checkpoint_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, sys.argv[4]
 async_checkpoint = sys.argv[5:] == ["async"]
 class Kill(Callback):
@@ -182,7 +165,7 @@ import os, signal, sys, time, torch
 from torch.utils.data import DataLoader
 sys.path.insert(0, "tests")
 from anndist import Callback, Trainer
-from models import make_dataset, make_model
+from support import make_dataset, make_model
 pause = float(sys.argv[1])
 class TermTwice(Callback):
     def on_batch_end(self, batch_idx, trainer, logs=None):

@@ -11,7 +11,7 @@ import anndist.data.epoch_reader
 from anndist import Trainer
 from anndist.step.accumulation import with_last
 from anndist.data.prefetch import _copied_ahead, ahead, tensors
-from tests.models import flat_params, make_dataset, make_model
+from support import flat_params, make_dataset, make_model
 
 
 class CloningCopier:

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from anndist import latest_checkpoint
-from processes import python, torchrun
+from support import ROOT, python, torchrun
 
-ENTRY = Path(__file__).with_name("ckpt_train.py")
+ENTRY = ROOT / "tests" / "support" / "scripts" / "ckpt_train.py"
 TORCHRUN_FAST_RESTART = ("--max-restarts=1", "--monitor-interval=0.2")
 
 

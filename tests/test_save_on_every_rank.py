@@ -7,8 +7,7 @@ from torch.utils.data import DataLoader
 
 from anndist import Trainer
 from anndist.checkpoint import protocol
-from models import make_dataset, make_model
-from spawn_ranks import run_spawn
+from support import make_dataset, make_model, run_spawn
 
 
 def _rank0_only(rank, world_size, folder):

@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader
 
 from anndist import NonFiniteLossError, Trainer
 from anndist.dist import collectives
-from models import make_dataset, make_model
-from spawn_ranks import run_spawn
+from support import make_dataset, make_model, run_spawn
 
 
 class NaNTermOnRank(nn.Module):

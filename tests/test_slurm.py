@@ -20,8 +20,8 @@ import torch
 from anndist import latest_checkpoint
 from anndist.checkpoint.file import read_checkpoint
 from anndist.dist.slurm import RequeueError, requeue
-from processes import ROOT, child_env
-from slurm_cluster import SlurmCluster, unavailable_reason
+from support import ROOT, child_env
+from support.slurm_cluster import SlurmCluster, unavailable_reason
 
 pytestmark = pytest.mark.slurm
 

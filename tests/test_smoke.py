@@ -3,8 +3,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from anndist import Trainer
-from spawn_ranks import run_spawn
-from models import flat_params, make_dataset, make_model
+from support import flat_params, make_dataset, make_model, run_spawn
 
 EPOCHS, STEPS_PER_EPOCH = 2, 4  # 64 samples -> 32 per rank -> 4 batches of 8 per rank and epoch
 

@@ -9,32 +9,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anndist import Callback, MetricsCallback, Trainer
+from anndist import Trainer
 from anndist.callbacks import metrics as metrics_module
 from anndist.callbacks.logging import format_record
-from models import make_dataset, make_model
+from support import make_dataset, make_model
+from support.callbacks import Norms, Records
 
 STEP_MODE = "eval_every_n_steps" in inspect.signature(Trainer.fit).parameters
-
-
-class Records(MetricsCallback):
-    def __init__(self, log_interval=2):
-        super().__init__(log_interval)
-        self.records = []
-
-    def write(self, record):
-        self.records.append(record)
-
-
-class Norms(Callback):
-    """The norm the optimizer step measured, per optimizer step."""
-
-    def __init__(self):
-        self.norms = {}
-
-    def on_batch_end(self, batch_idx, trainer, logs=None):
-        if logs["stepped"]:
-            self.norms[trainer.global_step] = trainer._optimizer_step.last_grad_norm
 
 
 def token_loss(model, batch):

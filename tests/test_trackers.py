@@ -16,8 +16,7 @@ from torch.utils.data import DataLoader
 
 from anndist import MetricsCallback, MLflowCallback, Trainer, WandbCallback
 from anndist.callbacks import trackers
-from models import make_dataset, make_model
-from spawn_ranks import run_spawn
+from support import make_dataset, make_model, run_spawn
 
 STEPS_PER_EPOCH = 4  # 32 samples, batch 8
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from anndist import Trainer
 from anndist.config import TrainerConfig
 from anndist.step.precision import ScaledPrecision, resolve_amp_dtype
-from models import make_dataset, make_model
+from support import make_dataset, make_model
 
 
 def _parts():

@@ -6,8 +6,7 @@ import pytest
 
 from anndist import Trainer
 from anndist.dist.flight_recorder import enable_flight_recorder, flight_recorder_env
-from models import make_model
-from processes import ROOT, child_env, torchrun
+from support import ROOT, child_env, make_model, torchrun
 
 import torch
 
@@ -15,7 +14,7 @@ import torch
 def test_hung_rank_is_named_and_its_stack_dumped(tmp_path):
     env = child_env(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     started = time.monotonic()
-    proc = torchrun(ROOT / "tests/scripts/hang_rank.py", str(tmp_path), env=env, check=False, timeout=110)
+    proc = torchrun(ROOT / "tests/support/scripts/hang_rank.py", str(tmp_path), env=env, check=False, timeout=110)
     elapsed = time.monotonic() - started
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and elapsed < 60, (elapsed, out[-3000:])  # dist_timeout is 120 s

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Callback, Trainer
-from models import make_dataset, make_model
+from support import make_dataset, make_model
 
 
 class SleepOnRank1(Callback):

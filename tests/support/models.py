@@ -24,3 +24,10 @@ def make_model(features: int = 8, classes: int = 3, hidden: int = 16, dropout: f
 
 def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).cpu() for p in module.parameters()])
+
+
+def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on every rank (gathered from the shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().clone() for k, v in state.items()}

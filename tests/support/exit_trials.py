@@ -1,4 +1,7 @@
-"""Launch two-rank jobs of a script as plain processes (torchrun's variables, no agent) and collect exit codes."""
+"""Launch two-rank jobs of a script as plain processes (torchrun's variables, no agent) and collect exit codes.
+
+The long clean-exit soak, by hand from the repository root: ``python -m tests.support.exit_trials 100``.
+"""
 from __future__ import annotations
 
 import socket
@@ -7,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from processes import ROOT, child_env
+from .processes import ROOT, child_env
 
 
 def free_port() -> int:
@@ -51,7 +54,7 @@ def launch_pair(script: str, world_size: int = 2, timeout: float = 120) -> list[
 
 if __name__ == "__main__":
     trials = int(sys.argv[1]) if len(sys.argv) > 1 else 50
-    script = sys.argv[2] if len(sys.argv) > 2 else str(ROOT / "tests" / "scripts" / "exit_cleanly.py")
+    script = sys.argv[2] if len(sys.argv) > 2 else str(ROOT / "tests" / "support" / "scripts" / "exit_cleanly.py")
     codes = [launch_pair(script) for _ in range(trials)]
     bad = [c for c in codes if any(code != 0 for code in c)]
     print(f"{trials} two-rank launches of {script}: {len(bad)} with a non-zero exit {bad}")

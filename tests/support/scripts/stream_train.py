@@ -17,8 +17,8 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import IterableDataset
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from models import flat_params, make_model  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # tests/, for support
+from support import flat_params, make_model  # noqa: E402
 
 from anndist import Callback, Trainer  # noqa: E402
 from anndist.dist import collectives  # noqa: E402

@@ -29,10 +29,11 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader, Dataset
 
-from models import flat_params, make_dataset, make_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for support
+from support import flat_params, make_dataset, make_model  # noqa: E402
 
-from anndist import Callback, ModelCheckpoint, Trainer
-from anndist.dist import collectives
+from anndist import Callback, ModelCheckpoint, Trainer  # noqa: E402
+from anndist.dist import collectives  # noqa: E402
 
 SEED, BATCH, ACCUMULATION, EPOCHS = 7, 4, 2, 3
 

@@ -7,8 +7,8 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from models import make_dataset, make_model  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # tests/, for support
+from support import make_dataset, make_model  # noqa: E402
 
 from anndist import Callback, Trainer  # noqa: E402
 

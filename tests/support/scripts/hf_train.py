@@ -1,6 +1,6 @@
 """Entry point of tests/test_hf_models.py: Hugging Face models through the Trainer, resumed bit for bit.
 
-    torchrun --standalone --nproc_per_node=2 tests/scripts/hf_train.py --out DIR
+    torchrun --standalone --nproc_per_node=2 tests/support/scripts/hf_train.py --out DIR
 
 One launch (transformers takes seconds to import) trains two jobs, each three times with a fresh
 model and Trainer: ``full`` (EPOCHS epochs), ``stopped`` (stopped mid-epoch at a fixed step, then
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassF1Score
 from transformers import BertConfig, BertForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "launch"))
 import train_gpt2  # noqa: E402
 from train_gpt2 import CharVocab, gpt2_model, lm_datasets, pad_batch, token_loss, zen_text  # noqa: E402
 
