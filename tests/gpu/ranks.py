@@ -1,4 +1,4 @@
-"""A short run on real ranks, for the CUDA tests (tests/test_cuda.py) and their CPU dry run.
+"""A short run on real ranks, for the CUDA tests (tests/gpu/test_cuda.py) and their CPU dry run.
 
     torchrun --standalone --nproc_per_node=N tests/gpu/ranks.py --out DIR [--device D] [--backend B]
         [--own-group B] [--amp bf16|fp16]

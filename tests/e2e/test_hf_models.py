@@ -2,7 +2,7 @@
 with token-weighted accumulation (``compute_loss`` returning ``(loss, num_tokens)``) and a BERT
 classifier with its own loss and torchmetrics' F1, each stopped mid-epoch and resumed bit for bit.
 
-One torchrun launch of tests/scripts/hf_train.py serves every test, the example's included
+One torchrun launch of tests/support/scripts/hf_train.py serves every test, the example's included
 (transformers takes seconds to import, so launches are few).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Resume in new processes, bit for bit: python and torchrun, after a stop, a SIGKILL mid-save and a
-torchrun restart, and from 2 ranks onto 1. The fixed run is tests/ckpt_train.py (shuffling, dropout,
+torchrun restart, and from 2 ranks onto 1. The fixed run is tests/support/scripts/ckpt_train.py (shuffling, dropout,
 accumulation K=2, AdamW with a per-step schedule, validation, 3 epochs of 100 samples in batches of 4).
 
 Process starts are shared: each fixture starts one process (or one torchrun) that does several runs.

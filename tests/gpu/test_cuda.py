@@ -4,7 +4,7 @@ NCCL group, 2 ranks sharing one GPU through gloo, and 2 ranks on 2 GPUs with NCC
 
 Every test is marked ``cuda`` and skipped where ``torch.cuda.is_available()`` is False (CI, laptops).
 On a GPU machine: ``bash tests/gpu/run.sh`` (installs, runs these, benchmarks, prints one table), or
-``python -m pytest -m cuda -rs tests/test_cuda.py``.
+``python -m pytest -m cuda -rs tests/gpu/test_cuda.py``.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ pytestmark = [
                               "build); run on a GPU machine with bash tests/gpu/run.sh"),
 ]
 
-RANKS = Path(__file__).with_name("gpu") / "ranks.py"
+RANKS = Path(__file__).with_name("ranks.py")
 CUDA0 = "cuda:0"
 OPTIONS = {"progress_bar": False, "handle_signals": False, "stop_check_period": 0}
 

@@ -2,7 +2,7 @@
 
 Without anndist's teardown, 8 of 25 such launches had a rank die of SIGABRT on this machine; this
 file runs 10 (each its own test), so a broken teardown fails one of them with probability about
-98% (1 - (17/25)^10). tests/exit_trials.py runs a longer soak by hand: `python tests/exit_trials.py 100`.
+98% (1 - (17/25)^10). A longer soak, by hand: `python -m tests.support.exit_trials 100`.
 
 Each launch is a test of its own with its own time limit: one launch took 15-23 s on the 2-core
 VM under load (22-33 s at load average 8.5), and ten in a row inside one test's 300 s limit did

@@ -29,7 +29,7 @@ def test_example_runs_single_process_for_debugging():
     assert [int(e) for e, *_ in _epoch_lines(proc.stderr)] == [0, 1, 2]
 
 
-# launch/torchrun.sh passing its arguments on: tests/test_examples.py, with the digits example.
+# launch/torchrun.sh passing its arguments on: tests/e2e/test_examples.py, with the digits example.
 
 
 @pytest.mark.parametrize("fail_rank", [1])

@@ -13,7 +13,7 @@ TORCHRUN_RANK1 = {
     "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_RUN_ID": "c60de8c1-8e26-48db-8dcd-ae62c635b5cd",
     "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "WORLD_SIZE": "2",
 }
-# An srun task of a 4-task job on two nodes (SLURM 22.05); tests/test_slurm*.py check real jobs.
+# An srun task of a 4-task job on two nodes (SLURM 22.05); real jobs: unit/test_env_slurm.py, e2e/test_slurm.py.
 SRUN_TASK = {
     "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
     "SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[007-008]",

@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 from support import run_spawn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "bench" / "peers"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "peers"))
 import workload  # noqa: E402
 
 from anndist.dist.agreement import StopAgreement  # noqa: E402

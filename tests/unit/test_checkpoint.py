@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,8 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path):
         (torn, CheckpointError, "truncated"),
         (text, CheckpointError, "truncated or not a torch.save file"),
         (foreign, CheckpointError, "not an anndist checkpoint"),
-        (pickled, CheckpointError, r"refused: .* does not load the global test_checkpoint.Opaque \(not an allowed"),
+        (pickled, CheckpointError,
+         rf"refused: .* does not load the global {re.escape(__name__)}.Opaque \(not an allowed"),
         (shell, CheckpointError, r"refused: .* does not load the global posix.system \(its module posix is blocked"),
         (damaged, CheckpointError, "cannot be read, it is damaged"),
         (tmp_path, IsADirectoryError, "is a folder"),

@@ -1,7 +1,7 @@
 """A missing optional package is one line naming the pip command, wherever it is needed (in-process).
 
 ``sys.modules[name] = None`` makes ``import name`` fail as a missing package does. The same under
-torchrun, with an entry script: tests/test_examples.py.
+torchrun, with an entry script: tests/e2e/test_examples.py.
 """
 import sys
 
