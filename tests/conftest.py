@@ -22,3 +22,12 @@ def warnings():
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
+
+
+@pytest.fixture
+def mlflow(monkeypatch):
+    """MLflow, with MLFLOW_ALLOW_FILE_STORE unset (the callback sets it) and restored after the test (the
+    tracker tests in one process and on 2 ranks)."""
+    module = pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'anndist[mlflow]'")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    return module

@@ -1,5 +1,5 @@
-"""Any training job: token-weighted accumulation is exact, metrics and predict are exact on 2 ranks,
-models that compute their own loss, and the errors that name the problem.
+"""Any training job on real ranks: token-weighted accumulation is exact on one and two ranks, metrics and
+predict are exact on 2 ranks (models that compute their own loss, and the errors: tests/unit/test_any_job.py).
 
 The token model is tiny and float64, so "equal to one large batch" can be checked at rtol 1e-5 after
 several steps; the padding is deliberately uneven, so a per-micro-batch average differs clearly.
@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from anndist import Trainer
 from support import make_dataset, make_model, run_spawn
+from support.metrics import PlainAccuracy
 
 V, T, N, B, LR = 11, 6, 28, 2, 0.5  # 28 sequences: per rank of 2, K=3 windows of 6, 6 and a short 2
 
@@ -102,23 +103,6 @@ def test_token_weighted_accumulation_equals_one_large_batch_on_one_and_two_ranks
 
 
 # ---------------------------------------------------------------- metrics and predict on 2 ranks
-class PlainAccuracy:
-    """A metric that is not torchmetrics: only update/compute/reset, no synchronisation of its own."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.correct, self.total = 0, 0
-
-    def update(self, preds, targets) -> None:
-        self.correct += int((preds.argmax(1) == targets).sum())
-        self.total += len(targets)
-
-    def compute(self) -> float:
-        return self.correct / self.total
-
-
 def _metrics_and_predict(rank, world_size):
     torchmetrics = pytest.importorskip("torchmetrics")
     model = make_model(hidden=16)
@@ -152,74 +136,3 @@ def test_metrics_and_predict_on_two_ranks_equal_one_process():
         torch.testing.assert_close(rank["preds"], logits, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ranks[0]["main_only"], logits, rtol=1e-6, atol=1e-6)
     assert ranks[1]["main_only"] is None
-
-
-# ---------------------------------------------------------------- models that compute their own loss
-class OwnLoss(nn.Module):
-    """A Hugging Face-style model: keyword batch, an output with .loss and .logits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = make_model(hidden=16)
-
-    def forward(self, features, labels=None):
-        logits = self.net(features)
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
-
-
-def _keyword_batches(n: int = 24, b: int = 6):
-    x, y = make_dataset(n).tensors
-    return [{"features": x[i:i + b], "labels": y[i:i + b]} for i in range(0, n, b)]
-
-
-def test_a_model_that_computes_its_own_loss_trains_evaluates_and_predicts_without_a_criterion():
-    model = OwnLoss()
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), progress_bar=False,
-                      metrics={"plain": PlainAccuracy()})
-    batches = _keyword_batches()
-    before = trainer.evaluate(batches)
-    history = trainer.fit(batches, num_epochs=3, val_loader=batches)
-    assert history["train_loss"][-1] < history["train_loss"][0] and history["val_loss"][-1] < before["val_loss"]
-    assert len(history["val_plain"]) == 3  # metrics land in the history (and logs, JSONL, monitors)
-    predictions = trainer.predict(batches)
-    with torch.no_grad():
-        expected = model.net(torch.cat([b["features"] for b in batches]))
-    torch.testing.assert_close(predictions, expected)
-
-
-def test_a_trainer_subclass_can_replace_the_loss_step():
-    class Halved(Trainer):
-        def compute_loss(self, model, batch):
-            return 0.5 * super().compute_loss(model, batch)
-
-    model = OwnLoss()
-    loss = Halved(model, torch.optim.SGD(model.parameters(), lr=0.0), progress_bar=False).evaluate(_keyword_batches())
-    model = OwnLoss()
-    plain = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), progress_bar=False).evaluate(_keyword_batches())
-    assert loss["val_loss"] == pytest.approx(0.5 * plain["val_loss"])
-
-
-# ---------------------------------------------------------------- errors that name the fix
-def test_errors_name_the_problem_and_the_fix():
-    model = OwnLoss()
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="a dict batch needs the keys 'inputs' and 'targets', got keys .*features"):
-        Trainer(model, sgd, nn.CrossEntropyLoss(), progress_bar=False).fit(_keyword_batches(), num_epochs=1)
-    with pytest.raises(TypeError, match="compute_loss must return a scalar loss tensor or \\(loss, num_items\\), "
-                                        "got a tensor of shape \\(6, 3\\)"):
-        Trainer(model, sgd, compute_loss=lambda m, b: m(**b)["logits"], progress_bar=False).fit(
-            _keyword_batches(), num_epochs=1)
-    with pytest.raises(ValueError, match="num_items=0 on every rank for optimizer step 1"):
-        Trainer(model, sgd, compute_loss=lambda m, b: (m(**b)["loss"] * 0, 0), progress_bar=False).fit(
-            _keyword_batches(), num_epochs=1)
-    plain = make_model()
-    no_criterion = Trainer(plain, torch.optim.SGD(plain.parameters(), lr=0.1), progress_bar=False)
-    with pytest.raises(TypeError, match="the Trainer has no criterion, so the model must compute its loss, but it "
-                                        "returned a tensor of shape \\(6, 3\\)"):
-        no_criterion.fit([b["features"] for b in _keyword_batches()], num_epochs=1)
-    with pytest.raises(TypeError, match="no criterion, so it calls model\\(\\*batch\\) .* pass criterion=..."):
-        no_criterion.fit([(b["features"], b["labels"]) for b in _keyword_batches()], num_epochs=1)
-    with pytest.raises(TypeError, match="metrics\\['f1'\\] \\(object\\) has no \\['update', 'compute', 'reset'\\]"):
-        Trainer(model, sgd, metrics={"f1": object()})
-    with pytest.raises(TypeError, match="compute_loss must be a function, got int 3"):
-        Trainer(model, sgd, compute_loss=3)

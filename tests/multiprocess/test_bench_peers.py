@@ -1,38 +1,20 @@
-"""The peer benchmark's two invariants that could silently break the comparison.
-
-1. Accelerate's loader sharding, fed ``InterleavedBatches``, gives every rank exactly the batches of the
-   reference's ``DistributedSampler`` (otherwise Accelerate trains on another order).
-2. The audit tells one gradient all-reduce round per optimizer step (``no_sync``) from one per
-   micro-batch, and counts other collectives (anndist's stop-flag agreement) separately.
+"""One of the peer benchmark's two invariants that could silently break the comparison (the other, the
+loader sharding, is in tests/unit/test_bench_peers.py): the audit tells one gradient all-reduce round
+per optimizer step (``no_sync``) from one per micro-batch, and counts other collectives (anndist's
+stop-flag agreement) separately.
 """
 import contextlib
 import sys
-from pathlib import Path
 
-import pytest
 import torch
-from accelerate.data_loader import BatchSamplerShard
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import TensorDataset
 
-from support import run_spawn
+from support import ROOT, run_spawn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "peers"))
+sys.path.insert(0, str(ROOT / "tests" / "bench" / "peers"))
 import workload  # noqa: E402
 
 from anndist.dist.agreement import StopAgreement  # noqa: E402
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_accelerate_sharding_of_interleaved_batches_is_the_reference_order(world_size):
-    batch = 8
-    dataset = TensorDataset(torch.arange(batch * 5 * world_size))
-    global_order = workload.InterleavedBatches(dataset, world_size, batch)
-    for rank in range(world_size):
-        reference = list(workload.rank_sampler(dataset, rank, world_size))
-        expected = [reference[i:i + batch] for i in range(0, len(reference), batch)]
-        sharded = BatchSamplerShard(global_order, num_processes=world_size, process_index=rank)
-        assert list(sharded) == expected
 
 
 def _audited_training(rank, world_size, use_no_sync, steps):

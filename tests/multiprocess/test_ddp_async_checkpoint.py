@@ -2,19 +2,17 @@
 
 On 2 ranks: a run saved asynchronously mid-run (training going on during the write) and resumed is
 bit-identical to an uninterrupted one; the replicated state is written once, spread over both ranks;
-a synchronous DDP run and an FSDP run load such a folder. In one process: the same saves, resume and
-consolidation. The kill -9 test is the FSDP one's (support/dcp_runs.py), run with strategy="ddp".
+a synchronous DDP run and an FSDP run load such a folder. In one process (the same saves, resume and
+consolidation): tests/unit/test_ddp_async_checkpoint.py; kill -9: tests/e2e/test_ddp_async_checkpoint.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from anndist.checkpoint import CheckpointError, latest_checkpoint
 from anndist.checkpoint.file import read_checkpoint
-from anndist.callbacks import ModelCheckpoint
 from support import full_weights, run_spawn
-from support.dcp_runs import dcp_loader, dcp_trainer, kill_9_during_async_saves, stop_and_resume
+from support.dcp_runs import dcp_trainer, stop_and_resume
 
 
 def _ddp_scenarios(rank: int, world_size: int, folder: str) -> dict:
@@ -77,40 +75,3 @@ def test_synchronous_ddp_and_fsdp_runs_load_the_folder(two_ranks):
             assert weights.keys() == out["straight"].keys()
         ddp, fsdp = out["ddp_loaded"][1], out["fsdp_loaded"][1]
         assert all(torch.equal(ddp[name], fsdp[name]) for name in ddp)
-
-
-def test_one_process_saves_resumes_and_consolidates(tmp_path):
-    from anndist.consolidate import consolidate
-    folder = tmp_path / "ckpt"
-    straight = dcp_trainer(True, strategy="ddp")
-    straight.fit(dcp_loader(), max_steps=30)
-    saving = dcp_trainer(True, [ModelCheckpoint(folder, every_n_steps=20, every_n_epochs=None)], strategy="ddp")
-    saving.save_checkpoint(tmp_path / "before.ckpt")  # before the first step: DCP initialises AdamW's state...
-    saving.fit(dcp_loader(), max_steps=30)
-    saving.close()  # waits for the save in flight
-    for name, value in straight.module.state_dict().items():  # ...and anndist drops it again: same run
-        assert torch.equal(saving.module.state_dict()[name], value), name
-    assert latest_checkpoint(folder) == folder / "step-000000020.ckpt"
-    assert (folder / "step-000000020.ckpt" / ".metadata").is_file()
-    resumed = dcp_trainer(True, strategy="ddp", checkpoint_dir=folder, auto_resume=True)
-    resumed.fit(dcp_loader(), max_steps=30)
-    assert resumed.global_step == 30
-    for name, value in straight.module.state_dict().items():
-        assert torch.equal(resumed.module.state_dict()[name], value), name
-    assert {"model", "optimizer"} <= set(resumed.state_dict())  # DDP still holds them whole
-    weights = torch.load(consolidate(folder, tmp_path / "model.pt"), weights_only=True)
-    at_20 = dcp_trainer(False, strategy="ddp")
-    at_20.load_checkpoint(folder / "step-000000020.ckpt")
-    assert all(torch.equal(weights[name], value) for name, value in at_20.module.state_dict().items())
-
-
-def test_fsdp_refuses_a_single_file_checkpoint_instead_of_ignoring_its_weights(tmp_path):
-    ddp = dcp_trainer(False, strategy="ddp")
-    ddp.fit(dcp_loader(), max_steps=2)
-    path = ddp.save_checkpoint(tmp_path / "one.ckpt")
-    with pytest.raises(CheckpointError, match=r"is a single file .* \['model', 'optimizer'\]"):
-        dcp_trainer(False).load_checkpoint(path)
-
-
-def test_kill_9_during_ddp_async_saves_leaves_a_loadable_checkpoint(tmp_path):
-    kill_9_during_async_saves(tmp_path, "ddp")

@@ -1,5 +1,6 @@
-"""strategy="fsdp": FSDP2 gives DDP's weights and gradient norms (fp32, with and without accumulation); bf16
-through FSDP's MixedPrecisionPolicy; the profile's per-rank model state; Trainer.state_dict(); its options."""
+"""strategy="fsdp" on 2 ranks: FSDP2 gives DDP's weights and gradient norms (fp32, with and without
+accumulation); bf16 through FSDP's MixedPrecisionPolicy; the profile's per-rank model state;
+Trainer.state_dict(). In one process (its options too): tests/unit/test_fsdp.py."""
 from __future__ import annotations
 
 import pytest
@@ -11,11 +12,7 @@ from anndist import Callback, ProfilingCallback, Trainer
 from anndist.strategies.fsdp import local
 from support import full_weights, make_dataset, run_spawn
 from support.callbacks import Norms, Records
-
-
-def deep_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+from support.fsdp import deep_model, fsdp_trainer
 
 
 def _train(strategy: str, k: int, rank: int, extra=(), **options) -> dict:
@@ -58,17 +55,11 @@ def _bf16(rank: int) -> dict:
     return out
 
 
-def _fsdp_trainer(seed: int) -> Trainer:
-    model = deep_model(seed)
-    return Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nn.CrossEntropyLoss(), strategy="fsdp",
-                   shard_modules=lambda m: isinstance(m, nn.Linear), seed=0, progress_bar=False, handle_signals=False)
-
-
 def _state_dict_round_trip() -> dict:
     """Trainer.state_dict() after 6 steps, through torch.save, into a Trainer built from other weights."""
     import io
     loader = DataLoader(make_dataset(96), batch_size=4)
-    saved, fresh = _fsdp_trainer(0), _fsdp_trainer(1)
+    saved, fresh = fsdp_trainer(0), fsdp_trainer(1)
     saved.fit(loader, max_steps=6)
     state, buffer, at_6 = saved.state_dict(), io.BytesIO(), full_weights(saved.module)
     torch.save(state, buffer)
@@ -190,54 +181,5 @@ def test_trainer_state_dict_holds_the_whole_model_and_optimizer(ranks):
             assert not torch.equal(out["went_on"][0][name], out["at_6"][name])
 
 
-def test_trainer_state_dict_round_trip_in_one_process():
-    """strategy='fsdp' in one process (nothing sharded): the same whole form, loaded without a process group."""
-    saved, fresh = _fsdp_trainer(0), _fsdp_trainer(1)
-    saved.fit(DataLoader(make_dataset(32), batch_size=4), max_steps=3)
-    state = saved.state_dict()
-    assert sorted(state["optimizer"]["state"]) == sorted(deep_model().state_dict())
-    fresh.load_state_dict(state)
-    assert fresh.global_step == 3
-    for name, value in saved.module.state_dict().items():
-        assert torch.equal(fresh.module.state_dict()[name], value)
-
-
 def test_parameters_are_sharded_and_the_optimizer_rebound(ranks):
     assert all(out["sharded"] and out["optimizer_bound"] for out in ranks)
-
-
-def test_options_are_checked_at_construction():
-    model = deep_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="strategy='zero'"):
-        Trainer(model, opt, nn.CrossEntropyLoss(), strategy="zero")
-    with pytest.raises(TypeError, match="not parameters of fully_shard"):
-        Trainer(model, opt, nn.CrossEntropyLoss(), strategy="fsdp", fsdp_kwargs={"reshard_after_fwd": True})
-    with pytest.raises(ValueError, match="strategy='fsdp' only"):
-        Trainer(model, opt, nn.CrossEntropyLoss(), shard_modules=lambda m: True)
-    with pytest.raises(TypeError, match="shard_modules must be a function"):
-        Trainer(model, opt, nn.CrossEntropyLoss(), strategy="fsdp", shard_modules=nn.Linear(1, 1).weight)
-    with pytest.raises(ValueError, match="fp16"):
-        Trainer(model, opt, nn.CrossEntropyLoss(), strategy="fsdp", use_amp=True, amp_dtype="fp16")
-
-
-def test_default_choice_of_shard_groups():
-    from anndist.strategies.fsdp import MIN_SHARD_PARAMS, choose_submodules
-    big = MIN_SHARD_PARAMS // 1000 + 1
-    blocks = nn.ModuleList([nn.Linear(1000, big) for _ in range(2)])
-    model = nn.Module()
-    model.embed, model.blocks, model.head = nn.Linear(1000, big), blocks, nn.Linear(2, 2)
-    assert choose_submodules(model, None) == [model.embed, blocks[0], blocks[1]]
-    assert choose_submodules(model, lambda m: m is model.head) == [model.head]
-
-
-def test_digits_example_with_fsdp_under_torchrun(tmp_path):
-    from support import ROOT, torchrun
-    out = tmp_path / "digits.pt"
-    proc = torchrun(ROOT / "launch" / "train_digits.py", "--strategy", "fsdp", "--max-steps", "30",
-                    "--no-progress-bar", "--save", str(out), timeout=300)
-    assert proc.returncode == 0
-    weights = torch.load(out, weights_only=True)  # whole tensors, gathered from the shards
-    assert all(not hasattr(w, "to_local") for w in weights.values())
-    model_shapes = {k: v.shape for k, v in __import__("train_digits").digits_model().state_dict().items()}
-    assert {k: v.shape for k, v in weights.items()} == model_shapes

@@ -1,12 +1,11 @@
 """Sharded (DCP) checkpoints under strategy="fsdp": bit-identical resume on 2 ranks (sync and async saves,
 through ModelCheckpoint, from the last save, from one taken while training went on, and through
 PreemptionCallback), ModelCheckpoint's best and pruning, 1 -> 2 and 2 -> 1 reshards that train on, the
-consolidation into one file, and kill -9 during async saves (the runs are shared with the DDP tests of
-test_ddp_async_checkpoint.py through support/dcp_runs.py)."""
+consolidation into one file. The runs are shared with the DDP tests of test_ddp_async_checkpoint.py
+through support/dcp_runs.py; kill -9 during async saves: tests/e2e/test_fsdp_checkpoint.py."""
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from anndist.callbacks import ModelCheckpoint, PreemptionCallback
 from support import full_weights, run_spawn
 from support.callbacks import SignalAt
-from support.dcp_runs import StopAt, dcp_loader, dcp_model, dcp_trainer, kill_9_during_async_saves, stop_and_resume
+from support.dcp_runs import StopAt, dcp_loader, dcp_model, dcp_trainer, stop_and_resume
 
 
 def _preempted(folder: str, async_save: bool) -> dict:
@@ -156,23 +155,6 @@ def test_model_checkpoint_keeps_best_through_pruning_and_moves_latest(two_ranks)
         assert out["best_loaded"] == 6  # best.ckpt outlived step-000000006.ckpt, which pruning removed
 
 
-def test_a_folder_alias_is_hard_links_that_outlive_the_source(tmp_path):
-    from anndist.checkpoint.sharded import link_folder
-    first, second = tmp_path / "step-1.ckpt", tmp_path / "step-2.ckpt"
-    for folder, text in ((first, "one"), (second, "two")):
-        folder.mkdir()
-        (folder / ".metadata").write_text(text)
-        (folder / "__0_0.distcp").write_text(text)
-    alias = tmp_path / "best.ckpt"
-    link_folder(first, alias)
-    assert not alias.is_symlink() and (alias / ".metadata").stat().st_ino == (first / ".metadata").stat().st_ino
-    link_folder(second, alias)  # a new best replaces the old one
-    assert (alias / "__0_0.distcp").read_text() == "two"
-    shutil.rmtree(second)  # pruned, as keep_last does
-    assert sorted(p.name for p in alias.iterdir()) == [".metadata", "__0_0.distcp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "step-1.ckpt"]  # no temporary left
-
-
 def test_consolidate_gives_the_full_model(two_ranks, tmp_path):
     from anndist.consolidate import main
     folder, async_save, ranks, _, _ = two_ranks
@@ -187,7 +169,3 @@ def test_consolidate_gives_the_full_model(two_ranks, tmp_path):
     one.load_checkpoint(folder / "step-000000008.ckpt")
     for name, value in one.module.state_dict().items():
         assert torch.equal(state[name], value)
-
-
-def test_kill_9_during_async_saves_leaves_a_loadable_checkpoint(tmp_path):
-    kill_9_during_async_saves(tmp_path, "fsdp")

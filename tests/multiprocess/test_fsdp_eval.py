@@ -78,11 +78,6 @@ def _close(result: dict, reference: dict) -> None:
     assert result["val_seen"] == reference["val_seen"]
 
 
-def test_the_ranks_really_get_different_numbers_of_batches():
-    from anndist.data.sampler import ShardSampler
-    assert [-(-len(ShardSampler(len(EVAL), 2, rank)) // 9) for rank in (0, 1)] == [3, 2]
-
-
 def test_evaluate_equals_one_process_on_the_whole_set(ranks):
     single = _trainer().evaluate(DataLoader(EVAL, batch_size=37))
     assert single["val_seen"] == 37

@@ -1,6 +1,4 @@
 """Clipping, schedulers, fp16 overflow and non-finite losses, on two real ranks."""
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -170,11 +168,3 @@ def test_nonfinite_loss_can_be_skipped_on_every_rank(results):
     assert first["skip_steps"] == second["skip_steps"] == 4 - 1  # 8 micro-batches per rank, K=2, one skipped
     assert torch.equal(first["skip_params"], second["skip_params"])
     assert torch.isfinite(first["skip_params"]).all()
-
-
-def test_bf16_digits_accuracy_within_one_point_of_fp32():
-    from train_digits import main
-    fp32 = main(["--epochs", "15", "--log-interval", "1000"])
-    bf16 = main(["--epochs", "15", "--amp", "bf16", "--log-interval", "1000"])
-    assert fp32["val_accuracy"][-1] >= 0.95
-    assert math.isclose(bf16["val_accuracy"][-1], fp32["val_accuracy"][-1], abs_tol=0.01)

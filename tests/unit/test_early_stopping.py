@@ -1,36 +1,17 @@
-"""EarlyStopping: patience on a scripted global metric, across a requeue, on 2 ranks, best weights."""
+"""EarlyStopping in one process: patience on a scripted metric, across a requeue, best weights (2 ranks:
+tests/multiprocess/test_early_stopping.py)."""
 import inspect
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Callback, CallbackError, EarlyStopping, Trainer
-from support import flat_params, make_dataset, make_model, run_spawn
+from support import flat_params, make_dataset
+from support.early_stopping import SCORES, STEPS_PER_EPOCH, scripted_trainer
 
-# val_score per evaluation: best 3.0 at the third (epoch 2), then three evaluations that do not beat it
-SCORES = [5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 2.0, 1.0, 0.5, 0.1]
-STEPS_PER_EPOCH = 2  # 16 samples, batch 8 (per rank on 2 ranks: 32 samples)
 STEP_MODE = "eval_every_n_steps" in inspect.signature(Trainer.fit).parameters
-
-
-class Scripted:
-    """A metric (update/compute/reset) whose compute() returns the next value of a script."""
-
-    def __init__(self, values, start=0):
-        self.values, self.calls = list(values), start
-
-    def reset(self):
-        pass
-
-    def update(self, preds, targets):
-        pass
-
-    def compute(self):
-        self.calls += 1
-        return self.values[self.calls - 1]
 
 
 class Weights(Callback):
@@ -54,21 +35,13 @@ class StopAt(Callback):
             trainer.stop_training = True
 
 
-def _trainer(early, start=0, extra=(), seed=0, **options):
-    model = make_model(seed=seed)
-    callbacks = [early, *extra]
-    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), callbacks=callbacks,
-                   metrics={"score": Scripted(SCORES, start)}, progress_bar=False, handle_signals=False, seed=0,
-                   **options)
-
-
 def _loaders(n=16):
     return DataLoader(make_dataset(n), batch_size=8, shuffle=True), DataLoader(make_dataset(8, seed=1), batch_size=8)
 
 
 def test_stops_exactly_after_patience_evaluations_without_improvement():
     early = EarlyStopping("val_score", patience=3)
-    trainer = _trainer(early)
+    trainer = scripted_trainer(early)
     history = trainer.fit(*_loaders()[:1], num_epochs=20, val_loader=_loaders()[1])
     assert history["val_score"] == SCORES[:6]  # 3.5, 3.2, 3.1 do not beat 3.0: stop after the sixth
     assert (early.best, early.best_epoch, early.best_step) == (3.0, 2, 3 * STEPS_PER_EPOCH)
@@ -88,12 +61,12 @@ def test_min_delta_and_max_mode():
 def _interrupted_then_resumed(tmp_path):
     """fit 4 epochs, checkpoint, then a new process's objects load it and continue (a requeue)."""
     train, val = _loaders()
-    first = _trainer(EarlyStopping("val_score", patience=3))
+    first = scripted_trainer(EarlyStopping("val_score", patience=3))
     first.fit(train, num_epochs=4, val_loader=val)
     assert first.callbacks.callbacks[0].wait == 1  # 3.5 after the best 3.0
     path = first.save_checkpoint(tmp_path / "run.ckpt")
     early = EarlyStopping("val_score", patience=3)
-    second = _trainer(early, start=4, seed=1)  # other initial weights: the checkpoint must set them
+    second = scripted_trainer(early, start=4, seed=1)  # other initial weights: the checkpoint must set them
     second.load_checkpoint(path)
     second.fit(train, num_epochs=20, val_loader=val)
     return second, early
@@ -101,7 +74,7 @@ def _interrupted_then_resumed(tmp_path):
 
 def test_patience_carries_across_a_requeue(tmp_path):
     train, val = _loaders()
-    uninterrupted = _trainer(EarlyStopping("val_score", patience=3))
+    uninterrupted = scripted_trainer(EarlyStopping("val_score", patience=3))
     uninterrupted.fit(train, num_epochs=20, val_loader=val)
     resumed, early = _interrupted_then_resumed(tmp_path)
     assert early.stopped_step == resumed.global_step == uninterrupted.global_step == 6 * STEPS_PER_EPOCH
@@ -112,11 +85,11 @@ def test_patience_carries_across_a_requeue(tmp_path):
 
 def test_a_fit_resumed_after_the_stop_stops_at_once(tmp_path):
     train, val = _loaders()
-    first = _trainer(EarlyStopping("val_score", patience=3))
+    first = scripted_trainer(EarlyStopping("val_score", patience=3))
     first.fit(train, num_epochs=20, val_loader=val)
     path = first.save_checkpoint(tmp_path / "stopped.ckpt")
     early = EarlyStopping("val_score", patience=3)
-    again = _trainer(early, start=6)
+    again = scripted_trainer(early, start=6)
     again.load_checkpoint(path)
     again.fit(train, num_epochs=20, val_loader=val)
     assert again.global_step == first.global_step and len(again.history["val_score"]) == 6
@@ -124,7 +97,7 @@ def test_a_fit_resumed_after_the_stop_stops_at_once(tmp_path):
 
 def test_restore_best_weights_at_the_end_and_only_in_the_state_when_asked():
     weights, early = Weights(), EarlyStopping("val_score", patience=3, restore_best_weights=True)
-    trainer = _trainer(early, extra=[weights])
+    trainer = scripted_trainer(early, extra=[weights])
     trainer.fit(_loaders()[0], num_epochs=20, val_loader=_loaders()[1])
     assert torch.equal(flat_params(trainer.module), weights.seen[2])  # the best evaluation's weights
     assert not torch.equal(weights.seen[2], weights.seen[-1])
@@ -136,7 +109,7 @@ def test_restore_best_weights_at_the_end_and_only_in_the_state_when_asked():
 
 def test_another_callbacks_stop_keeps_the_latest_weights():
     weights, early = Weights(), EarlyStopping("val_score", patience=3, restore_best_weights=True)
-    trainer = _trainer(early, extra=[weights, StopAt(epoch=4)])  # before the patience runs out
+    trainer = scripted_trainer(early, extra=[weights, StopAt(epoch=4)])  # before the patience runs out
     trainer.fit(_loaders()[0], num_epochs=20, val_loader=_loaders()[1])
     assert early.stopped_step is None and early.wait == 2
     assert torch.equal(flat_params(trainer.module), weights.seen[-1])
@@ -166,14 +139,14 @@ def test_hooks_in_step_mode_and_outside_fit():
 @pytest.mark.skipif(not STEP_MODE, reason="needs fit(eval_every_n_steps=...), the step-mode training loop")
 def test_step_mode_fit_stops_at_the_evaluation_that_spends_the_patience():
     early = EarlyStopping("val_score", patience=3)
-    trainer = _trainer(early)
+    trainer = scripted_trainer(early)
     trainer.fit(_loaders()[0], num_epochs=50, val_loader=_loaders()[1], eval_every_n_steps=3)
     assert early.stopped_step == trainer.global_step == 6 * 3  # the sixth evaluation, after step 18
     assert (early.best, early.best_step) == (3.0, 9)
 
 
 def test_a_missing_metric_is_named():
-    trainer = _trainer(EarlyStopping("val_f1"))
+    trainer = scripted_trainer(EarlyStopping("val_f1"))
     with pytest.raises(CallbackError, match=r"monitor='val_f1'\): not among this epoch's metrics .*'val_score'"):
         trainer.fit(_loaders()[0], num_epochs=2, val_loader=_loaders()[1])
 
@@ -189,16 +162,3 @@ def test_a_missing_metric_is_named():
 def test_bad_arguments_name_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
         EarlyStopping(**kwargs)
-
-
-def _on_ranks(rank, world_size):
-    early = EarlyStopping("val_score", patience=3)
-    trainer = _trainer(early)
-    trainer.fit(DataLoader(make_dataset(32), batch_size=8, shuffle=True), num_epochs=20,
-                val_loader=DataLoader(make_dataset(8, seed=1), batch_size=4))
-    return {"step": trainer.global_step, "stopped": early.stopped_step, "epochs": len(trainer.history["val_score"])}
-
-
-def test_two_ranks_stop_after_the_same_step():
-    ranks = run_spawn(_on_ranks, 2)
-    assert ranks[0] == ranks[1] == {"step": 6 * STEPS_PER_EPOCH, "stopped": 6 * STEPS_PER_EPOCH, "epochs": 6}

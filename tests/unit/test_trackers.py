@@ -1,5 +1,6 @@
-"""MLflow and W&B callbacks: one tracker run across a resume in a new Trainer (a requeue), steps that
-only increase, the values of the metrics records; written by rank 0 alone.
+"""MLflow and W&B callbacks in one process: one tracker run across a resume in a new Trainer (a requeue),
+steps that only increase, the values of the metrics records (written by rank 0 alone:
+tests/multiprocess/test_trackers.py).
 
 Skipped when the tracker package is missing (``pip install 'anndist[mlflow]'`` / ``'anndist[wandb]'``).
 """
@@ -7,16 +8,14 @@ import glob
 import json
 import os
 import struct
-from unittest import mock
 
 import pytest
-import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from anndist import MetricsCallback, MLflowCallback, Trainer, WandbCallback
+from anndist import MetricsCallback, MLflowCallback, WandbCallback
 from anndist.callbacks import trackers
-from support import make_dataset, make_model, run_spawn
+from support import make_dataset
+from support.trackers import mlflow_history, tracker_loader, tracker_trainer
 
 STEPS_PER_EPOCH = 4  # 32 samples, batch 8
 
@@ -30,17 +29,6 @@ class Records(MetricsCallback):
 
     def write(self, record):
         self.records.append(record)
-
-
-def _trainer(tracker, records=None):
-    model = make_model()
-    callbacks = [tracker] + ([records] if records is not None else [])
-    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), callbacks=callbacks,
-                   progress_bar=False, handle_signals=False, seed=0)
-
-
-def _loader():
-    return DataLoader(make_dataset(32), batch_size=8, shuffle=True)
 
 
 def _expected(records):
@@ -78,15 +66,15 @@ def _run_then_resume(tmp_path, make_tracker, first_epochs=1, saved_after=1, tota
     resumed attempt's past the first attempt's last step (the re-trained steps are not sent again).
     """
     before, after = Records(), Records()
-    first = _trainer(make_tracker(), before)
-    first.fit(_loader(), num_epochs=saved_after)
+    first = tracker_trainer(make_tracker(), before)
+    first.fit(tracker_loader(), num_epochs=saved_after)
     path = first.save_checkpoint(tmp_path / "run.ckpt")
-    first.fit(_loader(), num_epochs=first_epochs)  # steps after the checkpoint: logged, then lost by a crash
+    first.fit(tracker_loader(), num_epochs=first_epochs)  # steps after the checkpoint: logged, then lost by a crash
     _process_exit(first.callbacks.callbacks[0])
     tracker = make_tracker()
-    second = _trainer(tracker, after)
+    second = tracker_trainer(tracker, after)
     second.load_checkpoint(path)
-    second.fit(_loader(), num_epochs=total_epochs)
+    second.fit(tracker_loader(), num_epochs=total_epochs)
     _process_exit(tracker)
     last = max(r["step"] for r in before.records)
     again = {r["step"]: r["loss"] for r in after.records if r["kind"] == "step" and r["step"] <= last}
@@ -95,26 +83,6 @@ def _run_then_resume(tmp_path, make_tracker, first_epochs=1, saved_after=1, tota
 
 
 # ---------------------------------------------------------------- MLflow
-@pytest.fixture
-def mlflow(monkeypatch):
-    """MLflow, with MLFLOW_ALLOW_FILE_STORE unset (the callback sets it) and restored after the test."""
-    module = pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'anndist[mlflow]'")
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    return module
-
-
-def _mlflow_history(uri, experiment):
-    from mlflow.tracking import MlflowClient
-
-    with mock.patch.dict(os.environ, {"MLFLOW_ALLOW_FILE_STORE": "true"}):  # MLflow 3 refuses file stores otherwise
-        client = MlflowClient(tracking_uri=uri)
-        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-        history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
-                                                             key=lambda m: (m.step, m.timestamp))]
-                   for run in runs for key in run.data.metrics}
-    return runs, history
-
-
 @pytest.mark.parametrize("first_epochs", [1, 2], ids=["saved-at-the-end", "crashed-after-the-save"])
 def test_mlflow_one_run_across_a_resume_with_increasing_steps(tmp_path, first_epochs, mlflow):
     uri = f"file:{tmp_path}/mlruns"
@@ -122,7 +90,7 @@ def test_mlflow_one_run_across_a_resume_with_increasing_steps(tmp_path, first_ep
         tmp_path, lambda: MLflowCallback(uri, experiment="tests", run_name="digits", log_interval=2), first_epochs)
     assert resumed.run_id == first.run_id is not None
     assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"  # set for the file store, which MLflow 3 refuses otherwise
-    runs, history = _mlflow_history(uri, "tests")
+    runs, history = mlflow_history(uri, "tests")
     assert [(r.info.run_id, r.info.run_name, r.info.status) for r in runs] == [(first.run_id, "digits", "FINISHED")]
     assert runs[0].data.params["world_size"] == "1" and runs[0].data.params["optimizer"] == "SGD"
     for key, points in history.items():
@@ -138,34 +106,11 @@ def test_mlflow_one_run_across_a_resume_with_increasing_steps(tmp_path, first_ep
 def test_mlflow_evaluate_outside_fit_logs_to_the_same_run(tmp_path, mlflow):
     uri = f"file:{tmp_path}/mlruns"
     tracker = MLflowCallback(uri, experiment="tests", log_interval=2)
-    trainer = _trainer(tracker)
-    trainer.fit(_loader(), num_epochs=1)
+    trainer = tracker_trainer(tracker)
+    trainer.fit(tracker_loader(), num_epochs=1)
     metrics = trainer.evaluate(DataLoader(make_dataset(16, seed=1), batch_size=8))
-    runs, history = _mlflow_history(uri, "tests")
+    runs, history = mlflow_history(uri, "tests")
     assert len(runs) == 1 and history["eval/val_loss"] == [(STEPS_PER_EPOCH, pytest.approx(metrics["val_loss"]))]
-
-
-def _mlflow_on_ranks(rank, world_size, root):
-    uri = f"file:{root}/mlruns"
-    first = _trainer(MLflowCallback(uri, experiment="ranks", log_interval=2))
-    first.fit(_loader(), num_epochs=1)
-    path = first.save_checkpoint(os.path.join(root, "run.ckpt"))
-    before = first.callbacks.callbacks[0].run_id
-    tracker = MLflowCallback(uri, experiment="ranks", log_interval=2)
-    second = _trainer(tracker)
-    second.load_checkpoint(path)
-    second.fit(_loader(), num_epochs=2)
-    return {"before": before, "after": tracker.run_id}
-
-
-def test_mlflow_on_two_ranks_rank_zero_writes_one_run(tmp_path, mlflow):
-    ranks = run_spawn(_mlflow_on_ranks, 2, str(tmp_path))
-    runs, history = _mlflow_history(f"file:{tmp_path}/mlruns", "ranks")
-    assert len(runs) == 1
-    assert ranks[0]["before"] == runs[0].info.run_id and ranks[1]["before"] is None  # rank 1 never opened a run
-    assert ranks[0]["after"] == ranks[1]["after"] == runs[0].info.run_id  # the checkpoint carried rank 0's id
-    assert runs[0].data.params["world_size"] == "2"
-    assert [step for step, _ in history["train/loss"]] == [2, 4]  # 2 steps per epoch: 16 samples per rank
 
 
 # ---------------------------------------------------------------- W&B
