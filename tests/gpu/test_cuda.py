@@ -1,6 +1,7 @@
 """The CUDA paths on a real GPU: precision (fp32, bf16, fp16 with its scaler), exact resume with the
 CUDA RNG, profiling with CUDA events, evaluation and predict, pinned non-blocking copies, a 1-rank
-NCCL group, 2 ranks sharing one GPU through gloo, and 2 ranks on 2 GPUs with NCCL.
+NCCL group, 2 ranks sharing one GPU through gloo, 2 ranks on 2 GPUs with NCCL, torch.compile, and
+asynchronous checkpoints staged out of GPU memory.
 
 Every test is marked ``cuda`` and skipped where ``torch.cuda.is_available()`` is False (CI, laptops).
 On a GPU machine: ``bash tests/gpu/run.sh`` (installs, runs these, benchmarks, prints one table), or
@@ -8,8 +9,6 @@ On a GPU machine: ``bash tests/gpu/run.sh`` (installs, runs these, benchmarks, p
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import os
 from pathlib import Path
 
@@ -23,9 +22,10 @@ from torch.utils.data import DataLoader
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from anndist import Callback, ProfilingCallback, Trainer  # noqa: E402
-from anndist.config import TrainerConfig  # noqa: E402
+from anndist.callbacks import ModelCheckpoint  # noqa: E402
 from anndist.step.precision import ScaledPrecision  # noqa: E402
 from support import child_env, flat_params, make_dataset, make_model, torchrun  # noqa: E402
+from support.dcp_runs import WeightsAt, dcp_loader, dcp_trainer  # noqa: E402
 
 pytestmark = [
     pytest.mark.cuda,
@@ -37,10 +37,6 @@ pytestmark = [
 RANKS = Path(__file__).with_name("ranks.py")
 CUDA0 = "cuda:0"
 OPTIONS = {"progress_bar": False, "handle_signals": False, "stop_check_period": 0}
-
-
-def _options() -> set[str]:
-    return {f.name for f in dataclasses.fields(TrainerConfig)}
 
 
 def _trainer(device=CUDA0, amp=None, lr=0.1, callbacks=None, model=None, **options) -> Trainer:
@@ -283,19 +279,38 @@ def test_two_ranks_on_one_gpu_with_bf16_through_gloo(tmp_path):
     _check_ranks(results, None)
 
 
-# ----------------------------------------------------------------------------- features still to land
+# ----------------------------------------------------------------------------- compile, asynchronous saves
 def test_compile_on_gpu_matches_eager():
-    if "compile" not in _options():
-        pytest.skip("Trainer(compile=True) does not exist yet (the speed issue has not landed)")
     eager, compiled = _trainer(), _trainer(compile=True)
     for trainer in (eager, compiled):
         trainer.fit(DataLoader(make_dataset(256, seed=0), batch_size=16, shuffle=True), num_epochs=2)
+    assert not torch.equal(flat_params(eager.module), flat_params(make_model(hidden=64)))  # it trained
     torch.testing.assert_close(flat_params(compiled.module), flat_params(eager.module), rtol=1e-3, atol=1e-4)
 
 
-def test_fsdp_asynchronous_checkpoint_staging():
-    landed = [name for name in _options() if "fsdp" in name.lower() or name in ("strategy", "sharding")]
-    if not landed:
-        pytest.skip("FSDP has not landed: no Trainer option for it, so no asynchronous checkpoint staging to test")
-    pytest.fail(f"FSDP has landed (Trainer options {landed}): write this test against its asynchronous "
-                "checkpoint staging on the GPU")
+def test_fsdp_asynchronous_checkpoint_staging(tmp_path):
+    """strategy="fsdp" with async_checkpoint=True on cuda:0, in one process (nothing to shard: the DCP
+    folders hold whole tensors): each save stages the state out of GPU memory before training goes on,
+    so the checkpoint of step 8, written in the background while steps 9-14 ran, holds step 8's weights,
+    and a run resumed from it ends on the uninterrupted run's weights, bit for bit (its dropout draws
+    from the restored CUDA stream)."""
+    folder = tmp_path / "ckpt"
+    straight = dcp_trainer(True, device=CUDA0)
+    straight.fit(dcp_loader(), max_steps=14)
+    at_8 = WeightsAt(8)
+    saving = dcp_trainer(True, [ModelCheckpoint(folder, every_n_steps=4, every_n_epochs=None), at_8], device=CUDA0)
+    saving.fit(dcp_loader(), max_steps=14)
+    saving.close()  # waits for the save in flight
+    assert next(saving.module.parameters()).is_cuda
+    final = straight.module.state_dict()
+    assert any(not torch.equal(at_8.weights[name], final[name]) for name in final)  # later steps moved them
+    loaded = dcp_trainer(True, device=CUDA0)
+    loaded.load_checkpoint(folder / "step-000000008.ckpt")
+    assert loaded.global_step == 8
+    for name, value in loaded.module.state_dict().items():
+        assert torch.equal(value, at_8.weights[name]), name
+    resumed = dcp_trainer(True, device=CUDA0)
+    resumed.fit(dcp_loader(), max_steps=14, resume_from=folder / "step-000000008.ckpt")
+    assert resumed.global_step == 14
+    for name, value in resumed.module.state_dict().items():
+        assert torch.equal(value, final[name]), name

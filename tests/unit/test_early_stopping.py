@@ -1,17 +1,14 @@
 """EarlyStopping in one process: patience on a scripted metric, across a requeue, best weights (2 ranks:
 tests/multiprocess/test_early_stopping.py)."""
-import inspect
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from anndist import Callback, CallbackError, EarlyStopping, Trainer
+from anndist import Callback, CallbackError, EarlyStopping
 from support import flat_params, make_dataset
 from support.early_stopping import SCORES, STEPS_PER_EPOCH, scripted_trainer
-
-STEP_MODE = "eval_every_n_steps" in inspect.signature(Trainer.fit).parameters
 
 
 class Weights(Callback):
@@ -136,7 +133,6 @@ def test_hooks_in_step_mode_and_outside_fit():
     assert epoch_mode.best == 1.0
 
 
-@pytest.mark.skipif(not STEP_MODE, reason="needs fit(eval_every_n_steps=...), the step-mode training loop")
 def test_step_mode_fit_stops_at_the_evaluation_that_spends_the_patience():
     early = EarlyStopping("val_score", patience=3)
     trainer = scripted_trainer(early)

@@ -1,6 +1,5 @@
 """Step records: every group's learning rate, the gradient norm before clipping, items/s from the one
 all-reduce; eval records for step-mode evaluations; evaluation time kept out of the interval."""
-import inspect
 import sys
 from types import SimpleNamespace
 
@@ -14,8 +13,6 @@ from anndist.callbacks import metrics as metrics_module
 from anndist.callbacks.logging import format_record
 from support import make_dataset, make_model
 from support.callbacks import Norms, Records
-
-STEP_MODE = "eval_every_n_steps" in inspect.signature(Trainer.fit).parameters
 
 
 def token_loss(model, batch):
@@ -109,7 +106,6 @@ def test_step_mode_evaluations_are_eval_records_and_not_training_time(monkeypatc
     assert step["samples_per_s"] == pytest.approx(16 / 2.0)  # 2 s of training, the 10 s evaluation left out
 
 
-@pytest.mark.skipif(not STEP_MODE, reason="needs fit(eval_every_n_steps=...), the step-mode training loop")
 def test_step_mode_fit_writes_eval_records_at_the_global_step():
     model = make_model()
     records = Records(log_interval=2)
