@@ -1,4 +1,4 @@
-"""Entry point of tests/test_hf_models.py: Hugging Face models through the Trainer, resumed bit for bit.
+"""Entry point of tests/e2e/test_hf_models.py: Hugging Face models through the Trainer, resumed bit for bit.
 
     torchrun --standalone --nproc_per_node=2 tests/support/scripts/hf_train.py --out DIR
 

@@ -1,4 +1,4 @@
-"""A torchrun worker for tests/test_launcher.py, chosen by MODE:
+"""A torchrun worker for tests/e2e/test_launcher.py, chosen by MODE:
 
   exit75, exit1   exit with that status at once (75: what anndist's ranks do after a preemption)
   term75          say "ready", then exit 75 on SIGTERM (as anndist's ranks do: save, exit 75)
