@@ -30,7 +30,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from anndist import Trainer  # noqa: E402
-from spawn_ranks import run_spawn  # noqa: E402
+from support import run_spawn  # noqa: E402
 
 
 def make_trainer(million_params: float, async_save: bool) -> Trainer:

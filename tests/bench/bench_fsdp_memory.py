@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # this checkout's anndist, and spawn_ranks
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # this checkout's anndist, and support (run_spawn)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -75,7 +75,7 @@ def one_step(rank: int, world_size: int, strategy: str, width: int, blocks: int)
 
 
 def measure(strategy: str, world_size: int, width: int, blocks: int) -> list[dict]:
-    from spawn_ranks import run_spawn
+    from support import run_spawn
     return run_spawn(one_step, world_size, strategy, width, blocks)
 
 

@@ -1,4 +1,4 @@
-"""A short run on real ranks, for the CUDA tests (tests/test_cuda.py) and their CPU dry run.
+"""A short run on real ranks, for the CUDA tests (tests/gpu/test_cuda.py) and their CPU dry run.
 
     torchrun --standalone --nproc_per_node=N tests/gpu/ranks.py --out DIR [--device D] [--backend B]
         [--own-group B] [--amp bf16|fp16]
@@ -22,8 +22,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # models.py, and this checkout's anndist
-from models import flat_params, make_dataset, make_model  # noqa: E402
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # support (models), and this checkout's anndist
+from support import flat_params, make_dataset, make_model  # noqa: E402
 
 from anndist import Trainer  # noqa: E402
 

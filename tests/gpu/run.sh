@@ -4,7 +4,7 @@
 #   bash tests/gpu/run.sh            (from any directory; on a machine with an NVIDIA GPU and Python >= 3.10)
 #
 # Phases, each under its own time limit: install (a venv with torch==2.13.0, PyPI's CUDA build on
-# Linux x86_64, and anndist[test]), the tests marked cuda (tests/test_cuda.py), the benchmark
+# Linux x86_64, and anndist[test]), the tests marked cuda (tests/gpu/test_cuda.py), the benchmark
 # (tests/gpu/bench_gpu.py). A Python that already imports a CUDA torch and pytest can be used instead
 # of installing: ANNDIST_GPU_PYTHON=/path/to/python (for a machine without network access).
 # Logs and the table go to $OUT when it is set (the device tool brings $OUT back), else to ./gpu-run/.
@@ -80,7 +80,7 @@ cat "$DEST/info.json"; echo
 
 # ------------------------------------------------------------------ tests, then benchmark
 phase tests 200 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --timeout 150 \
-    --junitxml "$DEST/junit.xml" tests/test_cuda.py
+    --junitxml "$DEST/junit.xml" tests/gpu/test_cuda.py
 phase bench 120 "$PY" tests/gpu/bench_gpu.py --device cuda:0 --reps 5 --json "$DEST/bench.json"
 
 "$PY" tests/gpu/summary.py --junit "$DEST/junit.xml" --bench "$DEST/bench.json" --info "$DEST/info.json" \

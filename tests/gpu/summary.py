@@ -52,12 +52,12 @@ def main() -> None:
     lines.append("")
     if tests:
         counts = {o: sum(1 for _, out, _ in tests if out == o) for o in ("passed", "FAILED", "ERROR", "skipped")}
-        lines.append("tests/test_cuda.py: " + ", ".join(f"{n} {o}" for o, n in counts.items() if n))
+        lines.append("tests/gpu/test_cuda.py: " + ", ".join(f"{n} {o}" for o, n in counts.items() if n))
         width = max(len(name) for name, _, _ in tests)
         for name, outcome, why in tests:
             lines.append(f"  {name:{width}}  {outcome:7}  {why}")
     else:
-        lines.append("tests/test_cuda.py: no results (the phase did not run or did not finish)")
+        lines.append("tests/gpu/test_cuda.py: no results (the phase did not run or did not finish)")
     lines.append("")
     bench = json.loads(args.bench.read_text()) if args.bench.is_file() else None
     if bench:

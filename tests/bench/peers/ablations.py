@@ -137,7 +137,7 @@ def run_row(parts: tuple[str, ...], nprocs: int, steps: int, epochs: int) -> dic
     """One row in fresh processes (the patches stay in them); one process runs without a process group,
     as interleaved.py does."""
     if nprocs > 1:
-        from spawn_ranks import run_spawn
+        from support import run_spawn
         return run_spawn(ablated_ranks, nprocs, parts, steps, epochs)[0]
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(ablated_ranks, 0, 1, parts, steps, epochs).result()

@@ -189,7 +189,7 @@ def main() -> None:
     if args.nprocs == 1:
         figures = ranks_main(0, 1, args.steps, args.reps, args.own_cost)
     else:
-        from spawn_ranks import run_spawn
+        from support import run_spawn
         figures = run_spawn(ranks_main, args.nprocs, args.steps, args.reps, args.own_cost)[0]
     report(figures, args.nprocs, args.steps)
 

@@ -70,7 +70,7 @@ def child(runner: str, nprocs: int) -> None:
     if nprocs == 1:
         ranks_main(0, 1, runner)
     else:
-        from spawn_ranks import run_spawn
+        from support import run_spawn
         run_spawn(ranks_main, nprocs, runner)
 
 

@@ -122,7 +122,7 @@ def main() -> None:
     if args.nprocs == 1:
         figures = parts(0, 1, args.steps, args.reps)
     else:
-        from spawn_ranks import run_spawn
+        from support import run_spawn
         figures = run_spawn(parts, args.nprocs, args.steps, args.reps)[0]
     report(figures, args.nprocs, args.steps, args.reps)
 

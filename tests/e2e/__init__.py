@@ -1,0 +1,1 @@
+"""Real launches: ``torchrun``, ``python script.py``, ``python -m anndist.launcher``, the examples, Slurm jobs."""

@@ -1,0 +1,1 @@
+"""Entry points that tests launch (``python`` or ``torchrun``); each puts ``tests/`` on ``sys.path`` for ``support``."""

@@ -1,0 +1,1 @@
+"""Fast tests in this one process: no spawned ranks, no launched processes."""
