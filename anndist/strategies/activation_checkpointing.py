@@ -15,11 +15,18 @@ How: the block's ``forward`` is replaced, on that one object, by one that runs t
 dicts carry no wrapper prefix, and FSDP, tensor parallelism and torch.compile see the same module
 tree. The strategy applies it after tensor parallelism and before compiling and FSDP/DDP
 (torchtitan's order), see ``base.Strategy.setup``.
+
+Under torch.compile the checkpoint is traced into the graph, where AOTAutograd recomputes the block
+with the forward's random numbers (the ``aot_eager`` and ``inductor`` backends). The ``eager``
+backend has no AOTAutograd and runs the traced checkpoint wrongly (pytorch#160773: dropout's
+gradients differ from the run without it), so with ``compile={"backend": "eager"}`` the checkpointed
+blocks run outside the compiled graph (``torch._dynamo.disable``), which that backend loses nothing by.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -68,27 +75,32 @@ def check_activation_checkpointing(model: nn.Module, value: Any) -> Callable[[nn
                     f"{type(value).__name__} {value!r}; e.g. activation_checkpointing=lambda m: isinstance(m, Block)")
 
 
-def checkpoint_activations(module: nn.Module, predicate: Callable[[nn.Module], bool] | None) -> list[str]:
+def checkpoint_activations(module: nn.Module, predicate: Callable[[nn.Module], bool] | None,
+                           compile_options: dict[str, Any] | None = None) -> list[str]:
     """Checkpoint the submodules of ``module`` that ``predicate`` accepts (the outermost of nested ones);
-    return their names. A block already checkpointed (a second Trainer on the same model) is left as it is."""
+    return their names. A block already checkpointed (a second Trainer on the same model) is left as it is.
+    ``compile_options``: the Trainer's ``compile=`` (the eager backend keeps the blocks out of the graph)."""
     if predicate is None:
         return []
+    outside_graph = compile_options is not None and compile_options.get("backend") == "eager"
     chosen: list[str] = []
     for name, sub in module.named_modules():
         if sub is module or any(name.startswith(outer + ".") for outer in chosen) or not predicate(sub):
             continue
         chosen.append(name)
         if not getattr(sub.forward, _MARK, False):
-            sub.forward = _checkpointed(sub.forward)
+            sub.forward = _checkpointed(sub.forward, outside_graph)
     if not chosen:
         raise ValueError("activation_checkpointing's predicate accepted no submodule of the model (the root does "
                          "not count); check what it tests, e.g. lambda m: isinstance(m, MyBlock)")
     return chosen
 
 
-def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _checkpointed(forward: Callable[..., Any], outside_graph: bool) -> Callable[..., Any]:
     def forward_recomputed(*args: Any, **kwargs: Any) -> Any:
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
+    if outside_graph:
+        forward_recomputed = torch._dynamo.disable(forward_recomputed)
     setattr(forward_recomputed, _MARK, True)
     return forward_recomputed

@@ -75,7 +75,7 @@ class Strategy:
         module, compiled = split_compiled(model)
         self.module = module.to(self.device)
         self.parallelize(optimizer)
-        checkpoint_activations(self.module, self.activation_checkpointing)
+        checkpoint_activations(self.module, self.activation_checkpointing, self.compile_options)
         self.place(optimizer, compiled)
 
     def parallelize(self, optimizer: torch.optim.Optimizer) -> None:
