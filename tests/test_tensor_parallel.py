@@ -6,6 +6,8 @@ transformers model split by its own plan, activation checkpointing with dropout 
 check that a tensor-parallel group reads one batch; and the option checks at construction (no launch)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -14,15 +16,20 @@ import tp_support as tp
 from anndist import Trainer
 from processes import torchrun
 
-RUNS = "held_out,ddp_tp,fsdp_tp,items,nonfinite,mismatch,llama,activation_checkpointing"
+RUNS = "held_out,ddp_tp,fsdp_tp,items,nonfinite,mismatch,llama,gpt2,example,activation_checkpointing"
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
-    torchrun("tests/scripts/tp_runs.py", "--out", str(out), "--runs", RUNS, nproc=4, timeout=280)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    proc = torchrun("tests/scripts/tp_runs.py", "--out", str(out), "--runs", RUNS, nproc=4, timeout=280)
+    return proc.stdout, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(4)]
+
+
+@pytest.fixture(scope="module")
+def ranks(launch):
+    return launch[1]
 
 
 def reference(batches_first: int, count: int, k: int = 2, state=None, max_norm=None, optimizer="adamw"):
@@ -116,6 +123,35 @@ def test_a_transformers_model_is_split_by_its_own_plan(ranks):
         assert plan["model.layers.1.self_attn.q_proj"] == "ColwiseParallel"
         assert plan["model.layers.0.mlp.down_proj"] == "RowwiseParallel" and len(plan) == 16
         assert tp.max_diff(out["llama"]["weights"], module.state_dict()) < TOL
+
+
+def test_gpt2_conv1d_layers_split_by_the_example_plan_equal_one_process(ranks):
+    import train_gpt2
+    module = tp.gpt2()
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    batches = tp.gpt2_batches()
+    for start in (0, 2):
+        window = batches[start:start + 2]
+        total = sum(int(b["labels"][:, 1:].numel()) for b in window)
+        for batch in window:
+            loss, n = train_gpt2.token_loss(module, batch)
+            (loss * n / total).backward()
+        opt.step()
+        opt.zero_grad()
+    assert tp.max_diff(initial, module.state_dict()) > 0.05
+    for out in ranks:
+        assert out["gpt2"]["steps"] == 2
+        assert tp.max_diff(out["gpt2"]["weights"], module.state_dict()) < TOL
+
+
+def test_the_gpt2_example_trains_with_tp_2_and_fsdp_on_4_ranks(launch):
+    output, ranks = launch
+    results = [out["example"] for out in ranks]
+    assert [r["global_step"] for r in results] == [12] * 4
+    assert len({r["val_loss"] for r in results}) == 1
+    assert output.count("after 12 optimizer steps on 4 process(es) (2 x 2 (dp x tp))") == 1
+    assert math.exp(results[0]["val_loss"]) < 46 / 1.5  # well below a uniform guess over the 46-token vocabulary
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])

@@ -114,3 +114,20 @@ def llama_ids(steps: int = 2, batch: int = 4, length: int = 8) -> list[torch.Ten
     weighs each token as the mean over the global batch does)."""
     g = torch.Generator().manual_seed(3)
     return [torch.randint(0, 32, (batch, length), generator=g) for _ in range(steps)]
+
+
+def gpt2() -> nn.Module:
+    """launch/train_gpt2.py's GPT-2 shape without dropout (so that a split run can equal one process)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=24, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def gpt2_batches(count: int = 4, batch: int = 4, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(1, 24, (batch, length), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out

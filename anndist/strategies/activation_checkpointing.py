@@ -21,9 +21,14 @@ with the forward's random numbers (the ``aot_eager`` and ``inductor`` backends).
 backend has no AOTAutograd and runs the traced checkpoint wrongly (pytorch#160773: dropout's
 gradients differ from the run without it), so with ``compile={"backend": "eager"}`` the checkpointed
 blocks run outside the compiled graph (``torch._dynamo.disable``), which that backend loses nothing by.
+
+A transformers model fills a KV cache in its forward when ``config.use_cache`` is on, and the
+recomputation would fill it a second time (its attention then sees every key twice): as transformers'
+own gradient checkpointing does, the cache is turned off (``config.use_cache = False``, logged).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -33,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from .compile import split_compiled
 
 _MARK = "_anndist_checkpointed"
+logger = logging.getLogger(__name__)
 
 
 class MainBlocks:
@@ -93,6 +99,11 @@ def checkpoint_activations(module: nn.Module, predicate: Callable[[nn.Module], b
     if not chosen:
         raise ValueError("activation_checkpointing's predicate accepted no submodule of the model (the root does "
                          "not count); check what it tests, e.g. lambda m: isinstance(m, MyBlock)")
+    config = getattr(module, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        config.use_cache = False
+        logger.info("activation checkpointing: %s.config.use_cache set to False (a recomputed block would fill its "
+                    "KV cache twice)", type(module).__name__)
     return chosen
 
 

@@ -20,8 +20,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "launch"), str(ROOT)]
 import tp_support as tp  # noqa: E402
+import train_gpt2  # noqa: E402
 
 from anndist import Callback, Trainer  # noqa: E402
 from anndist.strategies.dtensor import local  # noqa: E402
@@ -193,6 +194,23 @@ def llama() -> dict:
     return {"weights": full_weights(t.module), "plan": {k: type(v).__name__ for k, v in t.config.tp_plan.items()}}
 
 
+def gpt2() -> dict:
+    """GPT-2 (transformers' Conv1D layers) split by the example's plan, 2-D, K=2, token-weighted: 2 steps."""
+    model = tp.gpt2()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), compute_loss=train_gpt2.token_loss,
+                strategy="fsdp", tp_size=2, tp_plan=train_gpt2.gpt2_tp_plan(), gradient_accumulation_steps=2, **QUIET)
+    d, dw = t.strategy.data_rank, t.strategy.data_world_size
+    t.fit([{key: value[d::dw] for key, value in batch.items()} for batch in tp.gpt2_batches()], num_epochs=1)
+    return {"weights": full_weights(t.module), "steps": t.global_step}
+
+
+def example() -> dict:
+    """launch/train_gpt2.py itself (the function behind its entry point): --tp 2 --strategy fsdp, with
+    activation checkpointing."""
+    return train_gpt2.main(["--tp", "2", "--strategy", "fsdp", "--activation-checkpointing", "--max-steps", "12",
+                            "--epochs", "3", "--log-interval", "4"])
+
+
 def resume_same_layout() -> dict:
     """2-D with dropout and a shuffled loader: stopped mid-epoch at step 3, saved, resumed: bit for bit."""
     def run(callbacks=(), resume=None) -> Trainer:
@@ -223,8 +241,8 @@ def fsdp_to_2d() -> dict:
     return {"four": full_weights(t.module), "six": full_weights(two_d.module), "steps": two_d.global_step}
 
 
-RUNS = {f.__name__: f for f in (held_out, activation_checkpointing, items, nonfinite, mismatch, llama,
-                                 resume_same_layout, fsdp_to_2d)}
+RUNS = {f.__name__: f for f in (held_out, activation_checkpointing, items, nonfinite, mismatch, llama, gpt2,
+                                 example, resume_same_layout, fsdp_to_2d)}
 RUNS["ddp_tp"] = lambda: with_loader("ddp")
 RUNS["fsdp_tp"] = lambda: with_loader("fsdp")
 
