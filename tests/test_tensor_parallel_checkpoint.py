@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import tp_support as tp
 from anndist import Trainer
@@ -22,8 +23,8 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp_ckpt")
-    torchrun("tests/scripts/tp_runs.py", "--out", str(out), "--runs", "resume_same_layout,fsdp_to_2d", nproc=4,
-             timeout=280)
+    torchrun("tests/scripts/tp_runs.py", "--out", str(out), "--runs", "resume_same_layout,fsdp_to_2d,fsdp_to_2d_dropout",
+             nproc=4, timeout=280)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(4)]
 
 
@@ -45,6 +46,16 @@ def test_same_layout_resume_is_bit_identical(launched):
         assert same["position"] == (4, 8)  # stopped mid-epoch (16 micro-batches per rank per epoch)
         assert all(torch.equal(same["straight"][k], same["resumed"][k]) for k in same["straight"])
         assert same["history"][0] == same["history"][1]
+        # dropout inside the split blocks: the ranks of a tensor-parallel group drew the same masks
+        first = launched[1][0]["resume_same_layout"]["straight"]
+        assert all(torch.equal(first[k], same["straight"][k]) for k in first)
+
+
+def test_a_new_layout_gives_each_tensor_parallel_group_one_rng_stream(launched):
+    first = launched[1][0]["fsdp_to_2d_dropout"]
+    for out in launched[1]:
+        assert out["fsdp_to_2d_dropout"]["steps"] == 4
+        assert all(torch.equal(first["weights"][k], out["fsdp_to_2d_dropout"]["weights"][k]) for k in first["weights"])
 
 
 def test_four_fsdp_ranks_to_2d(launched):
@@ -70,12 +81,46 @@ def _continue(rank: int, world_size: int, folder: str, tp_size: int) -> dict:
             "data": trainer.strategy.data_world_size}
 
 
-def test_2d_to_1x2_on_two_ranks(launched):
+def _mid_epoch_on_ddp(folder: str) -> dict:
+    """The 2x2 checkpoint saved after step 4 of 8 (mid-epoch) goes on under 2-rank DDP (2 data shards)."""
+    module = tp.model(seed=1)
+    trainer = Trainer(module, torch.optim.SGD(module.parameters(), lr=0.1), nn.CrossEntropyLoss(), seed=0,
+                      gradient_accumulation_steps=2, progress_bar=False, handle_signals=False)
+    x, y = tp.data()
+    trainer.fit(DataLoader(TensorDataset(x, y), batch_size=4), num_epochs=1, resume_from=folder)
+    return {"weights": {k: v.detach().clone() for k, v in trainer.module.state_dict().items()},
+            "history": trainer.history, "steps": trainer.global_step}
+
+
+def _on_two_ranks(rank: int, world_size: int, root: str) -> dict:
+    return {"1x2": _continue(rank, world_size, f"{root}/two_d/six.ckpt", 2),
+            "mid_epoch": _mid_epoch_on_ddp(f"{root}/mid/mid.ckpt")}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(launched):
+    return run_spawn(_on_two_ranks, 2, str(launched[0]), timeout=240)
+
+
+def test_2d_to_1x2_on_two_ranks(two_ranks):
     _, eight = eight_steps()
-    results = run_spawn(_continue, 2, str(launched[0] / "two_d" / "six.ckpt"), 2, timeout=240)
-    for result in results:
-        assert result["steps"] == 8 and result["data"] == 1
-        assert tp.max_diff(result["weights"], eight) < TOL
+    for result in two_ranks:
+        assert result["1x2"]["steps"] == 8 and result["1x2"]["data"] == 1
+        assert tp.max_diff(result["1x2"]["weights"], eight) < TOL
+
+
+def test_2d_mid_epoch_to_ddp_ends_the_epoch_as_one_process(two_ranks):
+    """Position, weights and the epoch's train_loss (its first half summed by the 2x2 run's ranks, counted
+    once per data shard, not once per tensor-parallel rank) equal one process's."""
+    module, losses = tp.model(), []
+    x, y = tp.data()
+    tp.one_process(module, torch.optim.SGD(module.parameters(), lr=0.1), tp.global_batches(x, y, 0, 16), 2,
+                   losses=losses)
+    for result in two_ranks:
+        mid = result["mid_epoch"]
+        assert mid["steps"] == 8
+        assert tp.max_diff(mid["weights"], module.state_dict()) < TOL
+        assert mid["history"]["train_loss"][0] == pytest.approx(sum(losses) / len(losses), abs=TOL)
 
 
 def test_2d_to_one_process(launched):

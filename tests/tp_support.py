@@ -75,14 +75,18 @@ def rank_batches(batches: list, data_rank: int, data_world_size: int) -> list:
 
 
 def one_process(module: nn.Module, optimizer: torch.optim.Optimizer, batches: list, k: int,
-                max_norm: float | None = None) -> list[float]:
-    """Train on ``batches`` (global micro-batches), K per step, mean cross-entropy; return the norms."""
+                max_norm: float | None = None, losses: list | None = None) -> list[float]:
+    """Train on ``batches`` (global micro-batches), K per step, mean cross-entropy; return the norms (and
+    append each sample's loss to ``losses``)."""
     norms = []
     for start in range(0, len(batches), k):
         window = batches[start:start + k]
         total = sum(len(y) for _, y in window)
         for x, y in window:
-            (nn.functional.cross_entropy(module(x), y, reduction="sum") / total).backward()
+            per_sample = nn.functional.cross_entropy(module(x), y, reduction="none")
+            if losses is not None:
+                losses.extend(per_sample.tolist())
+            (per_sample.sum() / total).backward()
         if max_norm is not None:
             norms.append(float(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)))
         optimizer.step()

@@ -156,19 +156,24 @@ def items() -> dict:
         n = keep.sum()
         return (per_item * keep).sum() / n.clamp(min=1), n
 
-    t = trainer(tp.model(), strategy="fsdp", tp_size=2, tp_plan=tp.PLAN, gradient_accumulation_steps=2,
+    t = trainer(tp.model(), "sgd", strategy="fsdp", tp_size=2, tp_plan=tp.PLAN, gradient_accumulation_steps=2,
                 compute_loss=token_loss)
     t.fit(my_batches(t, 0, 8), num_epochs=1)
     return {"weights": full_weights(t.module), "history": t.history}
 
 
 def nonfinite() -> dict:
-    """A NaN in data-parallel rank 1's batch of the second window: every rank skips that step."""
+    """A NaN loss with finite gradients (a term that does not depend on the weights) in data-parallel rank 1's
+    batch of the second window: only that shard's ranks see it, and every rank skips that step."""
+    def loss_with_term(model, batch):
+        x, y, term = batch
+        return nn.functional.cross_entropy(model(x), y) + term
+
     t = trainer(tp.model(), strategy="fsdp", tp_size=2, tp_plan=tp.PLAN, gradient_accumulation_steps=2,
-                on_nonfinite="skip")
-    batches = my_batches(t, 0, 8)
+                on_nonfinite="skip", compute_loss=loss_with_term)
+    batches = [(x, y, torch.tensor(0.0)) for x, y in my_batches(t, 0, 8)]
     if t.strategy.data_rank == 1:
-        batches[3] = (torch.full_like(batches[3][0], float("nan")), batches[3][1])
+        batches[3] = (*batches[3][:2], torch.tensor(float("nan")))
     t.fit(batches, num_epochs=1)
     return {"weights": full_weights(t.module), "steps": t.global_step, "history": t.history}
 
@@ -221,12 +226,34 @@ def resume_same_layout() -> dict:
         return t
 
     straight = run()
+    mid_epoch()
     stopped = run([StopAt(3)])
     position = (stopped.global_step, stopped.batch_in_epoch)
     stopped.save_in_dir(OUT / "same", "stop")
     resumed = run(resume=OUT / "same" / "stop.ckpt")
     return {"straight": full_weights(straight.module), "resumed": full_weights(resumed.module),
             "position": position, "history": (straight.history, resumed.history)}
+
+
+def mid_epoch() -> None:
+    """2x2, a DataLoader anndist shards (4 per rank, no shuffling), stopped after step 4 of 8 and saved
+    mid-epoch, for the test's 2-rank DDP continuation (2 data shards before and after)."""
+    t = trainer(tp.model(), "sgd", strategy="fsdp", tp_size=2, tp_plan=tp.PLAN, gradient_accumulation_steps=2,
+                callbacks=[StopAt(3)])
+    x, y = tp.data()
+    t.fit(DataLoader(TensorDataset(x, y), batch_size=4), num_epochs=1)
+    t.save_in_dir(OUT / "mid", "mid")
+
+
+def fsdp_to_2d_dropout() -> dict:
+    """4-rank FSDP with dropout, saved at an epoch's end; a 2x2 Trainer goes on: the ranks of each
+    tensor-parallel group take one saved RNG stream, so their dropout masks and weights stay the same."""
+    t = trainer(tp.model("deep"), strategy="fsdp", gradient_accumulation_steps=2)
+    t.fit(my_batches(t, 0, 4), num_epochs=1)
+    t.save_in_dir(OUT / "fsdp4_dropout", "two")
+    two_d = trainer(tp.model("deep"), strategy="fsdp", tp_size=2, tp_plan=tp.BLOCK_PLAN, gradient_accumulation_steps=2)
+    two_d.fit(my_batches(two_d, 4, 4), num_epochs=2, resume_from=OUT / "fsdp4_dropout" / "two.ckpt")
+    return {"weights": full_weights(two_d.module), "steps": two_d.global_step}
 
 
 def fsdp_to_2d() -> dict:
@@ -242,7 +269,7 @@ def fsdp_to_2d() -> dict:
 
 
 RUNS = {f.__name__: f for f in (held_out, activation_checkpointing, items, nonfinite, mismatch, llama, gpt2,
-                                 example, resume_same_layout, fsdp_to_2d)}
+                                 example, resume_same_layout, fsdp_to_2d, fsdp_to_2d_dropout)}
 RUNS["ddp_tp"] = lambda: with_loader("ddp")
 RUNS["fsdp_tp"] = lambda: with_loader("fsdp")
 
