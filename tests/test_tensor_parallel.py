@@ -208,3 +208,12 @@ def test_patterns_expand_to_submodules_and_model_plans_translate():
     odd._tp_plan = {"fc1": "packed_colwise"}
     with pytest.raises(ValueError, match=r"MLP._tp_plan\)\['fc1'\] = 'packed_colwise' is not a style"):
         check_tp_options(odd, 2, None, None, {})
+
+
+def test_conv1d_styles_refuse_other_layers():
+    from anndist import Conv1DColwise, Conv1DRowwise
+    from transformers.pytorch_utils import Conv1D
+    for style in (Conv1DColwise(), Conv1DRowwise()):
+        with pytest.raises(ValueError, match="got a Linear: use 'colwise' / 'rowwise'"):
+            style._apply(nn.Linear(4, 6), None)  # refused before the mesh is needed
+    assert Conv1D(6, 4).weight.shape == (4, 6)  # what they split: [in_features, out_features]

@@ -33,10 +33,12 @@ def _split(placements: dict[str, Any], src_data_rank: Any, name: str, module: nn
 
 
 def _check(module: nn.Module, style: str) -> None:
+    """A Conv1D: a 2-D weight [nx, nf] (``nf`` its output features); nn.Linear holds its weight the other way."""
     weight = getattr(module, "weight", None)
-    if weight is None or weight.dim() != 2 or getattr(module, "nf", weight.shape[1]) != weight.shape[1]:
-        raise ValueError(f"{style} splits a Conv1D (weight [in_features, out_features]); got a "
-                         f"{type(module).__name__}: use 'colwise' / 'rowwise' for nn.Linear")
+    if (isinstance(module, (nn.Linear, nn.Embedding)) or weight is None or weight.dim() != 2
+            or getattr(module, "nf", None) != weight.shape[1]):
+        raise ValueError(f"{style} splits transformers' Conv1D (weight [in_features, out_features]); got a "
+                         f"{type(module).__name__}: use 'colwise' / 'rowwise' for nn.Linear and nn.Embedding")
 
 
 class Conv1DColwise(ColwiseParallel):

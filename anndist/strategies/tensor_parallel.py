@@ -32,6 +32,7 @@ from torch import nn
 
 from ..dist import collectives
 from ..dist.data_layout import DataLayout
+from .compile import compile_module
 from .fsdp import FSDPStrategy, check_optimizer_fresh, parameter_names, rebind, shard, take_rank0_weights
 from .grad_norm import clip_grad_norm
 from .mesh import Grid
@@ -71,16 +72,12 @@ class TensorParallelFSDP(FSDPStrategy):
         if apply is not None:
             shard(self.module, optimizer, self.fsdp_kwargs, self.shard_modules, self.amp_dtype, self.grid.dp, apply)
             self.reduces = True
-        self.forward_module = self.train_module = self._compiled(compiled)
+        self.forward_module = self.train_module = compile_module(self.module, self.compile_options, compiled)
 
     def data_parallel(self) -> Callable | None:
         """The call that spreads the model over the "dp" ranks (None: none)."""
         from torch.distributed.fsdp import fully_shard
         return fully_shard
-
-    def _compiled(self, compiled: nn.Module | None) -> nn.Module:
-        from .compile import compile_module
-        return compile_module(self.module, self.compile_options, compiled)
 
     @property
     def no_sync(self) -> Callable[[], Any] | None:
