@@ -57,7 +57,7 @@ def test_held_out_2d_then_ddp_equals_one_process(ranks):
 
 
 @pytest.mark.parametrize("run", ["ddp_tp", "fsdp_tp"])
-def test_sharded_loader_clipping_evaluation_and_predict_count_each_sample_once(ranks, run):
+def test_sharded_loader_reductions_clipping_evaluation_and_predict_count_each_sample_once(ranks, run):
     module, _, norms = reference(0, 16, max_norm=0.3)
     vx, vy = tp.data(37, seed=1)
     with torch.no_grad():
@@ -66,6 +66,7 @@ def test_sharded_loader_clipping_evaluation_and_predict_count_each_sample_once(r
         result = out[run]
         assert tp.max_diff(result["weights"], module.state_dict()) < TOL
         assert len(result["norms"]) == 8 and max(abs(a - b) for a, b in zip(result["norms"], norms)) < TOL
+        assert result["rounds"] == 1  # gradients reduced over "dp" once per window of K=2, not per micro-batch
         assert min(norms) > 0.3  # every step clipped: the norm decided each step's size
         val = result["eval"]
         assert val["val_loss"] == pytest.approx(nn.functional.cross_entropy(outputs, vy).item(), abs=TOL)

@@ -79,6 +79,25 @@ class StopAt(Callback):
             trainer.stop_training = True
 
 
+REDUCTIONS: list = []
+
+
+def count_reductions() -> list:
+    """FSDP2's gradient reductions (``foreach_reduce``: fully_shard's reduce-scatter, replicate's all-reduce),
+    counted from now on (the counter is installed once per process)."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+    if not getattr(param_group.foreach_reduce, "counted", False):
+        reduce = param_group.foreach_reduce
+
+        def counted(*args, **kwargs):
+            REDUCTIONS.append(1)
+            return reduce(*args, **kwargs)
+        counted.counted = True
+        param_group.foreach_reduce = counted
+    REDUCTIONS.clear()
+    return REDUCTIONS
+
+
 # ---------------------------------------------------------------------------------------------- runs
 def held_out() -> dict:
     """The issue's check: 2-D (fsdp, tp 2), K=2, per-rank loaders, 4 steps; then its checkpoint in a
@@ -123,10 +142,12 @@ def with_loader(strategy: str) -> dict:
     norms = Norms()
     t = trainer(tp.model(), strategy=strategy, tp_size=2, tp_plan=tp.PLAN, gradient_accumulation_steps=2,
                 max_grad_norm=0.3, callbacks=[norms], metrics={"count": Count(), "synced": SyncedCount()})
+    reductions = count_reductions()
     t.fit(DataLoader(TensorDataset(x, y), batch_size=tp.MICRO // t.strategy.data_world_size), num_epochs=1)
+    rounds = len(reductions) / t.global_step  # once per window (K=2), not per micro-batch
     vx, vy = tp.data(37, seed=1)
     val = DataLoader(TensorDataset(vx, vy), batch_size=5)
-    return {"weights": full_weights(t.module), "norms": norms.norms, "history": t.history,
+    return {"weights": full_weights(t.module), "norms": norms.norms, "history": t.history, "rounds": rounds,
             "eval": t.evaluate(val), "predict": t.predict(val), "predict_main": t.predict(val, main_process_only=True)}
 
 
