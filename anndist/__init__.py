@@ -18,5 +18,13 @@ __all__ = [
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
     "ModelCheckpoint", "CheckpointError", "save_in_dir", "latest_checkpoint",
     "PreemptionCallback", "PREEMPTED_EXIT_CODE", "MissingDependencyError",
-    "EarlyStopping", "MLflowCallback", "WandbCallback",
+    "EarlyStopping", "MLflowCallback", "WandbCallback", "Conv1DColwise", "Conv1DRowwise",
 ]
+
+
+def __getattr__(name: str):
+    """The Conv1D tensor-parallel styles, imported on first use (torch's tensor-parallel package is slow to load)."""
+    if name in ("Conv1DColwise", "Conv1DRowwise"):
+        from .strategies import conv1d
+        return getattr(conv1d, name)
+    raise AttributeError(f"module 'anndist' has no attribute {name!r}")

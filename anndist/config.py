@@ -27,7 +27,9 @@ from .seed import check_seed
 from .step.optimization import NONFINITE_POLICIES
 from .step.precision import resolve_amp_dtype
 from .strategies import check_strategy_options
+from .strategies.activation_checkpointing import check_activation_checkpointing
 from .strategies.compile import check_compile
+from .strategies.tp_plan import check_tp_options
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,11 @@ class TrainerConfig:
         -> (preds, targets)`` (default: outputs and targets, or ``logits`` and the batch's ``labels``).
     Placement: ``strategy`` ``"ddp"`` (replicas) or ``"fsdp"`` (FSDP2 shards; ``fsdp_kwargs`` for
         FSDP2's sharding call, ``shard_modules(m) -> bool`` picks the submodules with their own shard group);
-        ``ddp_kwargs`` for DistributedDataParallel; ``compile`` (True or torch.compile options) compiles
+        ``ddp_kwargs`` for DistributedDataParallel; ``tp_size`` ranks split each layer of ``tp_plan``
+        (``{"fc1": "colwise", "fc2": "rowwise"}``, patterns, torch ParallelStyles; a transformers model's
+        own plan without it), the strategy then acting across those groups (docs/parallelism.md);
+        ``activation_checkpointing`` (True: the blocks of the main ModuleList; or ``fn(module) -> bool``)
+        recomputes activations in the backward; ``compile`` (True or torch.compile options) compiles
         where the strategy should; ``device`` (default ``cuda:LOCAL_RANK`` or the CPU), ``backend``
         (NCCL for CUDA, gloo for CPU) and ``dist_timeout`` of a process group the Trainer creates.
     Data: ``seed`` makes runs reproducible (each rank its own stream); ``rebuild_train_loader`` /
@@ -83,6 +89,9 @@ class TrainerConfig:
     ddp_kwargs: dict[str, Any]
     fsdp_kwargs: dict[str, Any]
     shard_modules: Callable | None
+    tp_size: int
+    tp_plan: dict[str, Any] | None
+    activation_checkpointing: Callable[[nn.Module], bool] | None
     compile: dict[str, Any] | None
     device: torch.device | None
     backend: str | None
@@ -130,6 +139,8 @@ class TrainerConfig:
             v[name] = {} if v[name] is None else v[name]
         check_strategy_options(v["strategy"], v["ddp_kwargs"], v["fsdp_kwargs"], v["shard_modules"], v["amp_dtype"])
         v["ddp_kwargs"], v["fsdp_kwargs"] = dict(v["ddp_kwargs"]), dict(v["fsdp_kwargs"])
+        v["tp_plan"] = check_tp_options(model, v["tp_size"], v["tp_plan"], v["amp_dtype"], v["ddp_kwargs"])
+        v["activation_checkpointing"] = check_activation_checkpointing(model, v["activation_checkpointing"])
         return cls(**v)
 
 

@@ -69,7 +69,9 @@ class Trainer:
         metrics: dict[str, Any] | None = None, metric_inputs: Callable | None = None,
         # placement
         strategy: str = "ddp", ddp_kwargs: dict[str, Any] | None = None, fsdp_kwargs: dict[str, Any] | None = None,
-        shard_modules: Callable[[nn.Module], bool] | None = None, compile: bool | dict[str, Any] = False,
+        shard_modules: Callable[[nn.Module], bool] | None = None, tp_size: int = 1,
+        tp_plan: dict[str, Any] | None = None, activation_checkpointing: bool | Callable[[nn.Module], bool] = False,
+        compile: bool | dict[str, Any] = False,
         device: str | torch.device | None = None, backend: str | None = None,
         dist_timeout: float | timedelta = timedelta(minutes=10),
         # data
@@ -90,11 +92,11 @@ class Trainer:
         self.strategy.setup(model, optimizer)
         process_group.register_releaser(self)
         if cfg.seed is not None:  # once the weights are the same on every rank
-            seed_everything(rank_seed(cfg.seed, self.rank))
+            seed_everything(rank_seed(cfg.seed, self.strategy.data_rank))  # one stream per tensor-parallel group
         self.precision = make_precision(cfg.amp_dtype, self.device)
         self.callbacks = build_callbacks(callbacks, cfg, self.rank)
-        self.state = TrainState(self.world_size, cfg.seed, cfg.gradient_accumulation_steps)
-        self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
+        self.state = TrainState(self.strategy.data_world_size, cfg.seed, cfg.gradient_accumulation_steps)
+        self.epoch_sums = EpochSums(self.rank, self.world_size, self.device, self.strategy.data)
         self._init_steps(cfg)
         self.run_state = self._make_run_state()
         self.checkpoints = CheckpointManager(self.run_state, self.state, cfg.checkpoint_dir,
@@ -131,7 +133,7 @@ class Trainer:
         self._step = TrainStep(self.strategy, LossStep(self.criterion, loss_step, self.device), self.precision,
                                self._optimizer_step, self.epoch_sums, (cfg.gradient_accumulation_steps, sum_reduction))
         self._evaluator = Evaluator(self.criterion, loss_step, cfg.metrics, cfg.metric_inputs, self.device,
-                                    self.precision)
+                                    self.precision, self.strategy.data)
         self.metrics = self._evaluator.metrics
         self._history_keys = HISTORY_KEYS + tuple(f"val_{name}" for name in self.metrics)
         self._agreement = StopAgreement(self.device, cfg.stop_check_period)
@@ -202,7 +204,7 @@ class Trainer:
         epoch, started, skip = self.epoch, time.perf_counter(), start_position(loader, self.state, self._loader_state)
         if isinstance(loader, DataLoader):  # set_epoch, and the resume offset of a loader anndist rebuilt
             offset = skip * (loader.batch_size or 0) if resumes_by_index(loader) else 0
-            start_epoch(loader, epoch, self.config.seed or 0, self.rank, offset)
+            start_epoch(loader, epoch, self.config.seed or 0, self.strategy.data_rank, offset)
         self.callbacks.call("on_epoch_begin", epoch, trainer=self, logs=epoch_position(loader, skip))
         self.model.train()
         if not skip:  # a resumed epoch continues the partial sums its checkpoint carried
@@ -223,7 +225,7 @@ class Trainer:
         cbs, state, k = self.callbacks, self.state, self.config.gradient_accumulation_steps
         self._step.begin_epoch(getattr(loader, "batch_size", None))
         equal = resumes_by_index(loader) or (self.world_size == 1 and self._loader_state.loader is None)
-        batches = self._rng_state.iterate(loader)  # a resumed run's RNG streams are set around iter()
+        batches = self.strategy.check_batches(self._rng_state.iterate(loader))  # RNG streams set around iter()
         begin, backward_end, end = (cbs.has(hook) for hook in ("on_batch_begin", "on_backward_end", "on_batch_end"))
         micro_batch = self._step.micro_batch
         for batch_idx, (batch, ends) in enumerate(micro_batches(batches, k, first_idx, equal, self.device), first_idx):
@@ -290,7 +292,7 @@ class Trainer:
         loader = self._loaders.eval(loader)
         with_criterion = self.criterion is not None and self.config.compute_loss is None
         return predict(self.strategy.forward_module, loader, self.strategy.eval_batches(loader), with_criterion,
-                       self.device, self.precision, main_process_only)
+                       self.device, self.precision, main_process_only, self.strategy.data)
 
     def compute_loss(self, model: nn.Module, batch: Any) -> Any:
         """One micro-batch's loss, the batch already on the device: override it in a subclass (or pass
@@ -310,8 +312,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _make_run_state(self) -> checkpoint.RunState:
-        self._loader_state = LoaderState(self.rank, self.world_size, self.state)
-        self._rng_state = RNGState(self.rank, self.state)
+        self._loader_state = LoaderState(self.rank, self.world_size, self.state, self.strategy.data)
+        self._rng_state = RNGState(self.rank, self.state, self.strategy.data)
         shared = {"model": ModelState(self.module), "optimizer": self.optimizer, "scaler": self.precision,
                   "train_state": self.state, "callbacks": self.callbacks}
         if self.scheduler is not None:

@@ -55,7 +55,7 @@ def format_table(summaries: Sequence[dict[str, Any]]) -> str:
              f"{'backward':>8} {'optim':>7} {'samples/s':>10}  peak memory"]
     for s in sorted(summaries, key=lambda s: s["rank"]):
         lines.append(_row(s))
-    total = sum(s.get("samples_per_s", 0.0) for s in summaries)
+    total = sum(s.get("samples_per_s", 0.0) for s in summaries if not s.get("replica"))  # each sample once
     lines.append(f"{'all':>4}  {'':<12} {'':>8} {'':>7} {'':>7} {'':>7} {'':>7} {'':>8} {'':>7} {total:>10.0f}")
     lines.append(_verdict(summaries))
     return "\n".join(lines)

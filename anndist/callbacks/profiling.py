@@ -130,6 +130,7 @@ class ProfilingCallback(Callback):
         self._resolve(block=True)
         mine = summarize(trainer.rank, socket.gethostname(), self._times, self._samples,
                          *self._peak_memory(trainer.device), self._model_state(trainer))
+        mine["replica"] = trainer.strategy.data.replica  # its samples are another rank's (tensor parallel)
         self.summaries = collectives.all_gather_object(mine)  # every rank is at train end
         self.table = format_table(self.summaries)
         logger.info(self.table)

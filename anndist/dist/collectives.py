@@ -20,8 +20,9 @@ def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_initialized() else 1
+def world_size(group: Any = None) -> int:
+    """Ranks in ``group`` (None: the default group); 1 when not distributed."""
+    return dist.get_world_size(group) if is_initialized() else 1
 
 
 def barrier() -> None:
@@ -29,27 +30,27 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
-    """In-place all-reduce (sum by default) when distributed; returns ``tensor``."""
-    if is_initialized() and world_size() > 1:
-        dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM)
+def all_reduce(tensor: torch.Tensor, op: Any = None, group: Any = None) -> torch.Tensor:
+    """In-place all-reduce (sum by default) over ``group`` (None: every rank) when distributed; returns ``tensor``."""
+    if is_initialized() and world_size(group) > 1:
+        dist.all_reduce(tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group)
     return tensor
 
 
-def all_reduce_async(tensor: torch.Tensor) -> Any:
-    """Start an in-place sum all-reduce; return its work handle (``wait``, ``is_completed``), or None
-    when not distributed (the tensor is then already the result)."""
-    if is_initialized() and world_size() > 1:
-        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+def all_reduce_async(tensor: torch.Tensor, group: Any = None) -> Any:
+    """Start an in-place sum all-reduce over ``group``; return its work handle (``wait``, ``is_completed``),
+    or None when there is no one to reduce with (the tensor is then already the result)."""
+    if is_initialized() and world_size(group) > 1:
+        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
     return None
 
 
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (a one-element list when not distributed)."""
-    if not (is_initialized() and world_size() > 1):
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj`` (of ``group``, None: every rank), in rank order (one element when alone)."""
+    if not (is_initialized() and world_size(group) > 1):
         return [obj]
-    gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 

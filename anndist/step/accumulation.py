@@ -13,7 +13,9 @@ Two modes, fixed by what the loss step returns:
   while that micro-batch's backward does); at the step the gradient is multiplied by ``W / total``:
   after DDP's average over W ranks that is the sum of every item's loss gradient over the window on
   all ranks divided by their total, which is what one large batch computes, however unevenly the
-  items fall. One small collective per optimizer step, none per micro-batch.
+  items fall. One small collective per optimizer step, none per micro-batch. W and the count are
+  those of the ranks that read different data: the ranks of a tensor-parallel group train on one
+  batch together and count its items once.
 """
 from __future__ import annotations
 
@@ -27,8 +29,12 @@ from ..dist import collectives
 class Window:
     """Bookkeeping of one accumulation window: loss weights and the end-of-window correction."""
 
-    def __init__(self, k: int, sum_reduction: bool, nominal_batch: int | None, world_size: int = 1) -> None:
+    def __init__(self, k: int, sum_reduction: bool, nominal_batch: int | None, world_size: int = 1,
+                 group: Any = None) -> None:
+        """``world_size``: the ranks that read different data (the gradient is averaged over them), and
+        ``group`` their process group (None: every rank), over which the item count is summed."""
         self.k, self.weighs, self.nominal, self.world_size = k, not sum_reduction, nominal_batch, world_size
+        self.group = group
         self.by_items: bool | None = None  # decided by the first micro-batch, then enforced
         self.reset()
 
@@ -57,7 +63,7 @@ class Window:
         """Start the all-reduce of the window's item count (items mode only; before the last backward)."""
         if self.by_items:
             self._total = torch.as_tensor(self.items, dtype=torch.float64, device=device).reshape(1).clone()
-            self._work = collectives.all_reduce_async(self._total)
+            self._work = collectives.all_reduce_async(self._total, self.group)
 
     def correction(self, where: Callable[[], str]) -> float:
         """The factor the window's gradient is multiplied by before the step."""

@@ -36,7 +36,8 @@ class TrainStep:
         self.strategy, self.model, self.loss = strategy, strategy.train_module, loss
         self.precision, self.optimizer_step, self.epoch_sums = precision, optimizer_step, epoch_sums
         self.k, self.sum_reduction = accumulation
-        self.window = Window(self.k, self.sum_reduction, None, strategy.data_world_size)
+        self.data = strategy.data  # items are counted over the ranks that read different data
+        self.window = Window(self.k, self.sum_reduction, None, self.data.world_size, self.data.group)
         self.autocasts = precision.dtype is not None
         self._no_sync = strategy.no_sync
         if self._no_sync is None:  # nothing to hold back: no context around a micro-batch, not even a call
@@ -44,7 +45,7 @@ class TrainStep:
 
     def begin_epoch(self, nominal_batch: int | None) -> None:
         """Start a fresh window; ``nominal_batch`` (the loader's batch size) weighs full windows exactly."""
-        self.window = Window(self.k, self.sum_reduction, nominal_batch, self.strategy.data_world_size)
+        self.window = Window(self.k, self.sum_reduction, nominal_batch, self.data.world_size, self.data.group)
 
     def micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
         """Forward and backward of one micro-batch; return its detached loss, samples and items (or samples)."""
