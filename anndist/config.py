@@ -21,6 +21,7 @@ from .strategies.fsdp import check_options
 from .step.optimization import NONFINITE_POLICIES
 from .step.precision import resolve_amp_dtype
 from .dist.process_group import check_backend
+from .preflight.trainer_check import check_preflight_option
 from .seed import check_seed
 
 
@@ -73,6 +74,8 @@ class TrainerConfig:
     compile: ``True`` or a dict of ``torch.compile`` options compiles the bare module before DDP wraps it;
         training, evaluation and predict call the compiled module, checkpoints hold the original module's
         keys (no ``_orig_mod.``); see compiling.py and docs/compile.md.
+    preflight: ``True`` checks the job's nodes once the process group exists (software, layout, compute,
+        links, checkpoint_dir; ``anndist/preflight/``) and warns; ``"strict"`` raises if a rank fails or lags.
     """
 
     use_amp: bool = False
@@ -104,6 +107,7 @@ class TrainerConfig:
     metrics: Any = None  # after validation: a dict
     metric_inputs: Any = None
     compile: Any = False  # after validation: a dict of torch.compile options, or None
+    preflight: Any = False  # False, True or "strict"
     sum_reduction: bool = False  # derived: criterion.reduction == "sum"
 
     @classmethod
@@ -141,6 +145,7 @@ class TrainerConfig:
         if wd is not None and not 0 < wd < float("inf"):
             raise ValueError(f"watchdog_timeout={wd!r} must be a positive, finite number of seconds or None, e.g. 600")
         self.compile = check_compile(self.compile)
+        self.preflight = check_preflight_option(self.preflight)
         if self.seed is not None:
             check_seed(self.seed)
         self._validate_distributed()

@@ -32,6 +32,7 @@ from .dist.flight_recorder import enable_flight_recorder
 from .checkpoint.manager import CheckpointManager, check_window_closed
 from .strategies.compile import ModelState, compile_module, split_compiled
 from .config import DDP_DEFAULTS, TrainerConfig
+from .preflight.trainer_check import preflight_trainer
 from .dist.device import default_device
 from .dist.env import DistEnv, detect_env
 from .data.batch import split_batch
@@ -77,6 +78,8 @@ class Trainer:
         self.stop_training = False
         self._plan: RunPlan | None = None
         self._val_loader: Iterable | None = None
+        if cfg.preflight:  # every rank, once the group, the model and the folder are known
+            preflight_trainer(self)
 
     def _init_distributed(self, model: nn.Module, cfg: TrainerConfig) -> None:
         """Device, process group, rank, the DDP wrapper, and the per-rank seed."""

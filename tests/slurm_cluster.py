@@ -1,4 +1,5 @@
-"""A private Slurm cluster on this machine for the end-to-end tests: munged, slurmctld, two slurmd.
+"""A private Slurm cluster on this machine for the end-to-end tests: munged, slurmctld, a slurmd per node
+(two by default; ``SlurmCluster(nodes=node_names(3))`` for three).
 
 Everything lives in one temporary folder (config, munge key and socket, state, spool, logs, pid
 files) and the daemons listen on free ports, so the cluster never touches a system-wide Slurm and
@@ -20,7 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-NODES = ("anndist-node1", "anndist-node2")
+def node_names(count: int) -> tuple[str, ...]:
+    """``anndist-node1`` ... ``anndist-node<count>``: the fake nodes of a cluster of ``count``."""
+    return tuple(f"anndist-node{i}" for i in range(1, count + 1))
+
+
+NODES = node_names(2)
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue")
 INSTALL_HINT = ("apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge "
                 "(.ci/run does this)")

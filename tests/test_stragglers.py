@@ -1,0 +1,131 @@
+"""The live straggler check: its rule (in process), and StragglerCallback on two real ranks (one spawn
+running every scenario): a rank made slow is found from the measured step times, named with its host
+after ``patience`` checks; with ``action="exit"`` every rank stops at the same step, saves and exits
+75, and the run resumed from that checkpoint ends with exactly the weights of an uninterrupted run.
+The Slurm requeue that leaves the slow node out is in test_stragglers_slurm.py."""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from anndist import StragglerCallback, Trainer, latest_checkpoint
+from anndist.callbacks.straggler_rule import describe, find_stragglers
+from anndist.checkpoint.file import read_checkpoint
+from models import flat_params, make_dataset, make_model
+from spawn_ranks import run_spawn
+
+SLOW_S = 0.02  # the slow rank's extra time per forward, far above this machine's noise per step
+
+
+def test_a_rank_slower_than_the_others_and_costly_enough_is_a_straggler():
+    (found,) = find_stragglers([1.0, 30.0], [31.0, 31.0], 0.75, 0.05)
+    assert (found.rank, found.others_ms) == (1, 1.0) and found.cost == pytest.approx(29 / 31)
+    assert describe(found, "node7").startswith("rank 1 on node7 spends 30.00 ms per step outside the gradient wait, "
+                                               "30.0x the median of the other ranks (1.00 ms)")
+    # against the median of the *others*: one slow rank among three, and two ranks
+    assert [s.rank for s in find_stragglers([1.0, 1.0, 1.4], [2.0] * 3, 0.75, 0.05)] == [2]
+    assert find_stragglers([1.0, 1.3], [2.0] * 2, 0.75, 0.05) == []  # 1.3x: within 1 / 0.75
+
+
+def test_a_slow_rank_that_costs_the_job_little_is_left_alone():
+    assert find_stragglers([1.0, 2.0], [100.0, 100.0], 0.75, 0.05) == []  # 2x, but 1% of the step
+    assert [s.rank for s in find_stragglers([1.0, 2.0], [100.0, 100.0], 0.75, 0.01)] == [1]
+
+
+def test_ranks_without_timed_steps_neither_lag_nor_hide_others():
+    assert [s.rank for s in find_stragglers([math.nan, 1.0, 1.0, 9.0], [10.0] * 4, 0.75, 0.05)] == [3]
+    assert find_stragglers([1.0], [2.0], 0.75, 0.05) == [] and find_stragglers([1.0, 5.0], [math.nan] * 2, 0.75, 0.05) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"every_n_steps": 0}, "every_n_steps=0"), ({"every_s": 0}, "every_s=0"), ({"patience": 0}, "patience=0"),
+    ({"action": "kill"}, "action='kill' is not one of"), ({"threshold": 1.5}, "threshold=1.5 must be between 0 and 1"),
+    ({"min_cost": 0}, "min_cost=0 must be between"), ({"every_n_steps": True}, "every_n_steps=True"),
+])
+def test_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StragglerCallback(**kwargs)
+
+
+def test_exit_needs_a_checkpoint_dir():
+    model = make_model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                      callbacks=[StragglerCallback(action="exit")], progress_bar=False)
+    with pytest.raises(Exception, match=r"action='exit'\) saves a checkpoint before it exits: pass checkpoint_dir"):
+        trainer.fit(DataLoader(make_dataset(32), batch_size=8), num_epochs=1)
+
+
+# ---------------------------------------------------------------- on two real ranks (one spawn)
+def _trainer(rank: int, callbacks, slow: bool, **options) -> Trainer:
+    model = make_model(seed=0)
+    if slow:
+        model.register_forward_pre_hook(lambda module, inputs: time.sleep(SLOW_S))
+    return Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), torch.nn.CrossEntropyLoss(), seed=1,
+                   callbacks=callbacks, progress_bar=False, **options)
+
+
+def _scenarios(rank: int, world_size: int, folder: str) -> dict:
+    os.environ["ANNDIST_HOST"] = f"node{rank}"
+    loader = DataLoader(make_dataset(256), batch_size=8, shuffle=True)  # 16 optimizer steps per epoch per rank
+    out = {}
+    strict = {"threshold": 0.2, "min_cost": 0.5}  # healthy ranks on a busy machine must not lag
+    warn = StragglerCallback(every_n_steps=4, patience=2, **strict)
+    _trainer(rank, [warn], slow=rank == 1).fit(loader, num_epochs=1)
+    out["warn"] = [(step, host, s.rank) for step, host, s in warn.found]
+    out["checks"] = warn.checks
+    healthy = StragglerCallback(every_n_steps=4, patience=2, **strict)
+    reference = _trainer(rank, [healthy], slow=False)
+    reference.fit(loader, num_epochs=2)
+    out["healthy"], out["reference"] = healthy.found, flat_params(reference.module)
+    leave = StragglerCallback(every_n_steps=4, patience=2, action="exit", **strict)
+    stopped = _trainer(rank, [leave], slow=rank == 1, checkpoint_dir=folder, auto_resume=True)
+    try:
+        stopped.fit(loader, num_epochs=2)
+        out["exit"] = None
+    except SystemExit as exc:
+        out["exit"] = (exc.code, stopped.global_step, leave.decision)
+    resumed = _trainer(rank, [], slow=False, checkpoint_dir=folder, auto_resume=True)
+    resumed.fit(loader, num_epochs=2)
+    out["resumed"] = flat_params(resumed.module)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stragglers") / "ckpt"
+    return folder, run_spawn(_scenarios, 2, str(folder), timeout=240)
+
+
+def test_the_slow_rank_is_named_with_its_host_after_patience_checks_on_every_rank(two_ranks):
+    _, results = two_ranks
+    found = [r["warn"] for r in results]
+    assert found[0] == found[1], found  # one verdict, reduced across ranks
+    assert found[0] and {(host, rank) for _, host, rank in found[0]} == {("node1", 1)}, found
+    checks = results[0]["checks"]
+    assert [step for step, _ in checks] == [4, 8, 12, 16] and checks == results[1]["checks"]
+    # patience=2: named at the second check in a row that found it lagging, not at the first
+    first = next(i for i, (_, ranks) in enumerate(checks) if i and ranks == [1] and checks[i - 1][1] == [1])
+    assert found[0][0][0] == checks[first][0], (found, checks)
+
+
+def test_healthy_ranks_are_left_alone(two_ranks):
+    _, results = two_ranks
+    assert [r["healthy"] for r in results] == [[], []]
+
+
+def test_exit_stops_every_rank_at_one_step_saves_and_resumes_exactly(two_ranks):
+    folder, results = two_ranks
+    exits = [r["exit"] for r in results]
+    assert exits[0] is not None and exits[0] == exits[1], exits  # same code, same step, same decision
+    code, step, decision = exits[0]
+    assert code == 75 and 8 <= step < 32 and decision["hosts"] == ["node1"] and decision["ranks"] == [1]
+    saved = read_checkpoint(latest_checkpoint(folder))
+    assert saved["states"]["train_state"]["global_step"] == step
+    assert saved["metadata"] == {"reason": "straggler", "hosts": "node1"}
+    for result in results:
+        assert torch.equal(result["resumed"], result["reference"])  # bit for bit, as if never stopped
