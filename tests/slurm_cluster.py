@@ -52,6 +52,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def worker_first_job_id(offset: int = 1) -> int:
+    """A first job id for this pytest-xdist worker's cluster: ``1000 * (worker + 1) + offset``.
+
+    Job ids pick rendezvous ports (15000 + id % 20000), so clusters running side by side on one
+    machine need ids apart: each worker has its own thousand, and two clusters of one worker (two
+    and three nodes) different offsets in it.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest-xdist
+    return 1000 * (int(worker[2:]) + 1 if worker.startswith("gw") else 0) + offset
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -29,6 +29,7 @@ def test_a_rank_slower_than_the_others_and_costly_enough_is_a_straggler():
                                                "30.0x the median of the other ranks (1.00 ms)")
     # against the median of the *others*: one slow rank among three, and two ranks
     assert [s.rank for s in find_stragglers([1.0, 1.0, 1.4], [2.0] * 3, 0.75, 0.05)] == [2]
+    assert [s.rank for s in find_stragglers([1.0, 1.5], [2.0] * 2, 0.75, 0.05)] == [1]  # the plain median: 1.2x
     assert find_stragglers([1.0, 1.3], [2.0] * 2, 0.75, 0.05) == []  # 1.3x: within 1 / 0.75
 
 
