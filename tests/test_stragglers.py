@@ -79,10 +79,10 @@ def _scenarios(rank: int, world_size: int, folder: str) -> dict:
     _trainer(rank, [warn], slow=rank == 1).fit(loader, num_epochs=1)
     out["warn"] = [(step, host, s.rank) for step, host, s in warn.found]
     out["checks"] = warn.checks
-    healthy = StragglerCallback(every_n_steps=4, patience=2, **strict)
+    healthy = StragglerCallback(every_s=0.02, patience=2, **strict)  # by time: the step count agreed in the check
     reference = _trainer(rank, [healthy], slow=False)
     reference.fit(loader, num_epochs=2)
-    out["healthy"], out["reference"] = healthy.found, flat_params(reference.module)
+    out["healthy"], out["timed"], out["reference"] = healthy.found, healthy.checks, flat_params(reference.module)
     leave = StragglerCallback(every_n_steps=4, patience=2, action="exit", **strict)
     stopped = _trainer(rank, [leave], slow=rank == 1, checkpoint_dir=folder, auto_resume=True)
     try:
@@ -117,6 +117,13 @@ def test_the_slow_rank_is_named_with_its_host_after_patience_checks_on_every_ran
 def test_healthy_ranks_are_left_alone(two_ranks):
     _, results = two_ranks
     assert [r["healthy"] for r in results] == [[], []]
+
+
+def test_checks_by_time_happen_at_the_same_steps_on_every_rank(two_ranks):
+    _, results = two_ranks
+    steps = [[step for step, _ in r["timed"]] for r in results]
+    assert steps[0] == steps[1], steps  # else the ranks' all-reduces would not match
+    assert steps[0][0] == 10 and len(steps[0]) >= 2, steps  # the first check learns the pace, then every ~0.02 s
 
 
 def test_exit_stops_every_rank_at_one_step_saves_and_resumes_exactly(two_ranks):

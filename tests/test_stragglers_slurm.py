@@ -22,7 +22,7 @@ from anndist.checkpoint.file import read_checkpoint
 from processes import ROOT, child_env, torchrun
 from slurm_cluster import SlurmCluster, node_names, unavailable_reason, worker_first_job_id
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(450)]  # the job's two runs, then the reference
 
 EPOCHS = "6"  # 23 optimizer steps each: the slow node is found at step 20, the run resumes for ~115 more
 SLOW = "anndist-node2"
@@ -57,9 +57,9 @@ def slow_node_job(cluster, tmp_path_factory) -> dict:
                          "--checkpoint-dir", str(folder / "ckpt"), "--save", str(folder / "weights.pt"),
                          output=folder / "job.out", options=("--cpus-per-task=1",), cwd=ROOT,
                          env=job_env(SLOW_HOST=SLOW, PREFLIGHT="1"))
-    status = job.wait(300)
+    status = job.wait(330)  # ends the job (scancel) if it runs past this
     # The uninterrupted reference, after the job (so that it does not share the cores with it).
-    torchrun(ROOT / "launch/train_digits.py", "--epochs", EPOCHS, "--save", str(folder / "reference.pt"), timeout=240)
+    torchrun(ROOT / "launch/train_digits.py", "--epochs", EPOCHS, "--save", str(folder / "reference.pt"), timeout=100)
     return {"status": status, "log": job.log, "id": job.id, "folder": folder}
 
 
