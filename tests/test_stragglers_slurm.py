@@ -101,20 +101,43 @@ def test_the_scripts_preflight_check_runs_before_each_run_on_that_runs_nodes(slo
         assert re.search(r"^preflight: (passed|FAILED)", head, re.MULTILINE), log  # PREFLIGHT=1 trains either way
 
 
-def test_a_strict_preflight_that_fails_ends_the_job_before_training(cluster, tmp_path):
-    (tmp_path / "a-file").write_text("a file, where a folder should be\n")
-    train = ("launch/train_digits.py", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "a-file" / "ckpt"))
-    jobs = {script: cluster.submit(ROOT / "slurm" / script, *train, output=tmp_path / f"{script}.out", cwd=ROOT,
-                                   env=job_env(PREFLIGHT="strict"))
-            for script in ("single_node.sbatch", "srun_tasks.sbatch")}
-    wrong = cluster.submit(ROOT / "slurm/multi_node.sbatch", *train, output=tmp_path / "wrong.out", cwd=ROOT,
-                           env=job_env(PREFLIGHT="yes"))
-    for script, job in jobs.items():
-        status, log = job.wait(240), job.log
-        assert status == 1, log
-        failure = re.search(r"^FAIL rank\(s\) 0, 1 on (anndist-node\d): checkpoint_dir cannot be written: ", log, re.MULTILINE)
-        assert failure and table_hosts(log) == [failure.group(1)] * 2, log
-        assert "anndist: pre-flight check failed (status 1): not training" in log, log
-        assert "training on" not in log, log
-    assert wrong.wait(120) == 2
-    assert "PREFLIGHT=yes: use 1 (check and train) or strict (train only if the check passes)" in wrong.log
+@pytest.fixture(scope="module")
+def other_scripts(cluster, tmp_path_factory) -> dict:
+    """Three short jobs side by side: single_node.sbatch under PREFLIGHT=strict with a checkpoint folder that
+    cannot be made, srun_tasks.sbatch under PREFLIGHT=1 (check, then train one epoch), and a wrong PREFLIGHT."""
+    folder = tmp_path_factory.mktemp("other-scripts")
+    (folder / "a-file").write_text("a file, where a folder should be\n")
+    jobs = {
+        "strict": cluster.submit(ROOT / "slurm/single_node.sbatch", "launch/train_digits.py", "--epochs", "1",
+                                 "--checkpoint-dir", str(folder / "a-file" / "ckpt"), output=folder / "strict.out",
+                                 cwd=ROOT, env=job_env(PREFLIGHT="strict")),
+        "checked": cluster.submit(ROOT / "slurm/srun_tasks.sbatch", "launch/train_digits.py", "--epochs", "1",
+                                  "--checkpoint-dir", str(folder / "ckpt"), output=folder / "checked.out", cwd=ROOT,
+                                  env=job_env(PREFLIGHT="1")),
+        "wrong": cluster.submit(ROOT / "slurm/multi_node.sbatch", "launch/train_digits.py", output=folder / "wrong.out",
+                                cwd=ROOT, env=job_env(PREFLIGHT="yes")),
+    }
+    return {name: (job.wait(240), job.log) for name, job in jobs.items()}
+
+
+def test_a_strict_preflight_that_fails_ends_the_job_before_training(other_scripts):
+    status, log = other_scripts["strict"]
+    assert status == 1, log
+    failure = re.search(r"^FAIL rank\(s\) 0, 1 on (anndist-node\d): checkpoint_dir cannot be written: ", log, re.MULTILINE)
+    assert failure and table_hosts(log) == [failure.group(1)] * 2, log
+    assert "anndist: pre-flight check failed (status 1): not training" in log, log
+    assert "training on" not in log, log
+
+
+def test_srun_tasks_check_then_train_on_the_same_rendezvous(other_scripts):
+    status, log = other_scripts["checked"]
+    assert status == 0, log
+    head, _, training = log.partition("training on 2 process(es) from epoch 0, step 0")
+    assert training and re.search(r"^preflight: (passed|FAILED)", head, re.MULTILINE), log
+    assert "anndist preflight: 2 rank(s) on 1 host(s) (slurm)" in head and len(set(table_hosts(head))) == 1, log
+    assert "epoch 0 | train_loss" in training, log
+
+
+def test_a_wrong_preflight_value_is_refused(other_scripts):
+    status, log = other_scripts["wrong"]
+    assert status == 2 and "PREFLIGHT=yes: use 1 (check and train) or strict (train only if the check passes)" in log, log
