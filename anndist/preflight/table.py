@@ -55,7 +55,7 @@ def summary(records: Sequence[dict[str, Any]], problems: Sequence[Problem], elap
         job_wide = any(p.kind == kind and not p.ranks for p in problems)
         if ranks:
             hosts = sorted({records[r]["host"] for r in ranks})
-            parts.append(f"{word}: rank(s) {', '.join(map(str, ranks))} on host(s) {', '.join(hosts)}")
+            parts.append(f"{word}: rank(s) {_some(ranks)} on host(s) {_some(hosts)}")
         elif job_wide:
             parts.append(f"{word}: the job's layout")
     return f"preflight: FAILED, {len(problems)} problem(s) ({'; '.join(parts)}), in {elapsed:.1f} s"
@@ -72,6 +72,12 @@ def _row(record: dict[str, Any], ratio: float, link: dict[str, float] | None, pr
                   _num(link["latency_us"] if link else None, 0), _num(link["mb_s"] if link else None, 0),
                   _num(probe.get("write_mb_s"), 0), _num(free / 2**30 if free is not None else None, 1),
                   " ".join(kinds) or "ok"])
+
+
+def _some(items: Sequence[Any], shown: int = 8) -> str:
+    """The first ``shown`` items, then how many there are: a job of 512 ranks stays one line."""
+    head = ", ".join(map(str, items[:shown]))
+    return head if len(items) <= shown else f"{head}, ... ({len(items)} in all)"
 
 
 def _num(value: float | None, digits: int) -> str:

@@ -27,7 +27,8 @@ class Problem:
 
     def where(self, records: Sequence[dict[str, Any]]) -> str:
         hosts = sorted({records[r]["host"] for r in self.ranks})
-        return f"rank(s) {_ranks(self.ranks)} on {', '.join(hosts)}" if self.ranks else "the job"
+        shown = ", ".join(hosts[:8]) + (f", ... ({len(hosts)} hosts)" if len(hosts) > 8 else "")
+        return f"rank(s) {_ranks(self.ranks)} on {shown}" if self.ranks else "the job"
 
 
 def judge(records: Sequence[dict[str, Any]], links: dict[int, dict[str, float]], threshold: float,
