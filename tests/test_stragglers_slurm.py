@@ -115,7 +115,7 @@ def other_scripts(cluster, tmp_path_factory) -> dict:
                                   "--checkpoint-dir", str(folder / "ckpt"), output=folder / "checked.out", cwd=ROOT,
                                   env=job_env(PREFLIGHT="1")),
         "wrong": cluster.submit(ROOT / "slurm/multi_node.sbatch", "launch/train_digits.py", output=folder / "wrong.out",
-                                cwd=ROOT, env=job_env(PREFLIGHT="yes")),
+                                options=("--nodes=1",), cwd=ROOT, env=job_env(PREFLIGHT="yes")),  # the third node
     }
     return {name: (job.wait(240), job.log) for name, job in jobs.items()}
 
