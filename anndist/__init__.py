@@ -2,12 +2,13 @@
 from .data.batch import split_batch, to_device
 from .callbacks import (PREEMPTED_EXIT_CODE, Callback, CallbackError, CallbackList, EarlyStopping, LoggingCallback,
                         MetricsCallback, ModelCheckpoint, PreemptionCallback, ProfilingCallback, ProgressBarCallback,
-                        TensorBoardCallback, MLflowCallback, WandbCallback)
+                        StragglerCallback, TensorBoardCallback, MLflowCallback, WandbCallback)
 from .checkpoint import CheckpointError, latest_checkpoint
 from .config import TrainerConfig
 from .dist.env import DistEnv, detect_env
 from .step.optimization import NonFiniteLossError
 from .optional import MissingDependencyError
+from .preflight import run_preflight
 from .seed import seed_everything
 from .trainer import Trainer, save_in_dir
 from .version import __version__
@@ -18,7 +19,8 @@ __all__ = [
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
     "ModelCheckpoint", "CheckpointError", "save_in_dir", "latest_checkpoint",
     "PreemptionCallback", "PREEMPTED_EXIT_CODE", "MissingDependencyError",
-    "EarlyStopping", "MLflowCallback", "WandbCallback", "Conv1DColwise", "Conv1DRowwise",
+    "EarlyStopping", "MLflowCallback", "WandbCallback", "StragglerCallback", "run_preflight",
+    "Conv1DColwise", "Conv1DRowwise",
 ]
 
 

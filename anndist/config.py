@@ -23,6 +23,7 @@ from torch import nn
 from .checks import check_count
 from .dist.env import detect_env
 from .dist.process_group import check_backend
+from .preflight.trainer_check import check_preflight_option
 from .seed import check_seed
 from .step.optimization import NONFINITE_POLICIES
 from .step.precision import resolve_amp_dtype
@@ -67,7 +68,8 @@ class TrainerConfig:
         dump every rank's stacks and end the job naming the missing ranks (off by default: set it above
         the longest step, evaluation or save); ``stop_check_period`` seconds between the ranks'
         agreements on ``stop_training``; ``progress_bar`` a tqdm bar on rank 0 (None: when stderr is a
-        terminal and not under CI).
+        terminal and not under CI); ``preflight`` (True, or ``"strict"`` to raise) checks the job's nodes
+        once the process group exists: software, layout, compute, links, checkpoint_dir (docs/slurm.md).
     See docs/training.md for each in full.
     """
 
@@ -109,6 +111,7 @@ class TrainerConfig:
     watchdog_timeout: float | None
     stop_check_period: float
     progress_bar: bool | None
+    preflight: bool | str
 
     @classmethod
     def names(cls) -> list[str]:
@@ -126,6 +129,7 @@ class TrainerConfig:
         _check_loss_and_metrics(v)
         _check_run_control(v)
         v["compile"] = check_compile(v["compile"])
+        v["preflight"] = check_preflight_option(v["preflight"])
         if v["seed"] is not None:
             check_seed(v["seed"])
         v["device"] = _resolve_device(v["device"])

@@ -40,6 +40,7 @@ from .dist.env import DistEnv, detect_env
 from .dist.flight_recorder import enable_flight_recorder
 from .evaluation.evaluator import Evaluator
 from .evaluation.prediction import predict
+from .preflight.trainer_check import preflight_trainer
 from .seed import RNGState, rank_seed, seed_everything
 from .step.loss import LossStep, call_on_inputs, model_loss
 from .step.optimization import OptimizerStep, step_epoch_scheduler, step_plateau
@@ -80,7 +81,7 @@ class Trainer:
         checkpoint_dir: str | os.PathLike | None = None, auto_resume: bool = False, async_checkpoint: bool = False,
         # run control
         handle_signals: bool = True, watchdog_timeout: float | None = None, stop_check_period: float = 0.25,
-        progress_bar: bool | None = None,
+        progress_bar: bool | None = None, preflight: bool | str = False,
         **unknown: Any,
     ) -> None:
         """The options are keyword-only, in sections as above; each is documented on ``TrainerConfig``
@@ -107,6 +108,8 @@ class Trainer:
         self.stop_training = False
         self._plan: RunPlan | None = None
         self._val_loader: Iterable | None = None
+        if cfg.preflight:  # every rank, once the group, the model and the folder are known
+            preflight_trainer(self)
 
     def _init_distributed(self, cfg: TrainerConfig) -> None:
         """The device, the process group (created when the launcher asks for several ranks), the rank."""

@@ -7,9 +7,10 @@ from .metrics import MetricsCallback
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from .profiling import ProfilingCallback
 from .progress import ProgressBarCallback
+from .stragglers import StragglerCallback
 from .tensorboard import TensorBoardCallback
 from .trackers import MLflowCallback, WandbCallback
 
 __all__ = ["Callback", "CallbackError", "CallbackList", "EarlyStopping", "LoggingCallback", "MetricsCallback",
            "MLflowCallback", "ModelCheckpoint", "PreemptionCallback", "PREEMPTED_EXIT_CODE", "ProfilingCallback",
-           "ProgressBarCallback", "TensorBoardCallback", "WandbCallback"]
+           "ProgressBarCallback", "StragglerCallback", "TensorBoardCallback", "WandbCallback"]

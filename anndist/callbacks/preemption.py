@@ -58,6 +58,7 @@ class PreemptionCallback(Callback):
         self.exit = exit
         self.received: set[int] = set()  # signals this rank got during the current fit()
         self._previous: dict[int, object] = {}
+        self._handler: object = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
@@ -102,12 +103,14 @@ class PreemptionCallback(Callback):
             if current is not None:
                 current.stop_training = True
 
+        self._handler = handler
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, handler)
 
     def _uninstall(self) -> None:
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            if signal.getsignal(sig) is self._handler:  # hand back only what is still ours (another
+                signal.signal(sig, previous)             # callback on its way out may ignore TERM now)
         self._previous.clear()
 
     # ------------------------------------------------------------------ stopping

@@ -54,6 +54,15 @@ def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
     return gathered
 
 
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank ``dst`` (None on the others); ``[obj]`` when not distributed."""
+    if not (is_initialized() and world_size() > 1):
+        return [obj]
+    gathered: list[Any] | None = [None] * world_size() if rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not (is_initialized() and world_size() > 1):
         return obj

@@ -1,4 +1,5 @@
-"""A private Slurm cluster on this machine for the end-to-end tests: munged, slurmctld, two slurmd.
+"""A private Slurm cluster on this machine for the end-to-end tests: munged, slurmctld, a slurmd per node
+(two by default; ``SlurmCluster(nodes=node_names(3))`` for three).
 
 Everything lives in one temporary folder (config, munge key and socket, state, spool, logs, pid
 files) and the daemons listen on free ports, so the cluster never touches a system-wide Slurm and
@@ -20,7 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-NODES = ("anndist-node1", "anndist-node2")
+def node_names(count: int) -> tuple[str, ...]:
+    """``anndist-node1`` ... ``anndist-node<count>``: the fake nodes of a cluster of ``count``."""
+    return tuple(f"anndist-node{i}" for i in range(1, count + 1))
+
+
+NODES = node_names(2)
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue")
 INSTALL_HINT = ("apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge "
                 "(.ci/run does this)")
@@ -44,6 +50,17 @@ def unavailable_reason() -> str | None:
     except KeyError:
         return f"the munge user does not exist: {INSTALL_HINT}"
     return None
+
+
+def worker_first_job_id(offset: int = 1) -> int:
+    """A first job id for this pytest-xdist worker's cluster: ``1000 * (worker + 1) + offset``.
+
+    Job ids pick rendezvous ports (15000 + id % 20000), so clusters running side by side on one
+    machine need ids apart: each worker has its own thousand, and two clusters of one worker (two
+    and three nodes) different offsets in it.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest-xdist
+    return 1000 * (int(worker[2:]) + 1 if worker.startswith("gw") else 0) + offset
 
 
 def free_port() -> int:
