@@ -155,7 +155,8 @@ class Trainer:
         self._plan, self._val_loader, self.stop_training = plan, val_loader, False
         try:
             self.callbacks.call("on_train_begin", trainer=self, logs={
-                "num_epochs": num_epochs, "max_steps": max_steps, "start_epoch": self.epoch})
+                "num_epochs": num_epochs, "max_steps": max_steps, "start_epoch": self.epoch,
+                "validates": val_loader is not None})
             while not plan.done(self.state) and not self.stop_training:
                 logs = self._train_epoch(loader)
                 if logs is None:  # stopped mid-epoch: the position stays for a checkpoint
@@ -232,13 +233,15 @@ class Trainer:
         return True
 
     def _validate(self, loader: Iterable, when: str) -> dict[str, float]:
-        """Evaluate inside fit; a step evaluation is recorded (with its step) and steps a plateau scheduler."""
+        """Evaluate inside fit (the agreement settled first, as evaluation runs collectives)."""
         self._agreement.settle()  # no stop proposal in flight across evaluation's collectives
-        logs = self._evaluate(loader, when)
-        if when == "step":
-            self.state.record({**logs, "eval_step": self.global_step}, self._history_keys + ("eval_step",))
-            step_plateau(self.scheduler, self.config.scheduler_monitor, logs)
-        return logs
+        return self._evaluate(loader, when)
+
+    def _record_step_evaluation(self, logs: dict[str, float]) -> None:
+        """A step evaluation in the history (with its step) and a plateau scheduler's step: before the
+        callbacks see it, so that a checkpoint they save holds it (as an epoch end's does)."""
+        self.state.record({**logs, "eval_step": self.global_step}, self._history_keys + ("eval_step",))
+        step_plateau(self.scheduler, self.config.scheduler_monitor, logs)
 
     def _step_epoch_scheduler(self, logs: dict[str, float]) -> None:
         cfg = self.config
@@ -257,6 +260,8 @@ class Trainer:
     def _evaluate(self, loader: Iterable, when: str) -> dict[str, float]:
         self.callbacks.call("on_evaluate_begin", trainer=self, logs={"when": when})
         metrics = self._evaluator(self._compiled, self._loaders.eval(loader))
+        if when == "step":
+            self._record_step_evaluation(metrics)
         self.callbacks.call("on_evaluate_end", trainer=self, logs={
             **metrics, "when": when, "epoch": self.epoch, "global_step": self.global_step})
         return metrics
