@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 import torch.distributed as dist
 
+from ..data.worker_signals import shield_workers
 from ..dist import collectives
 from ..dist.slurm import RequeueError, job_id, requeue
 from .base import Callback
@@ -104,11 +105,14 @@ class PreemptionCallback(Callback):
 
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, handler)
+        # The TERM reaches the DataLoader workers too (proctrack/cgroup): they must outlive it.
+        shield_workers(signal.SIGTERM in self.signals)
 
     def _uninstall(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        shield_workers(False)
 
     # ------------------------------------------------------------------ stopping
     def _agreed_signals(self, trainer: "Trainer", completed: bool) -> list[int]:
