@@ -178,14 +178,17 @@ def whole_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # On the CPU, cpu_offload hands back the module's own tensors, which training goes on changing.
-    live = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers()) if t.device.type == "cpu"}
-    return {key: value.detach().clone() if value.untyped_storage().data_ptr() in live else value.detach()
-            for key, value in state.items()}
+    # A model on the CPU may get its own tensors back (nothing to offload), which training goes on changing.
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return {key: value.detach().clone() if on_cpu else value.detach() for key, value in state.items()}
 
 
 def load_whole_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load rank 0's ``whole_state_dict`` into every rank (each keeps its shard under FSDP); every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     broadcast = collectives.is_initialized() and collectives.world_size() > 1
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
+    # An evaluation can leave a sharded root's parameters gathered; state_dict()'s pre-hook registers the
+    # shards again, which the load must find (it copies into the parameters it finds first).
+    module.state_dict()
+    set_model_state_dict(module, dict(state),  # a copy: the load replaces the dict's values with its own
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
