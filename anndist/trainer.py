@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from . import checkpoint, log
-from .dist import collectives, process_group
+from .dist import collectives, process_group, timeouts
 from .strategies import fsdp
 from .dist.agreement import StopAgreement
 from .callbacks.base import Callback
@@ -152,6 +152,7 @@ class Trainer:
         self._loader_state.attach(train_loader)  # before the resume, which may restore its position
         self.checkpoints.resume(resume_from)
         loader = self._loaders.train(train_loader)
+        plan.warn_if_never_evaluating(loader, self.config.gradient_accumulation_steps)
         self._plan, self._val_loader, self.stop_training = plan, val_loader, False
         try:
             self.callbacks.call("on_train_begin", trainer=self, logs={
@@ -169,7 +170,10 @@ class Trainer:
                                 logs={"history": self.history, "completed": plan.done(self.state)})
         except BaseException as exc:
             self.callbacks.call_on_exception(exc, trainer=self)
+            stuck = timeouts.never_arrived(exc, self.config.dist_timeout)  # the ranks a timeout waited for
             self._abort()
+            if stuck is not None:
+                raise stuck from exc
             raise
         finally:
             self._plan = self._val_loader = None
