@@ -169,11 +169,7 @@ class Trainer:
             self.callbacks.call("on_train_end", trainer=self,
                                 logs={"history": self.history, "completed": plan.done(self.state)})
         except BaseException as exc:
-            self.callbacks.call_on_exception(exc, trainer=self)
-            stuck = timeouts.never_arrived(exc, self.config.dist_timeout)  # the ranks a timeout waited for
-            self._abort()
-            if stuck is not None:
-                raise stuck from exc
+            self._fail(exc)
             raise
         finally:
             self._plan = self._val_loader = None
@@ -351,6 +347,15 @@ class Trainer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        """``fit`` raised: the callbacks' ``on_exception``, then the group goes; a collective that timed out
+        is raised again as an error naming the ranks that never arrived (``dist/timeouts.py``)."""
+        self.callbacks.call_on_exception(exc, trainer=self)
+        stuck = timeouts.never_arrived(exc, self.config.dist_timeout)
+        self._abort()
+        if stuck is not None:
+            raise stuck from exc
 
     def _abort(self) -> None:
         # Closing our group makes peers blocked in a collective fail fast instead of waiting for the timeout.
