@@ -227,14 +227,43 @@ def damaged_record(path: Path) -> str | None:
             return _first_damaged(records, mapped, data)
 
 
-def damaged_archive(data: bytes) -> str | None:
-    """``damaged_record`` for a ``torch.save`` archive already in memory (an item of a DCP shard)."""
-    try:
-        records = zipfile.ZipFile(io.BytesIO(data)).infolist()  # shares ``data``: no copy
-    except Exception as exc:  # BadZipFile, NotImplementedError, struct.error...: not an archive, or a garbled one
-        return f"it is not a whole torch.save archive ({type(exc).__name__}: {exc})"
+def damaged_archive(data: Any) -> str | None:
+    """``damaged_record`` for a ``torch.save`` archive in a buffer (an item of a DCP shard, mapped)."""
     with memoryview(data) as view:
-        return _first_damaged(records, data, view)
+        try:
+            records = zipfile.ZipFile(BufferReader(view)).infolist()  # reads the directory only
+        except Exception as exc:  # BadZipFile, NotImplementedError, struct.error...: not an archive, or garbled
+            return f"it is not a whole torch.save archive ({type(exc).__name__}: {exc})"
+        return _first_damaged(records, view, view)
+
+
+class BufferReader(io.RawIOBase):
+    """A read-only, seekable file over a buffer that copies nothing until read: ``readinto`` copies
+    straight into the reader's memory (torch.load's storages, zipfile's few directory bytes)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self.view, self.position = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self.view) - self.position))
+        buffer[:n] = self.view[self.position:self.position + n]
+        self.position += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: len(self.view)}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
 
 
 def _first_damaged(records: list[zipfile.ZipInfo], mapped: Any, data: memoryview) -> str | None:

@@ -9,8 +9,9 @@ a smaller one without a word. Here:
 * **before a load** (and when ``latest`` picks a folder), every reader checks ``.metadata`` against
   it, and that each shard the index names exists and is as long as the index says (a ``stat`` per
   file, no data read); then the checkpoint's tensor keys and shapes against the run's;
-* **during the load** (``CheckedReader``) each item DCP reads is checked, every record's CRC-32,
-  in the buffer ``torch.load`` then reads it from: each byte comes from the disk once.
+* **during the load** (``CheckedReader``) each item DCP reads is checked, every record's CRC-32:
+  the shard is mapped, the CRC pass brings the item's pages in and ``torch.load`` copies them into
+  the tensors from there, so each byte comes from the disk once and nothing is copied twice.
 
 Damage is a ``DamagedCheckpointError`` naming the file (a resume that picked the folder falls back
 to the previous good checkpoint, as for single files); a model that does not fit is a
@@ -19,13 +20,14 @@ existed gets every check but the index's checksum.
 """
 from __future__ import annotations
 
-import io
+import mmap
+import os
 import pickle
 import zlib
 from pathlib import Path
 from typing import Any
 
-from .file import CheckpointError, DamagedCheckpointError, damaged_archive, disk_full_error, write_text
+from .file import BufferReader, CheckpointError, DamagedCheckpointError, damaged_archive, disk_full_error, write_text
 
 METADATA = ".metadata"
 INDEX_CRC = ".metadata.crc32"
@@ -140,18 +142,25 @@ def checked_reader(folder: Path, metadata: Any) -> Any:
             metadata.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
             return metadata  # read and checked once, by read_index
 
-        def _slice_file(self, file: Any, sinfo: Any) -> io.BytesIO:
-            return io.BytesIO(read_item(folder, file, sinfo))
+        def _slice_file(self, file: Any, sinfo: Any) -> BufferReader:
+            if getattr(self, "_mapped_file", None) is not file:  # DCP reads a file's items one after another
+                self._mapped_file, self._mapped = file, _map(file)
+            return BufferReader(read_item(folder, Path(file.name), self._mapped, sinfo))
 
     return CheckedReader(folder)
 
 
-def read_item(folder: Path, file: Any, sinfo: Any) -> bytes:
-    """One item of a shard, checked: all its bytes there, and (for a plain ``torch.save`` item, which
-    is all anndist writes) every record's CRC-32."""
-    shard = Path(file.name)
-    file.seek(sinfo.offset)
-    data = file.read(sinfo.length)
+def _map(file: Any) -> memoryview:
+    """The whole shard, mapped (an empty one as an empty buffer): pages are read once, when touched."""
+    size = os.fstat(file.fileno()).st_size
+    return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+
+
+def read_item(folder: Path, shard: Path, mapped: memoryview, sinfo: Any) -> memoryview:
+    """One item of a mapped shard, checked: all its bytes there, and (for a plain ``torch.save`` item,
+    which is all anndist writes) every record's CRC-32. The CRC pass brings the pages in; torch.load
+    then copies them straight into the tensors: each byte is read from the disk once."""
+    data = mapped[sinfo.offset:sinfo.offset + sinfo.length]
     if len(data) != sinfo.length:
         raise DamagedCheckpointError(f"checkpoint {folder} cannot be read: its shard {shard} is truncated (the item "
                                      f"at offset {sinfo.offset} has {len(data)} of its {sinfo.length} bytes)")
