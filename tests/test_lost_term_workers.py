@@ -62,3 +62,40 @@ def test_a_term_to_the_process_group_saves_exits_75_and_the_rerun_resumes(tmp_pa
     assert code == 0, stderr[-3000:]
     assert f"resumed from {saved}" in stderr and "fit returned at step 32" in stdout
     assert torch.load(tmp_path / "weights.pt")["step"] == 32
+
+
+LATE_DUPLICATE = """
+import os, signal, sys, time, torch
+from torch.utils.data import DataLoader
+sys.path.insert(0, "tests")
+from anndist import Callback, Trainer
+from anndist.callbacks.preemption import REPEAT_AFTER_S
+from models import make_dataset, make_model
+class Term(Callback):
+    def on_batch_end(self, batch_idx, trainer, logs=None):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # Slurm's TERM
+class SlowSave(Callback):
+    # Its state is collected by the save: the save takes longer than REPEAT_AFTER_S, as on a loaded
+    # machine, and the launcher's copy of the same TERM arrives in the middle of it.
+    def state_dict(self):
+        if trainer.stop_training:
+            time.sleep(REPEAT_AFTER_S + 0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+model = make_model()
+trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                  callbacks=[Term(), SlowSave()], checkpoint_dir=sys.argv[1], progress_bar=False)
+trainer.fit(DataLoader(make_dataset(), batch_size=8), num_epochs=3)
+"""
+
+
+def test_a_late_duplicate_term_during_the_preemption_save_does_not_kill_the_rank(tmp_path):
+    """On a loaded machine the copies of one TERM (Slurm's, the batch shell's, the launcher's) can arrive
+    more than REPEAT_AFTER_S apart; one that comes while the rank saves must not kill it mid-save (a
+    real-Slurm run once ended with exit -15 there)."""
+    proc = subprocess.run([sys.executable, "-c", LATE_DUPLICATE, str(tmp_path / "ckpt")], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=LIMIT_S)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, (proc.returncode, proc.stderr[-3000:])
+    saved = latest_checkpoint(tmp_path / "ckpt")
+    assert read_checkpoint(saved)["metadata"] == {"reason": "preempted", "signal": "SIGTERM"}
