@@ -1,6 +1,6 @@
 """Sharded (DCP) checkpoint folders that are damaged, or of another model (issue 26, cases 3 and 4, and
 the weak DCP items), in one process: ``strategy="fsdp"`` and DDP with ``async_checkpoint=True`` both
-save folders. The two-rank cases are in ``test_lost_fsdp_ranks.py``.
+save folders. The two-rank cases are in ``test_lost_two_ranks.py``.
 
 A flipped byte inside a shard, a truncated, empty or missing shard, a flipped byte in ``.metadata``:
 loading the folder is a ``CheckpointError`` naming the file; ``auto_resume`` falls back to the

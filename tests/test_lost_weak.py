@@ -2,7 +2,7 @@
 
 A sharded save on a full disk (asynchronous or not) is an ``OSError(ENOSPC)`` naming the checkpoint,
 through the callback error wrapping, the previous checkpoint kept; a rank whose stream is empty is
-named; ``eval_every_n_steps`` past the run's end is said at the start; a monitor that needs a val
+named (in ``test_lost_two_ranks.py``, which has the spawn); ``eval_every_n_steps`` past the run's end is said at the start; a monitor that needs a val
 loader, and a ``latest`` that is a folder, fail at ``fit``'s start; a NaN from a micro-batch whose
 items were all ignored says so; a collective timeout names the rank that never arrived.
 """
@@ -25,7 +25,6 @@ from anndist import (CallbackError, EarlyStopping, ModelCheckpoint, NonFiniteLos
 from exit_trials import free_port
 from models import make_dataset, make_model
 from processes import ROOT, child_env
-from spawn_ranks import run_spawn
 
 
 def _trainer(model=None, callbacks=(), **options):
@@ -74,22 +73,6 @@ def test_a_sharded_save_on_a_full_disk_is_an_oserror_naming_it_and_keeps_the_las
     fresh = nn.Linear(384, 384)
     Trainer(fresh, torch.optim.SGD(fresh.parameters(), lr=0.01), nn.MSELoss(), handle_signals=False,
             **options).load_checkpoint(kept)  # loads: nothing lost
-
-
-# ---------------------------------------------------------------- a rank whose stream is empty
-def _empty_stream_on_rank_1(rank, world_size):
-    batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,))) for _ in range(4)] if rank == 0 else []
-    try:
-        _trainer().fit(batches, num_epochs=1)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def test_a_rank_whose_stream_is_empty_is_named_on_every_rank():
-    for message in run_spawn(_empty_stream_on_rank_1, 2, timeout=120):
-        assert message is not None and message.startswith(
-            "the train loader of rank(s) [1] yielded no batch at the start of this epoch, while rank(s) [0] had some")
 
 
 # ---------------------------------------------------------------- said at fit's start

@@ -1,6 +1,6 @@
-"""Two FSDP ranks (issue 26, cases 3 and 5), in one spawn: a flipped byte in rank 1's shard is found
-by rank 1 and every rank falls back together; EarlyStopping's best weights survive a resume as each
-rank's own shard, not rank 0's.
+"""Two ranks in one spawn (issue 26): under FSDP, a flipped byte in rank 1's shard is found by rank 1
+and every rank falls back together (case 3); EarlyStopping's best weights survive a resume as each
+rank's own shard, not rank 0's (case 5); a rank whose stream is empty is named on every rank (weak).
 """
 from __future__ import annotations
 
@@ -111,8 +111,20 @@ def _best_weights_across_a_resume(rank, root):
             "resumed": _whole(second), "stops": (early.stopped_step, later.stopped_step, later.best_step)}
 
 
+def _empty_stream_on_rank_1(rank):
+    batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,))) for _ in range(4)] if rank == 0 else []
+    model = make_model()
+    try:
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), progress_bar=False,
+                handle_signals=False).fit(batches, num_epochs=1)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _scenarios(rank, world_size, root):
-    return {"damaged": _damaged_shard_of_rank_1(rank, root), "early": _best_weights_across_a_resume(rank, root)}
+    return {"damaged": _damaged_shard_of_rank_1(rank, root), "early": _best_weights_across_a_resume(rank, root),
+            "empty": _empty_stream_on_rank_1(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +146,9 @@ def test_early_stopping_restores_each_ranks_own_best_shard_after_a_resume(ranks)
     assert early["stops"] == (12, 12, 6)  # 2 steps per epoch: best at epoch 2, stopped after epoch 5
     assert torch.equal(early["uninterrupted"], early["best_epoch_weights"])
     assert torch.equal(early["resumed"], early["uninterrupted"])  # both ranks got their own shard back
+
+
+def test_a_rank_whose_stream_is_empty_is_named_on_every_rank(ranks):
+    for rank in ranks:
+        assert rank["empty"] is not None and rank["empty"].startswith(
+            "the train loader of rank(s) [1] yielded no batch at the start of this epoch, while rank(s) [0] had some")
