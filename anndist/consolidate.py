@@ -15,7 +15,7 @@ import torch
 from .checkpoint.file import atomic_write
 from .checkpoint.folder import resolve
 from .checkpoint.integrity import checked_reader, failure
-from .checkpoint.sharded import read_run_file
+from .checkpoint.sharded import is_dcp_failure, read_run_file
 
 
 def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
@@ -28,10 +28,10 @@ def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
     try:
         _load_state_dict(everything, storage_reader=checked_reader(path, index), planner=_EmptyStateDictLoadPlanner(),
                          no_dist=True)
-    except BaseException as exc:  # DCP's CheckpointException
-        if type(exc).__name__ != "CheckpointException":
+    except BaseException as exc:
+        if not is_dcp_failure(exc):
             raise
-        raise failure(exc, path, "reading") from None
+        raise failure(exc, path, "reading") from exc
     model = everything["model"]
     return atomic_write(out, lambda file: torch.save(model, file))
 

@@ -67,9 +67,9 @@ class ShardedStates:
         try:
             future.result()  # raises the write's error
         except BaseException as exc:  # DCP's CheckpointException is a BaseException naming no file
-            if not _is_dcp_failure(exc):
+            if not is_dcp_failure(exc):
                 raise
-            raise integrity.failure(exc, path, "writing") from None
+            raise integrity.failure(exc, path, "writing") from exc
         if committed is not None:
             committed.wait()
             if committed.error is not None:
@@ -115,9 +115,9 @@ def save(path: Path, sharded: ShardedStates, payload: dict[str, Any], publish: C
         try:
             dcp.save(state, checkpoint_id=tmp)
         except BaseException as exc:
-            if not _is_dcp_failure(exc):
+            if not is_dcp_failure(exc):
                 raise
-            raise integrity.failure(exc, path, "writing") from None
+            raise integrity.failure(exc, path, "writing") from exc
         collectives.run_collectively(lambda: _commit(tmp, path, publish) if main else None)
     sharded.last_blocked_s = time.perf_counter() - started
     logger.info("%s checkpoint %s: training blocked %.3f s (%.3f s of it waiting for the previous save)",
@@ -198,14 +198,15 @@ def load(path: Path, sharded: ShardedStates, index: Any) -> None:
     try:
         dcp.load(state, storage_reader=integrity.checked_reader(path, index))
     except BaseException as exc:
-        if not _is_dcp_failure(exc):
+        if not is_dcp_failure(exc):
             raise
-        raise integrity.failure(exc, path, "reading") from None
+        raise integrity.failure(exc, path, "reading") from exc
     for name, obj in sharded.states.items():
         obj.load_state_dict(state[name])
 
 
-def _is_dcp_failure(exc: BaseException) -> bool:
+def is_dcp_failure(exc: BaseException) -> bool:
+    """DCP's ``CheckpointException``: a BaseException that names no file (``integrity.failure`` does)."""
     from torch.distributed.checkpoint.api import CheckpointException
     return isinstance(exc, CheckpointException)
 
