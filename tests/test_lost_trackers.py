@@ -138,3 +138,13 @@ def test_a_failing_tracker_is_logged_once_and_the_run_goes_on(warnings):
     assert trainer.global_step == 24 and tracker.run_id is None
     assert len([w for w in warnings if "MLflowCallback failed" in w]) == 1, warnings
     assert not [w for w in warnings if "did not take" in w]  # every call ran (and failed or was skipped) in time
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (float("inf"), ValueError), ("30", TypeError),
+                                          (True, TypeError)])
+def test_close_timeout_must_be_positive_seconds(value, error):
+    pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'anndist[mlflow]'")
+    from anndist import MLflowCallback
+
+    with pytest.raises(error, match="close_timeout"):
+        MLflowCallback(close_timeout=value)

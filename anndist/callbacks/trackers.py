@@ -62,10 +62,12 @@ class TrackerCallback(MetricsCallback):
 
     def __init__(self, log_interval: int, close_timeout: float = 30.0) -> None:
         super().__init__(log_interval)
-        if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)) or not (
-                0 < close_timeout < float("inf")):
-            raise ValueError(f"close_timeout={close_timeout!r} must be a positive number of seconds (how long the end "
-                             "of fit waits for the tracker)")
+        if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)):
+            raise TypeError(f"close_timeout must be a number of seconds, got {type(close_timeout).__name__} "
+                            f"{close_timeout!r}")
+        if not 0 < close_timeout < float("inf"):
+            raise ValueError(f"close_timeout={close_timeout!r} must be a positive, finite number of seconds (how long "
+                             "the end of fit waits for the tracker)")
         if importlib.util.find_spec(self.package) is None:
             raise ImportError(f"{type(self).__name__} needs {self.package}: pip install 'anndist[{self.extra}]'")
         self.close_timeout = float(close_timeout)
