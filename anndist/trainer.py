@@ -33,7 +33,7 @@ from .data.batch import split_batch
 from .data.epoch_reader import epoch_position, micro_batches
 from .data.loaders import LoaderState, RankLoaders, resumes_by_index, start_position
 from .data.sampler import start_epoch
-from .dist import collectives, process_group
+from .dist import collectives, process_group, timeouts
 from .dist.agreement import StopAgreement
 from .dist.device import default_device
 from .dist.env import DistEnv, detect_env
@@ -180,10 +180,12 @@ class Trainer:
         self._loader_state.attach(train_loader)  # before the resume, which may restore its position
         self.checkpoints.resume(resume_from)
         loader = self._loaders.train(train_loader)
+        plan.warn_if_never_evaluating(loader, self.config.gradient_accumulation_steps)
         self._plan, self._val_loader, self.stop_training = plan, val_loader, False
         try:
             self.callbacks.call("on_train_begin", trainer=self, logs={
-                "num_epochs": num_epochs, "max_steps": max_steps, "start_epoch": self.epoch})
+                "num_epochs": num_epochs, "max_steps": max_steps, "start_epoch": self.epoch,
+                "validates": val_loader is not None})
             while not plan.done(self.state) and not self.stop_training:
                 logs = self._train_epoch(loader)
                 if logs is None:  # stopped mid-epoch: the position stays for a checkpoint
@@ -195,8 +197,7 @@ class Trainer:
             self.callbacks.call("on_train_end", trainer=self,
                                 logs={"history": self.history, "completed": plan.done(self.state)})
         except BaseException as exc:
-            self.callbacks.call_on_exception(exc, trainer=self)
-            self._abort()
+            self._fail(exc)
             raise
         finally:
             self._plan = self._val_loader = None
@@ -259,13 +260,15 @@ class Trainer:
         return True
 
     def _validate(self, loader: Iterable, when: str) -> dict[str, float]:
-        """Evaluate inside fit; a step evaluation is recorded (with its step) and steps a plateau scheduler."""
+        """Evaluate inside fit (the agreement settled first, as evaluation runs collectives)."""
         self._agreement.settle()  # no stop proposal in flight across evaluation's collectives
-        logs = self._evaluate(loader, when)
-        if when == "step":
-            self.state.record({**logs, "eval_step": self.global_step}, self._history_keys + ("eval_step",))
-            step_plateau(self.scheduler, self.config.scheduler_monitor, logs)
-        return logs
+        return self._evaluate(loader, when)
+
+    def _record_step_evaluation(self, logs: dict[str, float]) -> None:
+        """A step evaluation in the history (with its step) and a plateau scheduler's step: before the
+        callbacks see it, so that a checkpoint they save holds it (as an epoch end's does)."""
+        self.state.record({**logs, "eval_step": self.global_step}, self._history_keys + ("eval_step",))
+        step_plateau(self.scheduler, self.config.scheduler_monitor, logs)
 
     def _step_epoch_scheduler(self, logs: dict[str, float]) -> None:
         cfg = self.config
@@ -285,6 +288,8 @@ class Trainer:
         self.callbacks.call("on_evaluate_begin", trainer=self, logs={"when": when})
         strategy = self.strategy
         metrics = self._evaluator(strategy.forward_module, strategy.eval_batches(self._loaders.eval(loader)))
+        if when == "step":
+            self._record_step_evaluation(metrics)
         self.callbacks.call("on_evaluate_end", trainer=self, logs={
             **metrics, "when": when, "epoch": self.epoch, "global_step": self.global_step})
         return metrics
@@ -374,6 +379,15 @@ class Trainer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        """``fit`` raised: the callbacks' ``on_exception``, then the group goes; a collective that timed out
+        is raised again as an error naming the ranks that never arrived (``dist/timeouts.py``)."""
+        self.callbacks.call_on_exception(exc, trainer=self)
+        stuck = timeouts.never_arrived(exc, self.config.dist_timeout)
+        self._abort()
+        if stuck is not None:
+            raise stuck from exc
 
     def _abort(self) -> None:
         # Closing our group makes peers blocked in a collective fail fast instead of waiting for the timeout.

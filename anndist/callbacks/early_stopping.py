@@ -18,8 +18,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from ..dist import collectives
 from .base import Callback
+from .monitoring import check_monitor, step_mode
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
@@ -84,7 +87,10 @@ class EarlyStopping(Callback):
 
     # ---------------------------------------------------------------- hooks
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        check_monitor("EarlyStopping", self.monitor, trainer, logs)
         self._stopped_this_fit = False
+        if not trainer.is_main_process and self.best_weights:  # restored from a checkpoint: rank 0's copy serves
+            self.best_weights = {}
         if self.wait >= self.patience:  # restored from a checkpoint saved after the stop: every rank alike
             logger.info("EarlyStopping: %s has not improved for %d evaluations since step %s; stopping at once "
                         "(use a new EarlyStopping to train further)", self.monitor, self.wait, self.best_step)
@@ -96,7 +102,7 @@ class EarlyStopping(Callback):
             self._judge(trainer, logs, logs.get("epoch", trainer.epoch))
 
     def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
-        if getattr(trainer, "eval_every_n_steps", None) is None:  # epoch mode: once per epoch
+        if not step_mode(trainer):  # epoch mode: once per epoch
             self._judge(trainer, logs or {}, epoch)
 
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
@@ -104,7 +110,7 @@ class EarlyStopping(Callback):
         # latest weights, so only our own stop or a complete fit restores the best ones.
         if (self.restore_best_weights and self.best_weights is not None and self.best_step != trainer.global_step
                 and (self._stopped_this_fit or not trainer.stop_training)):
-            trainer.module.load_state_dict(self.best_weights)
+            load_whole_state_dict(trainer.module, self.best_weights)
             logger.info("EarlyStopping: restored the weights of step %d (%s %.6g)", self.best_step, self.monitor,
                         self.best)
 
@@ -128,7 +134,7 @@ class EarlyStopping(Callback):
         if self.improves(value):
             self.best, self.best_step, self.best_epoch, self.wait = value, trainer.global_step, epoch, 0
             if self.restore_best_weights:
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.module.state_dict().items()}
+                self.best_weights = whole_state_dict(trainer.module)
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -162,3 +168,27 @@ class EarlyStopping(Callback):
         weights = state.get("best_weights")
         self.best_weights = ({k: v.to("cpu") for k, v in weights.items()}
                              if self.restore_best_weights and weights is not None else None)
+
+
+def whole_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the whole model's weights, on rank 0 (other ranks get ``{}``); call it on every rank.
+
+    Under FSDP the shards are gathered (each rank's own shard would be saved from rank 0 alone and
+    then loaded into every rank); replicated weights are simply copied on rank 0.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A model on the CPU may get its own tensors back (nothing to offload), which training goes on changing.
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return {key: value.detach().clone() if on_cpu else value.detach() for key, value in state.items()}
+
+
+def load_whole_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load rank 0's ``whole_state_dict`` into every rank (each keeps its shard under FSDP); every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    broadcast = collectives.is_initialized() and collectives.world_size() > 1
+    # An evaluation can leave a sharded root's parameters gathered; state_dict()'s pre-hook registers the
+    # shards again, which the load must find (it copies into the parameters it finds first).
+    module.state_dict()
+    set_model_state_dict(module, dict(state),  # a copy: the load replaces the dict's values with its own
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))

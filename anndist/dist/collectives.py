@@ -71,17 +71,33 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def run_collectively(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (no one waits forever)."""
+def run_collectively(fn: Callable[[], Any], share: tuple[type[Exception], ...] = ()) -> Any:
+    """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (no one waits forever).
+
+    An error of a class in ``share`` (the first that matches) is raised on every rank as that class
+    with the failing rank's message, the lowest failing rank's when several failed, so that every
+    rank can take the same decision on it (a resume falling back to an older checkpoint).
+    """
     error: BaseException | None = None
     result = None
     try:
         result = fn()
     except Exception as exc:  # re-raised below, after the ranks have compared notes
         error = exc
-    failed = [r for r, e in enumerate(all_gather_object(error is not None)) if e]
+    report = None if error is None else (_shared_class(error, share), str(error))
+    reports = all_gather_object(report)  # healthy: one object of None per rank, as a flag would be
+    failed = [r for r, e in enumerate(reports) if e is not None]
+    if not failed:
+        return result
+    first, (index, message) = failed[0], reports[failed[0]]
+    if index is not None:
+        if error is not None and first == rank():
+            raise error
+        raise share[index](message if first == rank() else f"{message} (on rank {first})") from error
     if error is not None:
         raise error
-    if failed:
-        raise RuntimeError(f"rank(s) {failed} failed in a collective step; see their tracebacks")
-    return result
+    raise RuntimeError(f"rank(s) {failed} failed in a collective step; see their tracebacks")
+
+
+def _shared_class(error: BaseException, share: tuple[type[Exception], ...]) -> int | None:
+    return next((i for i, cls in enumerate(share) if isinstance(error, cls)), None)

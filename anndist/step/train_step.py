@@ -76,7 +76,7 @@ class TrainStep:
         """The optimizer step that ends the window, whose losses then go to the epoch's sums; return
         False when it was skipped."""
         window = self.window
-        stepped = self.optimizer_step(window.correction(where), window.losses, where)
+        stepped = self.optimizer_step(window.correction(where), window.losses, where, window.counts)
         self.epoch_sums.add_window(window.losses, window.counts, stepped)
         window.reset()
         return stepped

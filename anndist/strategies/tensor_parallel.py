@@ -132,13 +132,13 @@ def check_same_batches(mine: str | None, data_rank: int) -> None:
     batches: they compute one batch together, so different data would train on a mix of the two."""
     seen = collectives.all_gather_object((data_rank, mine))
     groups: dict[int, list[tuple[int, str | None]]] = {}
-    for rank, (shard, digest) in enumerate(seen):
-        groups.setdefault(shard, []).append((rank, digest))
-    for shard, members in groups.items():
+    for rank, (data_shard, digest) in enumerate(seen):
+        groups.setdefault(data_shard, []).append((rank, digest))
+    for data_shard, members in groups.items():
         if len({digest for _, digest in members}) > 1:
             ranks = [rank for rank, _ in members]
             raise ValueError(
-                f"ranks {ranks} form one tensor-parallel group (data-parallel rank {shard}) and read different first "
+                f"ranks {ranks} form one tensor-parallel group (data-parallel rank {data_shard}) and read different first "
                 "batches this epoch; the ranks of a tensor-parallel group compute on one batch together, so their "
                 "loaders must yield the same batches: build a per-rank loader from trainer.strategy.data_rank "
                 "(rank // tp_size) and data_world_size, not from the rank, or pass a DataLoader anndist shards")

@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args()
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    from spawn_ranks import run_spawn
+    from support import run_spawn
     params = sum(p.numel() for p in Net(args.width, args.blocks).parameters())
     print(f"{args.blocks} blocks of width {args.width} ({params / 1e6:.1f}M parameters), {args.tokens} rows per "
           "data shard, AdamW, 3 steps; per rank, the largest: peak RSS above the RSS before the model, model state")

@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
-    from spawn_ranks import run_spawn
+    from support import run_spawn
     for layout in (list(LAYOUTS) if args.layout == "all" else [args.layout]):
         args.layout = layout
         report(layout, run_spawn(ranks_main, LAYOUTS[layout][0], args)[0], args)

@@ -180,7 +180,9 @@ def test_sigterm_as_at_a_time_limit_leaves_a_complete_checkpoint(cluster, tmp_pa
     """Case 5: TERM to every process of the job (`scancel --full --signal=TERM`, what a time limit sends
     before SIGKILL) with torchrun inside the job: the ranks stop together and save; no requeue."""
     ckpt = tmp_path / "ckpt"
-    job = submit(cluster, "single_node.sbatch", tmp_path, "--checkpoint-dir", str(ckpt))
+    # Ten times the epochs (the last --epochs counts): the TERM ends the run anyway, and on a loaded
+    # machine it may take longer than 40 epochs' ~3 s to land; nothing here is compared with the reference.
+    job = submit(cluster, "single_node.sbatch", tmp_path, "--checkpoint-dir", str(ckpt), "--epochs", str(10 * EPOCHS))
     job.wait_for_log("epoch 0 |")
     job.scancel("--full", "--signal=TERM")
     result = finished(job, tmp_path)
@@ -195,7 +197,7 @@ def test_sigterm_as_at_a_time_limit_leaves_a_complete_checkpoint(cluster, tmp_pa
     assert path is not None, sorted(p.name for p in ckpt.iterdir())
     payload = read_checkpoint(path)  # a complete, readable anndist checkpoint (raises if torn)
     progress = payload["states"]["train_state"]
-    assert progress["global_step"] == stopped_at and 0 < stopped_at < EPOCHS * 23
+    assert progress["global_step"] == stopped_at and 0 < stopped_at < 10 * EPOCHS * 23
     assert progress["world_size"] == 2 and len(payload["ranks"]) == 2
     assert payload["metadata"] == {"reason": "preempted", "signal": "SIGTERM"}
     assert not Path(result["weights"]).exists()  # nothing after fit() ran

@@ -143,8 +143,10 @@ def test_step_mode_fit_stops_at_the_evaluation_that_spends_the_patience():
 
 def test_a_missing_metric_is_named():
     trainer = scripted_trainer(EarlyStopping("val_f1"))
-    with pytest.raises(CallbackError, match=r"monitor='val_f1'\): not among this epoch's metrics .*'val_score'"):
+    with pytest.raises(CallbackError, match=r"on_train_begin .*monitor='val_f1'\) is not a metric of an epoch: "
+                                            r"they are .*'val_score'"):
         trainer.fit(_loaders()[0], num_epochs=2, val_loader=_loaders()[1])
+    assert trainer.global_step == 0  # found at the start, not after an epoch of training
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

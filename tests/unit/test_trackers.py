@@ -4,10 +4,7 @@ tests/multiprocess/test_trackers.py).
 
 Skipped when the tracker package is missing (``pip install 'anndist[mlflow]'`` / ``'anndist[wandb]'``).
 """
-import glob
-import json
 import os
-import struct
 
 import pytest
 from torch.utils.data import DataLoader
@@ -15,7 +12,7 @@ from torch.utils.data import DataLoader
 from anndist import MetricsCallback, MLflowCallback, WandbCallback
 from anndist.callbacks import trackers
 from support import make_dataset
-from support.trackers import mlflow_history, tracker_loader, tracker_trainer
+from support.trackers import mlflow_history, tracker_loader, tracker_trainer, wandb_history
 
 STEPS_PER_EPOCH = 4  # 32 samples, batch 8
 
@@ -114,50 +111,6 @@ def test_mlflow_evaluate_outside_fit_logs_to_the_same_run(tmp_path, mlflow):
 
 
 # ---------------------------------------------------------------- W&B
-def wandb_records(path):
-    """The protobuf records of a ``.wandb`` file (W&B's LevelDB-style log: a 7-byte header ``:W&B``,
-    then 32 KiB blocks of chunks ``crc32, length, type`` + data; types 1 full, 2 first, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B", f"{path} is not a W&B data file"
-    position, block, pending = 7, 32768, b""
-    while position + 7 <= len(data):
-        room = block - position % block
-        if room < 7:  # the block's tail is padding
-            position += room
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        if kind == 0:  # zero fill to the block's end
-            position += room
-            continue
-        pending += data[position + 7:position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            yield record
-
-
-def _wandb_history(folder):
-    """Run ids, each attempt's config, and ``{metric: [(step, value), ...]}`` of the offline runs under ``folder``."""
-    ids, configs, history = [], [], {}
-    for path in sorted(glob.glob(os.path.join(folder, "wandb", "offline-run-*", "run-*.wandb"))):
-        for record in wandb_records(path):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                ids.append(record.run.run_id)
-                configs.append({item.key: json.loads(item.value_json) for item in record.run.config.update})
-            elif kind == "history":
-                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                       for item in record.history.item}
-                for key, value in row.items():
-                    if not key.startswith("_"):
-                        history.setdefault(key, []).append((row["_step"], value))
-    return ids, configs, history
-
-
 def test_wandb_offline_run_resumed_with_the_same_id(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed: pip install 'anndist[wandb]'")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -165,7 +118,7 @@ def test_wandb_offline_run_resumed_with_the_same_id(tmp_path, monkeypatch):
     first, resumed, records = _run_then_resume(
         tmp_path, lambda: WandbCallback("tests", mode="offline", dir=folder, log_interval=2), total_epochs=2)
     assert resumed.run_id == first.run_id is not None
-    ids, configs, history = _wandb_history(str(folder))
+    ids, configs, history = wandb_history(str(folder))
     assert ids == [first.run_id, first.run_id]  # one offline folder per attempt, one run id
     assert configs[0]["world_size"] == 1 and "world_size" not in configs[1]  # params once, at creation
     expected = _expected(records)
