@@ -5,9 +5,10 @@ Healthy cost: two hook calls per micro-batch that store ``time.monotonic()`` and
 collective, no lock). A daemon thread per rank wakes every few seconds and compares. When the
 heartbeat is stale it (1) writes every thread's stack (``faulthandler``) to
 ``<checkpoint_dir or cwd>/watchdog-rank{r}.txt`` and to stderr; (2) posts this rank's counter to the
-group's store and reads the others' (the store, not the process group: the main thread may be
-inside a collective on it), the lowest or missing counters being the ranks that are behind; (3)
-logs one line naming them, records it as torchrun's error for this rank, and ends the process with
+group's store (the store, not the process group: the main thread may be inside a collective on it);
+the first rank to post waits a little for the others, reads every counter in one go and publishes
+the verdict, the lowest or missing counters being the ranks that are behind, which the other ranks
+read (a few store operations per rank, ``dist/arrival.py``); (3) logs one line naming them, records it as torchrun's error for this rank, and ends the process with
 ``os._exit``. Why ``os._exit``: the main thread is blocked in a collective or in user code, where an
 exception raised into it (``_thread.interrupt_main``) is not seen until it returns, which it may
 never do; exiting lets torchrun stop the job at once. The ranks that are behind exit first and the
@@ -71,9 +72,8 @@ class Watchdog(Callback):
         behind, counts = self._behind()
         who = (f"rank(s) {behind} did not reach the collective" if behind else
                "no rank is behind another: they hang together (a collective, I/O, a deadlock)")
-        where = ", ".join(f"rank {r} at {counts.get(r, 'unknown')}" for r in range(self.world_size))
         message = (f"watchdog: no micro-batch started or ended for {stale:.0f} s (watchdog_timeout={self.timeout:g}); "
-                   f"{who} (hook calls per rank: {where}); "
+                   f"{who} (hook calls per rank: {counts}); "
                    f"stacks in {self.path.parent}/watchdog-rank*.txt")
         if self.rank == 0:
             logger.error(message)
@@ -98,16 +98,46 @@ class Watchdog(Callback):
         sys.stderr.flush()
         faulthandler.dump_traceback(sys.stderr, all_threads=True)
 
-    def _behind(self) -> tuple[list[int], dict[int, int]]:
-        """The ranks with the lowest hook count, or none posted (a rank that cannot run Python)."""
+    def _behind(self) -> tuple[list[int], str]:
+        """The ranks with the lowest hook count, or none posted (a rank that cannot run Python), and the
+        counts in words; judged by the first rank to fire, read by the others."""
         if self.store is None or self.world_size == 1:
-            return [self.rank], {self.rank: self.count}
-        prefix = "anndist/watchdog"
-        arrival.post(self.store, prefix, self.rank, str(self.count))
-        missing = arrival.missing_ranks(self.store, prefix, self.world_size, min(self.timeout, 10.0))
-        counts = {r: int(arrival.read(self.store, prefix, r)) for r in range(self.world_size) if r not in missing}
-        lowest = min(counts.values())
-        return sorted(missing + [r for r, c in counts.items() if c == lowest and len(set(counts.values())) > 1]), counts
+            return [self.rank], f"rank {self.rank} at {self.count}"
+        point = arrival.Arrivals(self.store, "anndist/watchdog", self.world_size)
+        point.arrive(self.rank, str(self.count))
+        verdict = point.verdict(lambda: judge(point.arrived(), self.world_size), min(self.timeout, 10.0))
+        if verdict is None:
+            return [], "unknown (the rank judging them did not answer)"
+        behind, _, counts = verdict.partition(";")
+        return [int(r) for r in behind.split(",") if r], counts
+
+
+def judge(counts: dict[int, str], world_size: int) -> str:
+    """``"<behind ranks>;<counts in words>"`` from every posted hook count: the ranks with the lowest count
+    (when counts differ) and those that posted none are behind. The words group ranks by count, so the
+    line stays short at any number of ranks."""
+    missing = [r for r in range(world_size) if r not in counts]
+    values = {r: int(c) for r, c in counts.items()}
+    lowest = min(values.values()) if values else None
+    behind = missing + ([r for r, c in values.items() if c == lowest] if len(set(values.values())) > 1 else [])
+    by_count: dict[int, list[int]] = {}
+    for r, c in sorted(values.items()):
+        by_count.setdefault(c, []).append(r)
+    words = [f"{_ranks(ranks)} at {c}" for c, ranks in sorted(by_count.items())]
+    words += [f"{_ranks(missing)} unknown"] if missing else []
+    return ",".join(map(str, sorted(behind))) + ";" + ", ".join(words)
+
+
+def _ranks(ranks: list[int]) -> str:
+    """``rank 3``, ``ranks 0-2``, ``ranks 0-2, 5`` (runs of consecutive ranks as ranges)."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][-1] + 1:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    text = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
 
 
 def _record_for_torchrun(message: str) -> None:

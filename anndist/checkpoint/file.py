@@ -6,41 +6,35 @@ fsynced so the rename itself survives a power cut. A kill at any moment therefor
 old file or the new one under the final name, never a torn one; what a kill can leave behind is a
 temporary file, whose name starts with ``.`` and ends with ``.tmp`` and which readers ignore.
 
-Reads first check the CRC-32 that torch.save stores with every zip record (torch's reader does not,
-so a flipped byte inside a tensor would load as a wrong weight), then use
-``torch.load(weights_only=True)``: a checkpoint can hold tensors, numbers, strings, lists and dicts,
-never arbitrary pickled objects. Nothing here knows about ranks: callers decide who writes.
+Reads check the CRC-32 that torch.save stores with every zip record (torch's reader does not, so a
+flipped byte inside a tensor would load as a wrong weight) as ``torch.load(weights_only=True)`` reads
+the record, on the bytes it just read into the tensor: each byte is read from the file once, and a
+damaged record stops the load before anything is returned. A checkpoint can hold tensors, numbers,
+strings, lists and dicts, never arbitrary pickled objects. ``check_whole`` and ``peek_checkpoint``
+are the cheap looks that choosing among checkpoints uses: the zip directory (sizes, where each record
+lies), no data. Nothing here knows about ranks: callers decide who writes and who reads.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
-import mmap
 import os
 import re
 import shutil
-import struct
 import uuid
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from .errors import CheckpointError, DamagedCheckpointError
+from .zip_checks import CheckedFile, damaged, damaged_record, directory
+from .zip_checks import BufferReader, damaged_archive  # noqa: F401 (their callers import them from here too)
+
 FORMAT = "anndist.checkpoint"
 FORMAT_VERSION = 2  # 1: anndist 0.1 (read and upgraded by payload.upgrade)
 TEMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be used; the message names the file and what is wrong with it."""
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A checkpoint whose bytes are not those written (cut short, missing, changed): a resume that
-    chose it from a folder falls back to the previous good one."""
 
 
 def temp_path(path: Path) -> Path:
@@ -178,123 +172,64 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """Load an anndist checkpoint; raise an error naming ``path`` if it is missing, torn, damaged or foreign.
 
-    Every record's CRC-32 is checked first, with or without ``mmap``. ``mmap=True`` then maps the tensor
-    data instead of copying it: the check that a file is whole and intact, without the cost of a load.
+    Every record's CRC-32 is checked as the load reads it (``CheckedFile``). ``mmap=True`` maps the
+    tensor data instead of copying it, after a CRC pass over the mapped file.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"checkpoint {path} is a folder; pass a checkpoint file, or resume_from={str(path)!r} to fit() "
-            "to resume from the latest checkpoint in it")
-    try:
-        whole = zipfile.is_zipfile(path)  # reads the archive's trailer: a cut-short file has none
-    except zipfile.BadZipFile as exc:  # a trailer that is there but contradicts itself
-        raise DamagedCheckpointError(f"checkpoint {path} cannot be read, it is damaged: its zip trailer is invalid "
-                              f"({exc}); use an earlier checkpoint") from exc
-    if not whole:
-        raise DamagedCheckpointError(
-            f"checkpoint {path} ({path.stat().st_size} bytes) is truncated or not a torch.save file: it has no "
-            "complete zip directory; it was cut short (a crash while copying it?) or is another kind of file")
-    problem = damaged_record(path)
-    if problem is not None:
-        raise DamagedCheckpointError(
-            f"checkpoint {path} cannot be read, it is damaged: {problem}; use an earlier checkpoint")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:
-        raise CheckpointError(_load_failure(path, exc)) from exc
+    records = directory(path)
+    if mmap:
+        problem = damaged_record(path)
+        if problem is not None:
+            raise damaged(path, problem)
+        payload = _torch_load(path, path, mmap=True)
+    else:
+        payload = _load_checked(path, records)
     check_format(payload, path)
     return payload
 
 
-def damaged_record(path: Path) -> str | None:
-    """What is damaged inside the zip archive ``path`` (a record whose CRC-32 does not match), or None.
-
-    The data is read through a memory map, so checking costs one pass of zlib.crc32 over the file
-    and no copy. A record stored with CRC 0 is not checked: torch writes 0 for every record after
-    ``torch.serialization.set_crc32_options(False)`` (anndist's own writes turn it back on).
-    """
-    with open(path, "rb") as file:
-        try:
-            records = zipfile.ZipFile(file).infolist()
-        except OSError:
-            raise
-        except Exception as exc:  # BadZipFile, NotImplementedError, struct.error...: the directory is garbage
-            return f"its zip directory cannot be read ({type(exc).__name__}: {exc})"
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
-            return _first_damaged(records, mapped, data)
+def peek_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The payload of ``path``, its tensors mapped and not read, after ``check_whole``'s checks only: what
+    choosing among checkpoints needs (their progress), for the price of the zip directory and the pickle."""
+    path = Path(path)
+    directory(path)
+    payload = _torch_load(path, path, mmap=True)
+    check_format(payload, path)
+    return payload
 
 
-def damaged_archive(data: Any) -> str | None:
-    """``damaged_record`` for a ``torch.save`` archive in a buffer (an item of a DCP shard, mapped)."""
-    with memoryview(data) as view:
-        try:
-            records = zipfile.ZipFile(BufferReader(view)).infolist()  # reads the directory only
-        except Exception as exc:  # BadZipFile, NotImplementedError, struct.error...: not an archive, or garbled
-            return f"it is not a whole torch.save archive ({type(exc).__name__}: {exc})"
-        return _first_damaged(records, view, view)
-
-
-class BufferReader(io.RawIOBase):
-    """A read-only, seekable file over a buffer that copies nothing until read: ``readinto`` copies
-    straight into the reader's memory (torch.load's storages, zipfile's few directory bytes)."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self.view, self.position = view, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = max(0, min(len(buffer), len(self.view) - self.position))
-        buffer[:n] = self.view[self.position:self.position + n]
-        self.position += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: len(self.view)}[whence]
-        self.position = max(0, base + offset)
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-
-def _first_damaged(records: list[zipfile.ZipInfo], mapped: Any, data: memoryview) -> str | None:
-    for record in records:
-        problem = _check_record(mapped, data, record)
-        if problem is not None:
-            return problem
+def check_whole(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a whole checkpoint file, from its zip directory alone (None when it looks whole):
+    missing, cut short, or a directory that places records where torch.save never does. No data is read;
+    damage inside a record is found by the load."""
+    try:
+        directory(Path(path))
+    except (CheckpointError, OSError) as exc:
+        return str(exc)
     return None
 
 
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name length, extra field length
+def _torch_load(source: Any, path: Path, mmap: bool = False) -> Any:
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        raise CheckpointError(_load_failure(path, exc)) from exc
 
 
-def _check_record(mapped: Any, data: memoryview, record: zipfile.ZipInfo) -> str | None:
-    where = f"record {record.filename!r} ({record.compress_size} bytes at offset {record.header_offset})"
-    header = mapped[record.header_offset:record.header_offset + _LOCAL_HEADER.size]
-    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header) if len(header) == _LOCAL_HEADER.size else (b"", 0, 0)
-    if signature != b"PK\x03\x04":
-        return f"{where} has no zip header where the directory says"
-    start = record.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-    # torch's reader reads a record marked as a folder (DOS attribute 0x10) as nothing, silently.
-    if (record.compress_type != zipfile.ZIP_STORED or record.file_size != record.compress_size
-            or record.is_dir() or record.external_attr & 0x10 or start + record.compress_size > len(data)):
-        return f"{where} has a directory entry torch.save never writes (compressed, a folder, or past the end)"
-    if record.CRC == 0:
-        return None
-    with data[start:start + record.compress_size] as stored:
-        crc = zlib.crc32(stored)
-    if crc != record.CRC:
-        return f"{where} fails its CRC-32 check (recorded {record.CRC:08x}, read {crc:08x})"
-    return None
+def _load_checked(path: Path, records: list[zipfile.ZipInfo]) -> Any:
+    """``torch.load`` of ``path`` through a ``CheckedFile``: each record checked as it is read, once."""
+    with open(path, "rb", buffering=0) as raw:
+        checked = CheckedFile(raw, records)
+        try:
+            payload = torch.load(checked, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            if checked.problem is not None:  # the CRC check stopped the load
+                raise damaged(path, checked.problem) from exc
+            raise CheckpointError(_load_failure(path, exc)) from exc
+        problem = checked.check_the_rest()
+    if problem is not None:
+        raise damaged(path, problem)
+    return payload
 
 
 def _load_failure(path: Path, exc: Exception) -> str:

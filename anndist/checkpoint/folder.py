@@ -2,8 +2,13 @@
 ``preempt.ckpt``) and ``latest``, a one-line pointer to the newest complete checkpoint.
 
 The pointer is the commit: rank 0 rewrites it atomically only after the checkpoint it names is
-complete, and readers trust it first. If it is missing or names a damaged file, the newest whole
-``*.ckpt`` by recorded progress is used instead, each damaged one skipped with a warning.
+complete, and readers trust it first. If it is missing or names a checkpoint that is not whole, the
+newest whole ``*.ckpt`` by recorded progress is used instead, each one skipped with a warning.
+
+Choosing reads no checkpoint's data: "whole" is what sizes and the zip directory say (``check_whole``),
+and the progress of each candidate comes from its pickle alone. Damage inside the data is found by
+the load, which checks every byte as it reads it once; a resume then falls back to the previous one
+(``skip``).
 """
 from __future__ import annotations
 
@@ -14,10 +19,10 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from .file import CheckpointError, atomic_link, fsync_dir, is_temp, read_checkpoint, write_text
+from .file import CheckpointError, atomic_link, check_whole, fsync_dir, is_temp, peek_checkpoint, write_text
 from .payload import progress_key, upgrade
 from .protocol import RunState, save
-from .sharded import is_sharded, link_folder, read_run_file, remove
+from .sharded import check_whole as check_folder_whole, is_sharded, link_folder, peek_run_file, remove
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +86,10 @@ def step_checkpoints(dirpath: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(dirpath: str | os.PathLike, skip: Sequence[str | os.PathLike] = ()) -> Path | None:
-    """The newest complete checkpoint in ``dirpath`` (None if there is none); see the module docstring.
+    """The newest whole checkpoint in ``dirpath`` (None if there is none); see the module docstring.
 
-    ``skip``: checkpoints found damaged while loading them (a shard's item fails its CRC-32), which the
-    cheap checks made here cannot see.
+    ``skip``: checkpoints found damaged while loading them (a record or a shard's item fails its
+    CRC-32), which the cheap checks made here cannot see.
     """
     dirpath, skipped = Path(dirpath), {Path(p) for p in skip}
     if not dirpath.is_dir():
@@ -147,13 +152,9 @@ def _pointer_target(dirpath: Path) -> Path | None:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    """A checkpoint file's payload, or a sharded checkpoint folder's run file."""
-    return read_run_file(path, mmap=True)[0] if path.is_dir() else read_checkpoint(path, mmap=True)
+    """A checkpoint file's payload, or a sharded checkpoint folder's run file, its data not read."""
+    return peek_run_file(path) if path.is_dir() else peek_checkpoint(path)
 
 
 def _problem(path: Path) -> str | None:
-    try:
-        _read(path)
-    except (CheckpointError, OSError) as exc:
-        return str(exc)
-    return None
+    return check_folder_whole(path) if path.is_dir() else check_whole(path)

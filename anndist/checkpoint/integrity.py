@@ -6,9 +6,12 @@ wrong weight. And DCP loads only the keys it is asked for, so a folder of a bigg
 a smaller one without a word. Here:
 
 * **at the commit** rank 0 writes ``.metadata.crc32`` beside the index: its CRC-32 and size;
-* **before a load** (and when ``latest`` picks a folder), every reader checks ``.metadata`` against
-  it, and that each shard the index names exists and is as long as the index says (a ``stat`` per
-  file, no data read); then the checkpoint's tensor keys and shapes against the run's;
+* **when ``latest`` picks a folder**, ``.metadata`` is there and as long as recorded (``looks_whole``:
+  a ``stat``, nothing read);
+* **before a load**, one reader (rank 0) checks ``.metadata`` against its checksum and that each shard
+  the index names exists and is as long as the index says (a ``stat`` per file, no data read), and
+  sends the index to the other ranks; each rank checks the checkpoint's tensor keys and shapes
+  against its own;
 * **during the load** (``CheckedReader``) each item DCP reads is checked, every record's CRC-32:
   the shard is mapped, the CRC pass brings the item's pages in and ``torch.load`` copies them into
   the tensors from there, so each byte comes from the disk once and nothing is copied twice.
@@ -60,6 +63,25 @@ def read_index(folder: Path) -> Any:
                                      "use an earlier checkpoint")
     check_shards(folder, storage)
     return metadata
+
+
+def looks_whole(folder: Path) -> str | None:
+    """Why the folder's index is not whole, from sizes alone (None when it looks whole): no ``.metadata``, or
+    one whose length is not the recorded one. The load checks the rest."""
+    try:
+        size = (folder / METADATA).stat().st_size
+    except FileNotFoundError:
+        return f"checkpoint folder {folder} has no {METADATA}: it is not a complete DCP checkpoint"
+    try:
+        recorded = (folder / INDEX_CRC).read_text().split()
+    except FileNotFoundError:
+        return None  # written before the checksum existed
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"checkpoint {folder}: its checksum {INDEX_CRC} cannot be read ({exc})"
+    if recorded[1:2] != [str(size)]:
+        return (f"checkpoint {folder}: the size of its index {folder / METADATA}, {size} bytes, does not match "
+                f"the one recorded in {INDEX_CRC} ({' '.join(recorded)})")
+    return None
 
 
 def _index_problem(folder: Path, data: bytes) -> str | None:

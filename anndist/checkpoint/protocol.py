@@ -4,14 +4,16 @@ A run's state is a set of objects with ``state_dict()``/``load_state_dict()``, i
 torchtitan's ``CheckpointManager(states=...)``; this module sees nothing else. ``RunState.states`` are
 the same on every rank and rank 0's copy is saved. ``RunState.rank_states`` are each rank's own (RNG
 streams, partial sums): every rank's copy is saved, in rank order, and on load each object receives
-the list of all saved copies (``load_rank_state_dicts``) and takes what it needs, which is also how
-a resume on another number of ranks works.
+the list of saved copies (``load_rank_state_dicts``) and takes what it needs, which is also how a
+resume on another number of ranks works.
 
-Save: gather the rank states to rank 0; build the payload; rank 0 writes it atomically and then runs
-``publish(path)`` (the ``latest`` pointer, aliases, pruning); then the ranks compare notes
-(``run_collectively``): that is the barrier, and it turns a failed write on rank 0 into an error on
-every rank instead of a hang. Load: every rank reads the file, checks every state before changing
-anything, then restores its objects.
+Save: the rank states go to rank 0 alone (a gather: the writer is the only rank that needs them);
+rank 0 writes the payload atomically and then runs ``publish(path)`` (the ``latest`` pointer,
+aliases, pruning); then the ranks compare notes (``run_collectively``): that is the barrier, and it
+turns a failed write on rank 0 into an error on every rank instead of a hang. Load: rank 0 reads
+the file once, checking it as it reads; every rank receives what it restores (``delivery.py``),
+checks every state before changing anything, then restores its objects. A DCP folder's shards are
+read by the ranks that hold them (sharded states), or by rank 0 and broadcast (replicated ones).
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..dist import arrival, collectives
+from ..dist.data_layout import DataLayout
+from ..dist.state_broadcast import broadcast_tree
+from .delivery import deliver
 from .file import CheckpointError, DamagedCheckpointError, read_checkpoint, write_checkpoint
 from .payload import build, check_metadata, upgrade, warn_versions
 from . import sharded as sharded_ckpt
@@ -55,6 +60,17 @@ class RunState:
             return self.states
         return {name: obj for name, obj in self.states.items() if name not in self.sharded.states}
 
+    @property
+    def replicated(self) -> bool:
+        """Whether the states DCP saves are the same on every rank (DDP keeps them among ``states`` too)."""
+        return self.sharded is not None and set(self.sharded.states) <= set(self.states)
+
+    def data_layout(self) -> DataLayout:
+        """The data layout this rank's entries record (its rank states carry the strategy's as ``data``)."""
+        layouts = (getattr(obj, "data", None) for obj in self.rank_states.values())
+        return next((d for d in layouts if isinstance(d, DataLayout)),
+                    DataLayout(collectives.rank(), collectives.world_size()))
+
 
 def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
          publish: Callable[[Path], None] | None = None) -> Path:
@@ -63,7 +79,8 @@ def save(path: str | os.PathLike, run: RunState, metadata: dict[str, Any],
     check_metadata(metadata)
     run.ready_to_save()
     check_every_rank_saves()
-    ranks = collectives.all_gather_object({name: obj.state_dict() for name, obj in run.rank_states.items()})
+    # Only the writer needs every rank's own states: they go to rank 0 alone.
+    ranks = collectives.gather_object({name: obj.state_dict() for name, obj in run.rank_states.items()}) or []
     folder = run.sharded is not None and run.sharded.saves_folders
     # Every rank builds the states: a state_dict() may itself be collective.
     payload = build({name: obj.state_dict() for name, obj in run.payload_states(folder).items()}, ranks, metadata)
@@ -89,7 +106,8 @@ _saves = 0  # saves this process has begun: the same count on every rank while e
 def check_every_rank_saves() -> None:
     """Raise within ``ARRIVAL_TIMEOUT`` (not the full ``dist_timeout``) when a rank never comes to this save.
 
-    Each rank posts its arrival at save number N to the group's store and waits for the others'; the
+    Each rank posts its arrival at save number N to the group's store and waits for the others' (a few
+    store operations per rank, the keys deleted once every rank is through: ``dist/arrival.py``); the
     usual cause of a missing rank is ``if trainer.is_main_process: trainer.save_checkpoint(...)``.
     """
     global _saves
@@ -97,10 +115,8 @@ def check_every_rank_saves() -> None:
     store, world = arrival.default_store(), collectives.world_size()
     if store is None or world == 1:
         return
-    prefix, rank = f"anndist/save{_saves}", collectives.rank()
-    arrival.post(store, prefix, rank)
     timeout = min(ARRIVAL_TIMEOUT, store.timeout.total_seconds())
-    missing = arrival.missing_ranks(store, prefix, world, timeout)
+    missing = arrival.missing_ranks(store, f"anndist/save{_saves}", collectives.rank(), world, timeout)
     if missing:
         present = [r for r in range(world) if r not in missing]
         raise RuntimeError(
@@ -110,12 +126,14 @@ def check_every_rank_saves() -> None:
 
 
 SHARED_ERRORS = (DamagedCheckpointError, CheckpointError)  # every rank raises the same one: a resume can fall back
+READ_ERRORS = (*SHARED_ERRORS, FileNotFoundError, IsADirectoryError)  # rank 0 reads; every rank names the problem
 
 
 def load(path: str | os.PathLike, run: RunState) -> dict[str, Any]:
     """Restore ``run`` from ``path`` on every rank (each rank its own rank states); return the metadata."""
     path = Path(path)
-    if sharded_ckpt.is_sharded(path):
+    main = collectives.rank() == 0
+    if collectives.broadcast_object(sharded_ckpt.is_sharded(path) if main else None):
         return _load_sharded(path, run)
     only_in_folders = sorted(set(run.sharded.states) - set(run.states)) if run.sharded is not None else []
     if only_in_folders:  # they would silently keep their current values
@@ -123,23 +141,44 @@ def load(path: str | os.PathLike, run: RunState) -> dict[str, Any]:
             f"checkpoint {path} is a single file (written by a strategy='ddp' run); this run keeps its "
             f"{only_in_folders} in sharded checkpoint folders only (strategy='fsdp'): continue that run with "
             "strategy='ddp', whose async_checkpoint=True saves folders that strategy='fsdp' loads")
-    return collectives.run_collectively(lambda: _restore(run, upgrade(read_checkpoint(path)), str(path), False),
-                                        share=SHARED_ERRORS)
+    read = collectives.run_collectively(lambda: upgrade(read_checkpoint(path)) if main else None, share=READ_ERRORS)
+    payload = deliver(read, collectives.world_size(), run.data_layout())
+    return collectives.run_collectively(lambda: _restore(run, payload, str(path), False), share=SHARED_ERRORS)
 
 
 def _load_sharded(path: Path, run: RunState) -> dict[str, Any]:
     if run.sharded is None:
         raise CheckpointError(f"checkpoint {path} is a sharded (DCP) folder and this run has no states DCP can load; "
                               "turn it into one file with python -m anndist.consolidate")
-    payload, index = collectives.run_collectively(lambda: sharded_ckpt.read_run_file(path), share=SHARED_ERRORS)
-    sharded_ckpt.load(path, run.sharded, index)  # collective: outside run_collectively, which must not wrap one
-    return collectives.run_collectively(lambda: _restore(run, upgrade(payload), str(path), True))
+    run.sharded.wait()
+    main = collectives.rank() == 0
+    read = collectives.run_collectively(lambda: sharded_ckpt.read_run_file(path) if main else (None, None),
+                                        share=READ_ERRORS)
+    payload, index = read
+    if run.replicated:  # rank 0 reads the whole states, the others receive them
+        collectives.run_collectively(lambda: sharded_ckpt.load_alone(path, run.sharded, index) if main else None,
+                                     share=SHARED_ERRORS)
+        _share_states({name: run.states[name] for name in run.sharded.states})
+    else:  # collective: outside run_collectively, which must not wrap one
+        sharded_ckpt.load(path, run.sharded, collectives.broadcast_object(index))
+    payload = deliver(upgrade(payload) if main else None, collectives.world_size(), run.data_layout())
+    return collectives.run_collectively(lambda: _restore(run, payload, str(path), True))
+
+
+def _share_states(states: dict[str, Stateful]) -> None:
+    """Rank 0's ``states`` (loaded there) given to the other ranks' objects."""
+    main = collectives.rank() == 0
+    tree = broadcast_tree({name: obj.state_dict() for name, obj in states.items()} if main else None)
+    if not main:
+        for name, obj in states.items():
+            obj.load_state_dict(tree[name])
 
 
 def _restore(run: RunState, payload: dict[str, Any], source: str, folder: bool) -> dict[str, Any]:
     """Restore the payload's states (those DCP did not load from a ``folder``) and every rank's own."""
     saved, ranks, states = payload["states"], payload["ranks"], run.payload_states(folder)
-    missing = sorted(set(states) - set(saved)) + sorted(set(run.rank_states) - set(ranks[0] if ranks else {}))
+    any_entry = next((entry for entry in ranks if entry is not None), {})  # the entries this rank was sent
+    missing = sorted(set(states) - set(saved)) + sorted(set(run.rank_states) - set(any_entry))
     if missing:
         raise CheckpointError(f"checkpoint {source} holds no state for {missing}; it was saved by another kind of run")
     for name, obj in states.items():  # check everything before changing anything
@@ -152,6 +191,6 @@ def _restore(run: RunState, payload: dict[str, Any], source: str, folder: bool) 
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {source} does not fit this Trainer's model/optimizer: {exc}") from exc
     for name, obj in run.rank_states.items():
-        obj.load_rank_state_dicts([rank[name] for rank in ranks])
+        obj.load_rank_state_dicts([None if entry is None else entry[name] for entry in ranks])
     warn_versions(payload.get("versions", {}), source)
     return dict(payload.get("metadata", {}))

@@ -13,13 +13,18 @@ pointer). A kill at any moment leaves the previous checkpoint and its pointer as
 temporary folder that readers ignore and the next publish removes.
 
 Asynchronous saves (``async_save=True``): the states are staged into CPU memory while training waits
-(``last_blocked_s``, logged), then written by DCP's background thread on a process group of its own,
-so its collectives never interleave with training's. Rank 0 commits when the write completes. The
+(``last_blocked_s``, logged), then written by DCP's background thread on a process group of its own
+(``background_group``: gloo, made once per job when the Trainer is built, every rank together). It
+must be another group: DCP's writer thread runs collectives (planning, the final index) while the
+training thread runs its own; on one group their order would differ between ranks, and gloo then
+pairs one rank's gradient all-reduce with another's plan gather (a hang until the timeout); and DCP
+refuses a group that takes no CPU tensors (NCCL alone). Rank 0 commits when the write completes. The
 next save, and ``wait()`` (the Trainer calls it before it closes), wait for the one in flight.
 
 The same folders serve replicated states (DDP with ``async_save``): every rank offers the whole
 state, DCP's planner keeps one copy of each tensor and spreads those over the ranks, so each rank
-writes about 1/W of it.
+writes about 1/W of it. Loading them, rank 0 reads the folder alone (``load_alone``) and the others
+receive the states from it: every rank needs the whole state, and the folder is read once.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ from typing import Any, Callable
 
 from ..dist import collectives
 from . import integrity
-from .file import CheckpointError, atomic_link, fsync_dir, read_checkpoint, write_checkpoint
+from .file import (CheckpointError, DamagedCheckpointError, atomic_link, check_whole as check_file_whole,
+                   fsync_dir, peek_checkpoint, read_checkpoint, write_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +81,29 @@ class ShardedStates:
             if committed.error is not None:
                 raise committed.error
 
+    def __post_init__(self) -> None:
+        if self.async_save:  # at the Trainer's construction, on every rank: not in the middle of a run
+            self._group = background_group()
+
     def group(self) -> Any:
-        """The process group of background writes (created on first use, by every rank at the same save)."""
-        if self._group is None and collectives.is_initialized():
-            import torch.distributed as dist
-            self._group = dist.new_group(backend="gloo")
+        """The process group of background writes (None in one process)."""
         return self._group
+
+
+_background: tuple[Any, Any] | None = None  # (the default group, the group made for it)
+
+
+def background_group() -> Any:
+    """The gloo group of asynchronous saves, made once per default group (every rank calls this together);
+    None in one process. See the module docstring for why it cannot be the default group."""
+    global _background
+    if not (collectives.is_initialized() and collectives.world_size() > 1):
+        return None
+    import torch.distributed as dist
+    default = dist.distributed_c10d._get_default_group()
+    if _background is None or _background[0] is not default:
+        _background = (default, dist.new_group(backend="gloo"))
+    return _background[1]
 
 
 def is_sharded(path: Path) -> bool:
@@ -181,11 +204,26 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def read_run_file(path: Path, mmap: bool = False) -> tuple[dict[str, Any], Any]:
-    """The payload of a sharded checkpoint folder and DCP's index of it, after the cheap checks of
-    ``integrity.read_index`` (the index's checksum, every shard there and long enough)."""
+def read_run_file(path: Path) -> tuple[dict[str, Any], Any]:
+    """The payload of a sharded checkpoint folder and DCP's index of it, after the checks of
+    ``integrity.read_index`` (the index's checksum, every shard there and long enough) and the run file's
+    CRC-32s as it is read. One rank reads them (rank 0, for a load) and sends the rest."""
     index = integrity.read_index(path)
-    return read_checkpoint(path / RUN_FILE, mmap=mmap), index
+    return read_checkpoint(path / RUN_FILE), index
+
+
+def check_whole(path: Path) -> str | None:
+    """Why the folder ``path`` is not a whole checkpoint, from sizes and its run file's zip directory (None
+    when it looks whole); the load checks the rest (``read_run_file``, every item as it is read)."""
+    return integrity.looks_whole(path) or check_file_whole(path / RUN_FILE)
+
+
+def peek_run_file(path: Path) -> dict[str, Any]:
+    """The payload of the folder's run file, its tensors mapped and not read (``file.peek_checkpoint``)."""
+    problem = integrity.looks_whole(path)
+    if problem is not None:
+        raise DamagedCheckpointError(problem)
+    return peek_checkpoint(path / RUN_FILE)
 
 
 def load(path: Path, sharded: ShardedStates, index: Any) -> None:
@@ -195,14 +233,29 @@ def load(path: Path, sharded: ShardedStates, index: Any) -> None:
     sharded.wait()
     state = {name: obj.state_dict() for name, obj in sharded.states.items()}
     collectives.run_collectively(lambda: integrity.check_fits(path, index, state), share=(CheckpointError,))
+    _dcp_load(dcp, path, state, index, no_dist=False)
+    for name, obj in sharded.states.items():
+        obj.load_state_dict(state[name])
+
+
+def load_alone(path: Path, sharded: ShardedStates, index: Any) -> None:
+    """This rank alone reads the whole states (replicated: every rank needs all of it) without the group,
+    each item checked as it is read; nothing is loaded into a model whose keys or shapes differ."""
+    import torch.distributed.checkpoint as dcp
+    state = {name: obj.state_dict() for name, obj in sharded.states.items()}
+    integrity.check_fits(path, index, state)
+    _dcp_load(dcp, path, state, index, no_dist=True)
+    for name, obj in sharded.states.items():
+        obj.load_state_dict(state[name])
+
+
+def _dcp_load(dcp: Any, path: Path, state: dict[str, Any], index: Any, no_dist: bool) -> None:
     try:
-        dcp.load(state, storage_reader=integrity.checked_reader(path, index))
+        dcp.load(state, storage_reader=integrity.checked_reader(path, index), no_dist=no_dist)
     except BaseException as exc:
         if not is_dcp_failure(exc):
             raise
         raise integrity.failure(exc, path, "reading") from exc
-    for name, obj in sharded.states.items():
-        obj.load_state_dict(state[name])
 
 
 def is_dcp_failure(exc: BaseException) -> bool:

@@ -27,17 +27,34 @@ class DataLayout:
         return {"data_rank": self.rank, "data_world_size": self.world_size, "replica": self.replica}
 
 
-def same_layout(states: list[dict[str, Any]], world_size: int, layout: DataLayout) -> bool:
+def same_layout(states: list[dict[str, Any] | None], world_size: int, layout: DataLayout) -> bool:
     """Were ``states`` (one per saved rank) written by ranks laid out as these are? Entries written
-    before layouts were recorded are data-parallel: saved rank i read shard i of len(states)."""
+    before layouts were recorded are data-parallel: saved rank i read shard i of len(states). An entry
+    a resume did not send this rank (None, see ``entries_read``) says nothing."""
     return len(states) == world_size and all(
-        state.get("data_world_size", len(states)) == layout.world_size for state in states)
+        state.get("data_world_size", len(states)) == layout.world_size for state in states if state is not None)
 
 
-def owners(states: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """The saved entry of each data shard, by data-parallel rank: its first rank's (copies left out)."""
-    found: dict[int, dict[str, Any]] = {}
+def owner_indices(states: list[dict[str, Any] | None]) -> dict[int, int]:
+    """The saved rank whose entry stands for each data shard, by data-parallel rank: its first rank
+    (copies left out). Entries not sent to this rank (None) are skipped."""
+    found: dict[int, int] = {}
     for index, state in enumerate(states):
-        if not state.get("replica", False):
-            found.setdefault(int(state.get("data_rank", index)), state)
+        if state is not None and not state.get("replica", False):
+            found.setdefault(int(state.get("data_rank", index)), index)
     return found
+
+
+def owners(states: list[dict[str, Any] | None]) -> dict[int, dict[str, Any]]:
+    """The saved entry of each data shard, by data-parallel rank: its first rank's (copies left out)."""
+    return {shard: states[index] for shard, index in owner_indices(states).items()}  # type: ignore[misc]
+
+
+def entries_read(states: list[dict[str, Any] | None], rank: int) -> set[int]:
+    """On the layout that saved ``states`` (one entry of one kind per rank), the entries that rank
+    ``rank`` restores from: its own (``EpochSums``, ``LoaderState``) and its data shard's owner's
+    (``RNGState``: the ranks of a tensor-parallel group keep one stream). A resume sends a rank these
+    and no others; a rank state that reads another entry on the same layout must be added here."""
+    own = states[rank] or {}
+    owner = owner_indices(states).get(int(own.get("data_rank", rank)))
+    return {rank} if owner is None else {rank, owner}

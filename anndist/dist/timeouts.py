@@ -4,9 +4,10 @@ Without the watchdog (off by default), a rank stuck outside any collective (in u
 loading, I/O) makes its peers' next collective fail after ``dist_timeout`` with an error that names
 no rank, and the launcher then reports the rank that waited as the job's root cause. So when a
 collective times out, each rank that saw it posts its arrival at the failure to the group's store
-(not the process group, which may be broken) and waits a little for the others'; the ranks that
-never post are the ones that never reached a collective. Nothing of this runs while training is
-healthy: it is the failure path only.
+(not the process group, which may be broken); the first to arrive waits a little for the others and
+publishes the ranks that never posted, the ones that never reached a collective, and the others read
+that verdict (a few store operations per rank, ``dist/arrival.py``). Nothing of this runs while
+training is healthy: it is the failure path only.
 """
 from __future__ import annotations
 
@@ -33,14 +34,16 @@ def never_arrived(exc: BaseException, timeout: timedelta) -> RuntimeError | None
     if store is None or world == 1 or not is_collective_timeout(exc):
         return None
     _failures += 1
-    prefix, rank = f"anndist/timed_out{_failures}", collectives.rank()
+    point = arrival.Arrivals(store, f"anndist/timed_out{_failures}", world)
     try:
-        arrival.post(store, prefix, rank)
-        missing = arrival.missing_ranks(store, prefix, world, min(GRACE_S, timeout.total_seconds()))
+        point.arrive(collectives.rank())
+        verdict = point.verdict(lambda: ",".join(map(str, point.missing())), min(GRACE_S, timeout.total_seconds()))
+        point.leave()
     except Exception:  # the store is gone too (its host died): nothing more to learn
         return None
-    if not missing:
-        return None  # every rank reached it: they hang together (a deadlock, a slow network), say nothing new
+    if not verdict:
+        return None  # every rank reached it (they hang together: a deadlock, a slow network), or no verdict came
+    missing = [int(r) for r in verdict.split(",")]
     arrived = [r for r in range(world) if r not in missing]
     return RuntimeError(
         f"a collective timed out after dist_timeout={timeout.total_seconds():g} s: rank(s) {missing} never arrived "

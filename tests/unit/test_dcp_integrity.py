@@ -69,11 +69,15 @@ def _damage(checkpoint, how):
         shard.unlink()
         return shard, "is missing"
     index = checkpoint / ".metadata"
+    if how == "truncated-metadata":
+        os.truncate(index, index.stat().st_size - 1)
+        return index, "recorded in .metadata.crc32"  # said by the load (its CRC-32) and by latest (its size)
     flip(index, index.stat().st_size // 2)
     return index, "do not match those recorded"
 
 
-DAMAGE = ["flipped-byte-in-a-weight", "truncated-shard", "empty-shard", "missing-shard", "flipped-byte-in-metadata"]
+DAMAGE = ["flipped-byte-in-a-weight", "truncated-shard", "empty-shard", "missing-shard", "flipped-byte-in-metadata",
+          "truncated-metadata"]
 
 
 @pytest.mark.parametrize("how", DAMAGE)
@@ -86,8 +90,9 @@ def test_a_damaged_folder_is_named_and_auto_resume_takes_the_previous_one(tmp_pa
         _trainer(options).load_checkpoint(newest)
     with pytest.raises(CheckpointError, match=rf"{damaged}.*{problem}"):  # named explicitly: no fallback
         _trainer(options).fit(_loader(), num_epochs=2, resume_from=newest)
-    if how != "flipped-byte-in-a-weight":  # seen without reading a shard: latest skips it at once
-        assert latest_checkpoint(folder).name == "step-000000004.ckpt"
+    # Choosing trusts the pointer and reads no data: only a wrong size is seen there, the rest by the load.
+    picked = "step-000000004.ckpt" if how == "truncated-metadata" else "step-000000008.ckpt"
+    assert latest_checkpoint(folder).name == picked
     resumed = _trainer(options, folder, auto_resume=True)
     resumed.fit(_loader(), num_epochs=2)
     assert any(str(damaged) in w and problem in w for w in warnings), warnings
