@@ -37,8 +37,8 @@ def broadcast_tree(tree: Any, src: int = 0, staging: torch.device | None = None)
 
     Dicts (their kind and attributes kept: a module's ``_metadata``), lists and tuples are walked; tensors
     arrive on the CPU, contiguous, with their shape and dtype; anything else travels pickled.
-    ``staging``: the device whose buffer carries the bytes (default: the CPU where the group takes CPU
-    tensors, else its device).
+    ``staging``: the device whose buffer carries the bytes, a piece at a time (default: none where the
+    group takes CPU tensors, else the group's device).
     """
     if not (is_initialized() and world_size() > 1):
         return tree
@@ -47,9 +47,10 @@ def broadcast_tree(tree: Any, src: int = 0, staging: torch.device | None = None)
     skeleton, metas = broadcast_object(head, src=src)
     if rank() != src:
         tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in metas]
-    device = staging if staging is not None else device_for_collectives()
+    if staging is None and device_for_collectives().type != "cpu":
+        staging = device_for_collectives()
     for unit in _units(tensors):
-        _send_unit(unit, src, device)
+        _send_unit(unit, src, staging)
     return tree if rank() == src else _fill(skeleton, tensors)
 
 
@@ -113,7 +114,7 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
-def _send_unit(unit: list[torch.Tensor], src: int, device: torch.device) -> None:
+def _send_unit(unit: list[torch.Tensor], src: int, staging: torch.device | None) -> None:
     """One broadcast (or one per staging piece) of ``unit``: ``src`` sends its bytes, the others fill theirs."""
     sending = rank() == src
     if len(unit) == 1:
@@ -121,7 +122,7 @@ def _send_unit(unit: list[torch.Tensor], src: int, device: torch.device) -> None
     else:
         sizes = [t.numel() * t.element_size() for t in unit]
         buffer = torch.cat([_bytes(t) for t in unit]) if sending else torch.empty(sum(sizes), dtype=torch.uint8)
-    _carry(buffer, src, device)
+    _carry(buffer, src, staging)
     if len(unit) > 1 and not sending:
         offset = 0
         for tensor, size in zip(unit, sizes):
@@ -129,12 +130,12 @@ def _send_unit(unit: list[torch.Tensor], src: int, device: torch.device) -> None
             offset += size
 
 
-def _carry(buffer: torch.Tensor, src: int, device: torch.device) -> None:
-    """Broadcast the CPU bytes ``buffer`` from ``src``, through a ``device`` buffer when that is not the CPU."""
-    if device.type == "cpu":
+def _carry(buffer: torch.Tensor, src: int, staging: torch.device | None) -> None:
+    """Broadcast the CPU bytes ``buffer`` from ``src``: directly, or through a ``staging`` buffer in pieces."""
+    if staging is None:
         dist.broadcast(buffer, src=src)
         return
-    stage = torch.empty(min(STAGING, buffer.numel()), dtype=torch.uint8, device=device)
+    stage = torch.empty(min(STAGING, buffer.numel()), dtype=torch.uint8, device=staging)
     for start in range(0, buffer.numel(), STAGING):
         piece = buffer[start:start + STAGING]
         part = stage[:piece.numel()]
