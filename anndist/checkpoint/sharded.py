@@ -34,6 +34,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -131,12 +132,17 @@ def save(path: Path, sharded: ShardedStates, payload: dict[str, Any], publish: C
 
     collectives.run_collectively(prepare)  # the folder exists on every rank's view before DCP writes
     state = {name: obj.state_dict() for name, obj in sharded.states.items()}
+    # The writer named, not inferred from a path: DCP's inference imports fsspec (seconds, once per process).
+    writer = dcp.FileSystemWriter(tmp)
     if sharded.async_save:
-        future = dcp.async_save(state, checkpoint_id=tmp, process_group=sharded.group())
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        stager = DefaultStager(StagingOptions(False, False, False, False))  # what DCP makes when none is named
+        future = dcp.async_save(state, storage_writer=writer, process_group=sharded.group(), async_stager=stager)
+        future.add_done_callback(lambda _: stager.close())
         sharded._pending = (future, _commit_when_done(future, tmp, path, publish, started) if main else None, path)
     else:
         try:
-            dcp.save(state, checkpoint_id=tmp)
+            dcp.save(state, storage_writer=writer)
         except BaseException as exc:
             if not is_dcp_failure(exc):
                 raise
@@ -244,7 +250,9 @@ def load_alone(path: Path, sharded: ShardedStates, index: Any) -> None:
     import torch.distributed.checkpoint as dcp
     state = {name: obj.state_dict() for name, obj in sharded.states.items()}
     integrity.check_fits(path, index, state)
-    _dcp_load(dcp, path, state, index, no_dist=True)
+    with warnings.catch_warnings():  # DCP's "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        _dcp_load(dcp, path, state, index, no_dist=True)
     for name, obj in sharded.states.items():
         obj.load_state_dict(state[name])
 

@@ -193,6 +193,8 @@ class Meter:
             setattr(c10d, name, wrapped)
             setattr(dist, name, wrapped)
 
+        self._wrap_ddp_setup()
+
         class CountingMmap(mmap.mmap):
             def __new__(cls, fileno: int, length: int, *args: Any, **kwargs: Any) -> Any:
                 path = os.readlink(f"/proc/self/fd/{fileno}") if fileno >= 0 else ""
@@ -218,6 +220,23 @@ class Meter:
         io.open = builtins.open = counting_open  # type: ignore[assignment]
         return self
 
+    def _wrap_ddp_setup(self) -> None:
+        """DDP's construction runs two collectives from C++ bindings that Python calls: count them too (the
+        parameter check's bytes estimated: each rank's shapes and strides, 8 bytes a number)."""
+        meter, broadcast, verify = self, dist._broadcast_coalesced, dist._verify_params_across_processes
+
+        def broadcast_coalesced(group: Any, tensors: Any, buffer_size: int, src: int = 0) -> Any:
+            meter.add("collectives", 1)
+            meter.add("received", 0 if dist.get_rank() == src else sum(map(_nbytes, tensors)))
+            return broadcast(group, tensors, buffer_size, src)
+
+        def verify_params(group: Any, tensors: Any, logger: Any = None) -> Any:
+            meter.add("collectives", 1)
+            meter.add("received", 8 * (dist.get_world_size() - 1) * sum(2 * t.dim() + 1 for t in tensors))
+            return verify(group, tensors, logger)
+
+        dist._broadcast_coalesced, dist._verify_params_across_processes = broadcast_coalesced, verify_params
+
     @contextmanager
     def measure(self, counts: Counts) -> Iterator[Counts]:
         """Add what this process does inside the block to ``counts``."""
@@ -242,11 +261,13 @@ def count_ddp_gradients(module: Any, meter: Meter) -> None:
     """DDP's gradient all-reduces run in C++: a comm hook counts each bucket (one collective, its bytes)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    def hook(state: Any, bucket: Any) -> Any:
+    def hook(state, bucket):
         meter.add("collectives", 1)
         meter.add("received", _nbytes(bucket.buffer()))
         return allreduce_hook(state, bucket)
 
+    # DDP checks the annotations themselves (this module's are strings, ``from __future__``).
+    hook.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
     module.register_comm_hook(None, hook)
 
 
