@@ -257,18 +257,11 @@ def _rchar() -> int:
         return int(next(line for line in file if line.startswith("rchar:")).split()[1])
 
 
-def count_ddp_gradients(module: Any, meter: Meter) -> None:
-    """DDP's gradient all-reduces run in C++: a comm hook counts each bucket (one collective, its bytes)."""
+def count_ddp_gradients(module: Any) -> None:
+    """DDP's gradient all-reduces run in C++, out of the meter's sight: torch's own all-reduce hook makes
+    each bucket's go through ``torch.distributed.all_reduce``, which the meter counts (once, its bytes)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    def hook(state, bucket):
-        meter.add("collectives", 1)
-        meter.add("received", _nbytes(bucket.buffer()))
-        return allreduce_hook(state, bucket)
-
-    # DDP checks the annotations themselves (this module's are strings, ``from __future__``).
-    hook.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
-    module.register_comm_hook(None, hook)
+    module.register_comm_hook(None, allreduce_hook)
 
 
 def spawn_with_counting_store(rank: int, world_size: int, store_path: str) -> CountingStore:
