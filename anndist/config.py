@@ -61,7 +61,8 @@ class TrainerConfig:
         dump every rank's stacks and end the job naming the missing ranks (off by default: set it above
         the longest step, evaluation or save); ``stop_check_period`` seconds between the ranks'
         agreements on ``stop_training``; ``progress_bar`` a tqdm bar on rank 0 (None: when stderr is a
-        terminal and not under CI).
+        terminal and not under CI); ``log_epochs`` prints a line per epoch (and per step-mode
+        evaluation) and the run's closing line on rank 0 when no ``LoggingCallback`` is given.
     See docs/training.md for each in full.
     """
 
@@ -100,6 +101,7 @@ class TrainerConfig:
     watchdog_timeout: float | None
     stop_check_period: float
     progress_bar: bool | None
+    log_epochs: bool
 
     @classmethod
     def names(cls) -> list[str]:
@@ -123,7 +125,7 @@ class TrainerConfig:
         check_backend(v["backend"])
         v["dist_timeout"] = _timeout(v["dist_timeout"])
         _check_checkpointing(v)
-        for name in ("use_amp", "rebuild_train_loader", "rebuild_eval_loader", "async_checkpoint"):
+        for name in ("use_amp", "rebuild_train_loader", "rebuild_eval_loader", "async_checkpoint", "log_epochs"):
             _check_bool(name, v[name])  # "no" would be truthy
         v["amp_dtype"] = resolve_amp_dtype(v["use_amp"], v["amp_dtype"], v["device"] or _probe_device())
         for name in ("ddp_kwargs", "fsdp_kwargs"):

@@ -41,7 +41,8 @@ from .dist.flight_recorder import enable_flight_recorder
 from .evaluation.evaluator import Evaluator
 from .evaluation.prediction import predict
 from .seed import RNGState, rank_seed, seed_everything
-from .step.loss import LossStep, call_on_inputs, model_loss
+from .step.label_items import label_items
+from .step.loss import LossStep, ModelLoss, call_on_inputs, model_loss
 from .step.optimization import OptimizerStep, step_epoch_scheduler, step_plateau
 from .step.plan import RunPlan
 from .step.precision import make_precision
@@ -78,7 +79,7 @@ class Trainer:
         checkpoint_dir: str | os.PathLike | None = None, auto_resume: bool = False, async_checkpoint: bool = False,
         # run control
         handle_signals: bool = True, watchdog_timeout: float | None = None, stop_check_period: float = 0.25,
-        progress_bar: bool | None = None,
+        progress_bar: bool | None = None, log_epochs: bool = True,
         **unknown: Any,
     ) -> None:
         """The options are keyword-only, in sections as above; each is documented on ``TrainerConfig``
@@ -115,9 +116,10 @@ class Trainer:
         backend = cfg.backend or process_group.default_backend(self.device)
         if cfg.watchdog_timeout is not None:
             enable_flight_recorder(backend, cfg.checkpoint_dir)
-        self.created_process_group = process_group.init_process_group(self.env, backend, cfg.dist_timeout)
+        log.configure(self.env.rank)  # the one rank-zero decision for every log line, the wait's included
+        self.created_process_group = process_group.init_process_group(self.env, backend, cfg.dist_timeout, self)
         self.rank, self.world_size = collectives.rank(), collectives.world_size()
-        log.configure(self.rank)  # the one rank-zero decision for every log line
+        log.configure(self.rank)  # a group made by the user may number its ranks otherwise
         self.local_rank = self.env.local_rank if self.env.is_distributed else 0
         self.is_main_process = self.rank == 0
 
@@ -189,6 +191,7 @@ class Trainer:
                 self.stop_training = self._agreement.decide(self.stop_training)
             self.callbacks.call("on_train_end", trainer=self,
                                 logs={"history": self.history, "completed": plan.done(self.state)})
+            self.callbacks.end_run()  # the closing line, last
         except BaseException as exc:
             self.callbacks.call_on_exception(exc, trainer=self)
             self._abort()
@@ -306,7 +309,10 @@ class Trainer:
             return self.config.compute_loss
         if type(self).compute_loss is not Trainer.compute_loss:
             return self.compute_loss
-        return None if self.criterion is not None else model_loss
+        if self.criterion is not None:
+            return None
+        mixes = self.config.gradient_accumulation_steps * self.strategy.data_world_size > 1
+        return ModelLoss(label_items(self.module, mixes))  # items (tokens) counted where the model says what
 
     # ------------------------------------------------------------------ checkpoints
     def _make_run_state(self) -> checkpoint.RunState:
@@ -359,10 +365,10 @@ class Trainer:
             strategy.release()
 
     def close(self) -> None:
-        """Release DDP and destroy the process group if this Trainer created it. Also runs at exit."""
+        """Release DDP; the process group anndist created goes with the last open Trainer on it (a later
+        Trainer creates a new one). Also runs at exit."""
         self.release_distributed()
-        if self.created_process_group:
-            process_group.teardown()
+        process_group.release(self)
 
     def __enter__(self) -> "Trainer":
         return self
@@ -373,7 +379,8 @@ class Trainer:
     def _abort(self) -> None:
         # Closing our group makes peers blocked in a collective fail fast instead of waiting for the timeout.
         if self.created_process_group and self.world_size > 1:
-            self.close()
+            self.release_distributed()
+            process_group.teardown()
 
 
 def save_in_dir(trainer: Trainer, dirpath: str | os.PathLike, name: str | None = None, **metadata: Any) -> Path:

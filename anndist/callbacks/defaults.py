@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from .base import Callback, CallbackList
 from .compile_report import CompileReport
+from .logging import EpochLogCallback, LoggingCallback
 from .preemption import PreemptionCallback
 from .progress import ProgressBarCallback, progress_bar_wanted
 from .watchdog import Watchdog
@@ -19,6 +20,8 @@ def build_callbacks(user: Sequence[Callback] | None, cfg: Any, rank: int) -> Cal
     callbacks = CallbackList([*(user or ()), *extra], rank=rank)
     if cfg.watchdog_timeout is not None:  # before the defaults: it stops before a preemption's final save
         callbacks.append(Watchdog(cfg.watchdog_timeout, cfg.checkpoint_dir))
+    if cfg.log_epochs and not any(isinstance(cb, LoggingCallback) for cb in callbacks):
+        callbacks.append(EpochLogCallback())  # a run says how it goes without being asked
     return with_defaults(callbacks, cfg.progress_bar, cfg.handle_signals)
 
 
