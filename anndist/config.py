@@ -8,7 +8,6 @@ defaults and what each option does are in ``Trainer.__init__``'s signature and d
 """
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import os
@@ -20,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .checks import check_count
+from .checks import check_count, unknown_options_error
 from .dist.env import detect_env
 from .dist.process_group import check_backend
 from .seed import check_seed
@@ -136,13 +135,8 @@ class TrainerConfig:
 
 
 def _check_unknown(unknown: Mapping[str, Any], known: list[str]) -> None:
-    if not unknown:
-        return
-    hints = []
-    for name in sorted(unknown):
-        close = difflib.get_close_matches(name, known, n=1)
-        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
-    raise TypeError(f"Trainer got unknown option(s) {', '.join(hints)}; valid options are {sorted(known)}")
+    if unknown:
+        raise unknown_options_error("Trainer", unknown, known)
 
 
 def _check_step(v: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:

@@ -26,6 +26,7 @@ from . import checkpoint, log
 from .callbacks.base import Callback
 from .callbacks.defaults import build_callbacks
 from .callbacks.model_checkpoint import checkpoint_folder
+from .checks import check_keywords
 from .checkpoint.manager import CheckpointManager, check_window_closed
 from .checkpoint.states import ModelState, whole_states
 from .config import TrainerConfig
@@ -162,6 +163,7 @@ class Trainer:
         return self._plan.eval_every_n_steps if self._plan is not None else None
 
     # ------------------------------------------------------------------ training
+    @check_keywords  # a misspelt keyword: "did you mean"
     def fit(self, train_loader: Iterable, num_epochs: int | None = None, val_loader: Iterable | None = None,
             resume_from: str | os.PathLike | None = None, *, max_steps: int | None = None,
             eval_every_n_steps: int | None = None) -> dict[str, list[float]]:
@@ -274,6 +276,7 @@ class Trainer:
         return f"optimizer step {self.global_step + 1} (epoch {self.epoch}, batch {batch_idx})"
 
     # ------------------------------------------------------------------ evaluation
+    @check_keywords
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         """Loss, accuracy (classification with a criterion) and ``metrics`` over exactly the loader's
         samples, as ``val_*`` keys, identical on every rank."""
@@ -287,6 +290,7 @@ class Trainer:
             **metrics, "when": when, "epoch": self.epoch, "global_step": self.global_step})
         return metrics
 
+    @check_keywords
     def predict(self, loader: Iterable, main_process_only: bool = False) -> torch.Tensor | None:
         """The model's outputs (``logits`` of a ``ModelOutput``) for every sample once, in dataset order,
         on every rank (on rank 0 only with ``main_process_only``); see ``prediction.py`` for the memory."""

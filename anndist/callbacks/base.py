@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ..checks import check_keywords
+
 if TYPE_CHECKING:
     from ..trainer import Trainer
 
@@ -32,7 +34,17 @@ HOOKS = (
 
 
 class Callback:
-    """Base class: override the hooks you need. Each receives ``trainer`` and ``logs``."""
+    """Base class: override the hooks you need. Each receives ``trainer`` and ``logs``.
+
+    A subclass's ``__init__`` that takes no ``**kwargs`` answers a misspelt keyword with the closest
+    one it takes ("did you mean"), as the Trainer does for its options.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "__checks_keywords__", False):
+            cls.__init__ = check_keywords(init)  # type: ignore[misc]
 
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None: ...
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None: ...

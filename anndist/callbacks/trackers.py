@@ -21,13 +21,13 @@ The tracker packages are optional extras, imported on rank 0 when a run opens:
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..optional import require_installed
 from ..version import __version__
 from .metrics import MetricsCallback
 
@@ -53,8 +53,7 @@ class TrackerCallback(MetricsCallback):
 
     def __init__(self, log_interval: int) -> None:
         super().__init__(log_interval)
-        if importlib.util.find_spec(self.package) is None:
-            raise ImportError(f"{type(self).__name__} needs {self.package}: pip install 'anndist[{self.extra}]'")
+        require_installed(self.package, type(self).__name__)  # one line; imported on rank 0 when a run opens
         self.run_id: str | None = None
         self._reopen_after_load = False  # a run id restored from a checkpoint: earlier attempts logged steps
         self._skip_up_to = -1  # records of fit() at steps <= this are already in the tracker
