@@ -214,3 +214,18 @@ def test_the_profile_table_counts_every_step_and_says_which_were_traced(lines, t
     _trainer([profiler]).fit(train, num_epochs=1)
     assert profiler.table.startswith("profile: 8 optimizer steps per rank, 6 timed (2 traced by torch.profiler left out)")
     assert (tmp_path / "rank0.json").exists()
+
+
+# ------------------------------------------------------------------ the README's long-run example
+def test_model_checkpoint_keeps_the_best_of_step_mode_evaluations(lines, tmp_path):
+    """fit(eval_every_n_steps=N) with ModelCheckpoint(monitor=...): judged at each step evaluation (the
+    epoch's end carries no val metrics then; it raised that the monitor was missing)."""
+    train, val = _loaders(32)  # 4 steps per epoch
+    checkpoint = ModelCheckpoint(every_n_steps=2, keep_last=2, monitor="val_score")
+    trainer = _trainer([checkpoint], checkpoint_dir=tmp_path, metrics={"score": Scripted([3.0, 2.0, 2.5])})
+    trainer.fit(train, max_steps=6, val_loader=val, eval_every_n_steps=2)
+    assert (checkpoint.best_score, checkpoint.best_step) == (2.0, 4)
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["best.ckpt", "step-000000004.ckpt", "step-000000006.ckpt"]
+    assert f"best val_score 2.0000 at step 4 ({tmp_path / 'best.ckpt'})" in lines[-1]
+    fresh = _trainer()
+    assert fresh.load_checkpoint(tmp_path / "best.ckpt")["best_score"] == 2.0 and fresh.global_step == 4

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import struct
+import sys
 from unittest import mock
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anndist import MetricsCallback, MLflowCallback, Trainer, WandbCallback
+from anndist import MetricsCallback, MissingDependencyError, MLflowCallback, Trainer, WandbCallback
 from anndist.callbacks import trackers
 from models import make_dataset, make_model
 from spawn_ranks import run_spawn
@@ -246,10 +247,13 @@ def test_bad_arguments_name_the_argument(make, error, match):
 
 
 def test_a_missing_tracker_package_names_the_extra(monkeypatch):
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match=r"^MLflowCallback needs mlflow: pip install 'anndist\[mlflow\]'$"):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # find_spec then says: not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(MissingDependencyError, match=r"^MLflowCallback needs mlflow-skinny, which is not installed: "
+                                                     r"pip install 'anndist\[mlflow\]'$"):
         MLflowCallback()
-    with pytest.raises(ImportError, match=r"^WandbCallback needs wandb: pip install 'anndist\[wandb\]'$"):
+    with pytest.raises(MissingDependencyError, match=r"^WandbCallback needs wandb, which is not installed: "
+                                                     r"pip install 'anndist\[wandb\]'$"):
         WandbCallback("p")
 
 

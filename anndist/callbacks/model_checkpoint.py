@@ -24,8 +24,9 @@ class ModelCheckpoint(Callback):
     every_n_epochs: save it at the end of every N-th epoch (None: never).
     keep_last: keep the newest N ``step-*`` checkpoints, delete older ones (None: keep all).
     monitor / mode / save_best: keep ``best.ckpt``, the state with the lowest (``"min"``) or highest
-        (``"max"``) value of the epoch metric ``monitor`` (e.g. ``"val_loss"``); ``save_best``
-        defaults to True when ``monitor`` is given. Rank 0's verdict is broadcast, so all ranks
+        (``"max"``) value of ``monitor`` (e.g. ``"val_loss"``), judged at each evaluation of ``fit``: at
+        epoch ends, or in step mode (``fit(eval_every_n_steps=N)``) after each step evaluation
+        (``train_loss`` at epoch ends); ``save_best`` defaults to True when ``monitor`` is given. Rank 0's verdict is broadcast, so all ranks
         take part in the same saves even if a metric were rank-local.
 
     Each save is ``save_in_dir``'s protocol: all ranks call, rank 0 writes atomically, ``latest`` then
@@ -71,9 +72,18 @@ class ModelCheckpoint(Callback):
                 and step % self.every_n_steps == 0 and step != self.last_saved_step):
             self._save(trainer, periodic=True, best=False)
 
+    def on_evaluate_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        # Step mode (fit(eval_every_n_steps=N)): each evaluation is judged here, as EarlyStopping does;
+        # the epoch's end carries no val metrics then.
+        logs = logs or {}
+        if self.save_best and logs.get("when") == "step" and self.monitor != "train_loss" \
+                and self._improved(trainer, logs):
+            self._save(trainer, periodic=False, best=True)
+
     def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
         periodic = bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
-        best = self.save_best and self._improved(trainer, logs or {})
+        judged_here = getattr(trainer, "eval_every_n_steps", None) is None or self.monitor == "train_loss"
+        best = self.save_best and judged_here and self._improved(trainer, logs or {})
         if periodic or best:
             self._save(trainer, periodic, best)
 
