@@ -91,11 +91,9 @@ def test_five_trainers_in_turn_alone(in_turn):
 
 
 # ------------------------------------------------------------------ a wrong launch
-def _first_line_with(cmd: list[str], env: dict[str, str], text: str, limit: float) -> tuple[str | None, float]:
-    """Start ``cmd``; return its first stderr line holding ``text`` and the seconds it took (then kill it)."""
+def _first_line_with(proc: subprocess.Popen, text: str, limit: float) -> tuple[str | None, float]:
+    """The first stderr line of ``proc`` holding ``text``, and the seconds it took from now; then ``proc`` is killed."""
     lines: queue.Queue[str | None] = queue.Queue()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
     started = time.monotonic()
 
     def read() -> None:
@@ -120,19 +118,24 @@ def _first_line_with(cmd: list[str], env: dict[str, str], text: str, limit: floa
         proc.wait()
 
 
-@pytest.mark.parametrize("rank", (0, 1))
-def test_a_rank_started_without_torchrun_says_whom_it_waits_for_within_seconds(rank):
-    port = free_port()
-    env = child_env(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def test_a_rank_started_without_torchrun_says_whom_it_waits_for_within_seconds():
+    """Rank 0 and rank 1 each started alone (on ports of their own, so they never meet), at once."""
     script = ROOT / "tests" / "scripts" / "exit_cleanly.py"
-    # Python and torch start first (seconds on a loaded machine); the line itself comes FIRST_REPORT_S into the wait.
-    line, took = _first_line_with([sys.executable, str(script)], env, "to join the process group", limit=90)
-    assert line is not None, f"no waiting line within {took:.0f} s"
-    assert f"rank {rank} of 2 has waited {FIRST_REPORT_S:.0f} s" in line
-    assert f"127.0.0.1:{port}" in line
-    assert "rank 0 at" in line if rank else "for the other 1 (rank 1)" in line
-    assert "neither torchrun nor srun started it" in line and "torchrun --nproc_per_node=2" in line
-    assert "dist_timeout=600 s" in line
+    ports = {rank: free_port() for rank in (0, 1)}
+    procs = {rank: subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                    env=child_env(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                                                  MASTER_PORT=str(port)))
+             for rank, port in ports.items()}
+    for rank, proc in procs.items():
+        # Python and torch start first (seconds on a loaded machine); the line comes FIRST_REPORT_S into the wait.
+        line, took = _first_line_with(proc, "to join the process group", limit=90)
+        assert line is not None, f"rank {rank}: no waiting line within {took:.0f} s"
+        assert f"rank {rank} of 2 has waited {FIRST_REPORT_S:.0f} s" in line
+        assert f"127.0.0.1:{ports[rank]}" in line
+        assert ("rank 0 at" in line) if rank else ("for the other 1 (rank 1)" in line)
+        assert "neither torchrun nor srun started it" in line and "torchrun --nproc_per_node=2" in line
+        assert "dist_timeout=600 s" in line
 
 
 def test_the_waiting_line_names_the_launcher_that_started_the_rank():
