@@ -37,7 +37,8 @@ def check_keywords(fn: Callable) -> Callable:
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return fn
-    known = [name for name, p in params.items() if name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    by_name = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    known = [name for name, p in params.items() if name != "self" and p.kind in by_name]
 
     @functools.wraps(fn)
     def checked(*args: Any, **kwargs: Any) -> Any:

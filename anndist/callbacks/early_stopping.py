@@ -48,10 +48,10 @@ class EarlyStopping(Callback):
         the latest weights to resume from).
 
     After ``fit``: ``best`` (the best value), ``best_step`` / ``best_epoch`` (where it was reached),
-    ``wait`` (evaluations since the last improvement by more than ``min_delta``) and ``stopped_step`` (the optimizer step after which this
-    callback stopped the run, or None). A fit that starts with the patience already spent (a run
-    resumed from a checkpoint saved after the stop) stops at once; use a new ``EarlyStopping`` to
-    train further.
+    ``wait`` (evaluations since the last improvement by more than ``min_delta``) and ``stopped_step``
+    (the optimizer step after which this callback stopped the run, or None). A fit that starts with
+    the patience already spent (a run resumed from a checkpoint saved after the stop) stops at once;
+    use a new ``EarlyStopping`` to train further.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0,

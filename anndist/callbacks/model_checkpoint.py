@@ -26,8 +26,9 @@ class ModelCheckpoint(Callback):
     monitor / mode / save_best: keep ``best.ckpt``, the state with the lowest (``"min"``) or highest
         (``"max"``) value of ``monitor`` (e.g. ``"val_loss"``), judged at each evaluation of ``fit``: at
         epoch ends, or in step mode (``fit(eval_every_n_steps=N)``) after each step evaluation
-        (``train_loss`` at epoch ends); ``save_best`` defaults to True when ``monitor`` is given. Rank 0's verdict is broadcast, so all ranks
-        take part in the same saves even if a metric were rank-local.
+        (``train_loss`` at epoch ends); ``save_best`` defaults to True when ``monitor`` is given.
+        Rank 0's verdict is broadcast, so all ranks take part in the same saves even if a metric were
+        rank-local.
 
     Each save is ``save_in_dir``'s protocol: all ranks call, rank 0 writes atomically, ``latest`` then
     names the new file, so ``fit(resume_from="latest")`` and ``auto_resume`` find it.

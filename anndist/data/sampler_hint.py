@@ -26,7 +26,8 @@ def explains(exc: BaseException) -> bool:
     tb = exc.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
-        if code.co_name == "__init__" and code.co_filename.replace("\\", "/").endswith("torch/utils/data/distributed.py"):
+        filename = code.co_filename.replace("\\", "/")
+        if code.co_name == "__init__" and filename.endswith("torch/utils/data/distributed.py"):
             return True
         tb = tb.tb_next
     return False
