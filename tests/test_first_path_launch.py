@@ -26,6 +26,7 @@ from anndist.dist.env import detect_env
 from anndist.dist.rendezvous import FIRST_REPORT_S, started_by, waiting_message
 from exit_trials import free_port
 from processes import ROOT, child_env, python, torchrun
+from run_once import once
 
 SCRIPT = ROOT / "tests" / "scripts" / "trainers_in_turn.py"
 TRAINERS = 5
@@ -35,21 +36,25 @@ def _results(out) -> list[list[dict]]:
     return [json.loads((out / name).read_text()) for name in sorted(os.listdir(out)) if name.endswith(".json")]
 
 
+def _launch_all(folder) -> dict[str, list[list[dict]]]:
+    runs = {}
+    for launch in ("torchrun", "plain", "alone"):
+        out = folder / launch
+        out.mkdir()
+        if launch == "torchrun":
+            torchrun(SCRIPT, str(out), nproc=2, timeout=240)
+        elif launch == "plain":
+            assert _plain_pair(out) == [0, 0]
+        else:
+            python(SCRIPT, str(out), timeout=120)
+        runs[launch] = _results(out)
+    return runs
+
+
 @pytest.fixture(scope="module")
 def in_turn(tmp_path_factory) -> dict[str, list[list[dict]]]:
-    """Each launch's results per rank: under torchrun, as plain processes, alone."""
-    runs = {}
-    out = tmp_path_factory.mktemp("torchrun")
-    torchrun(SCRIPT, str(out), nproc=2, timeout=240)
-    runs["torchrun"] = _results(out)
-    out = tmp_path_factory.mktemp("plain")
-    codes = _plain_pair(out)
-    assert codes == [0, 0]
-    runs["plain"] = _results(out)
-    out = tmp_path_factory.mktemp("alone")
-    python(SCRIPT, str(out), timeout=120)
-    runs["alone"] = _results(out)
-    return runs
+    """Each launch's results per rank: under torchrun, as plain processes, alone (once per session)."""
+    return once(tmp_path_factory, "trainers_in_turn", _launch_all)
 
 
 def _plain_pair(out) -> list[int]:

@@ -27,6 +27,7 @@ if importlib.util.find_spec("transformers") is None:
 from anndist import Trainer  # noqa: E402
 from hf_tiny import (JOBS, Sequences, build_model, flat, load_flat, pad_batch, reference_loss,  # noqa: E402
                      reference_run)
+from run_once import once  # noqa: E402
 from spawn_ranks import run_spawn  # noqa: E402
 
 B, N, N_VAL, LR, EPOCHS = 2, 38, 15, 0.3, 2  # 19 sequences per rank: K=4 windows of 4, 4 and a short 2 batches
@@ -61,15 +62,19 @@ def all_jobs(rank: int = 0, world_size: int = 1) -> dict:
     return results
 
 
-@pytest.fixture(scope="module")
-def runs() -> dict[int, dict]:
-    """world size -> results: rank 0's of the 2-rank spawn (the ranks' weights are checked equal), and
-    one process's."""
+def _all_runs(folder) -> dict[int, dict]:
     ranks = run_spawn(all_jobs, 2, timeout=280)
     for key, result in ranks[0].items():
         assert torch.equal(result["params"], ranks[1][key]["params"]), key
         assert result["val_loss"] == ranks[1][key]["val_loss"], key
     return {2: ranks[0], 1: all_jobs()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, dict]:
+    """world size -> results: rank 0's of the 2-rank spawn (the ranks' weights are checked equal), and
+    one process's; once per session (run_once.py)."""
+    return once(tmp_path_factory, "hf_exact_runs", _all_runs)
 
 
 @pytest.fixture(scope="module")
