@@ -26,6 +26,7 @@ from . import checkpoint, log
 from .callbacks.base import Callback
 from .callbacks.defaults import build_callbacks
 from .callbacks.model_checkpoint import checkpoint_folder
+from .checks import check_keywords
 from .checkpoint.manager import CheckpointManager, check_window_closed
 from .checkpoint.states import ModelState, whole_states
 from .config import TrainerConfig
@@ -42,7 +43,8 @@ from .evaluation.evaluator import Evaluator
 from .evaluation.prediction import predict
 from .preflight.trainer_check import preflight_trainer
 from .seed import RNGState, rank_seed, seed_everything
-from .step.loss import LossStep, call_on_inputs, model_loss
+from .step.label_items import label_items
+from .step.loss import LossStep, ModelLoss, call_on_inputs, model_loss
 from .step.optimization import OptimizerStep, step_epoch_scheduler, step_plateau
 from .step.plan import RunPlan
 from .step.precision import make_precision
@@ -81,7 +83,7 @@ class Trainer:
         checkpoint_dir: str | os.PathLike | None = None, auto_resume: bool = False, async_checkpoint: bool = False,
         # run control
         handle_signals: bool = True, watchdog_timeout: float | None = None, stop_check_period: float = 0.25,
-        progress_bar: bool | None = None, preflight: bool | str = False,
+        progress_bar: bool | None = None, preflight: bool | str = False, log_epochs: bool = True,
         **unknown: Any,
     ) -> None:
         """The options are keyword-only, in sections as above; each is documented on ``TrainerConfig``
@@ -120,9 +122,10 @@ class Trainer:
         backend = cfg.backend or process_group.default_backend(self.device)
         if cfg.watchdog_timeout is not None:
             enable_flight_recorder(backend, cfg.checkpoint_dir)
-        self.created_process_group = process_group.init_process_group(self.env, backend, cfg.dist_timeout)
+        log.configure(self.env.rank)  # the one rank-zero decision for every log line, the wait's included
+        self.created_process_group = process_group.init_process_group(self.env, backend, cfg.dist_timeout, self)
         self.rank, self.world_size = collectives.rank(), collectives.world_size()
-        log.configure(self.rank)  # the one rank-zero decision for every log line
+        log.configure(self.rank)  # a group made by the user may number its ranks otherwise
         self.local_rank = self.env.local_rank if self.env.is_distributed else 0
         self.is_main_process = self.rank == 0
 
@@ -165,6 +168,7 @@ class Trainer:
         return self._plan.eval_every_n_steps if self._plan is not None else None
 
     # ------------------------------------------------------------------ training
+    @check_keywords  # a misspelt keyword: "did you mean"
     def fit(self, train_loader: Iterable, num_epochs: int | None = None, val_loader: Iterable | None = None,
             resume_from: str | os.PathLike | None = None, *, max_steps: int | None = None,
             eval_every_n_steps: int | None = None) -> dict[str, list[float]]:
@@ -196,6 +200,7 @@ class Trainer:
                 self.stop_training = self._agreement.decide(self.stop_training)
             self.callbacks.call("on_train_end", trainer=self,
                                 logs={"history": self.history, "completed": plan.done(self.state)})
+            self.callbacks.end_run()  # the closing line, last
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -279,6 +284,7 @@ class Trainer:
         return f"optimizer step {self.global_step + 1} (epoch {self.epoch}, batch {batch_idx})"
 
     # ------------------------------------------------------------------ evaluation
+    @check_keywords
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         """Loss, accuracy (classification with a criterion) and ``metrics`` over exactly the loader's
         samples, as ``val_*`` keys, identical on every rank."""
@@ -294,6 +300,7 @@ class Trainer:
             **metrics, "when": when, "epoch": self.epoch, "global_step": self.global_step})
         return metrics
 
+    @check_keywords
     def predict(self, loader: Iterable, main_process_only: bool = False) -> torch.Tensor | None:
         """The model's outputs (``logits`` of a ``ModelOutput``) for every sample once, in dataset order,
         on every rank (on rank 0 only with ``main_process_only``); see ``prediction.py`` for the memory."""
@@ -316,7 +323,10 @@ class Trainer:
             return self.config.compute_loss
         if type(self).compute_loss is not Trainer.compute_loss:
             return self.compute_loss
-        return None if self.criterion is not None else model_loss
+        if self.criterion is not None:
+            return None
+        mixes = self.config.gradient_accumulation_steps * self.strategy.data_world_size > 1
+        return ModelLoss(label_items(self.module, mixes))  # items (tokens) counted where the model says what
 
     # ------------------------------------------------------------------ checkpoints
     def _make_run_state(self) -> checkpoint.RunState:
@@ -369,10 +379,10 @@ class Trainer:
             strategy.release()
 
     def close(self) -> None:
-        """Release DDP and destroy the process group if this Trainer created it. Also runs at exit."""
+        """Release DDP; the process group anndist created goes with the last open Trainer on it (a later
+        Trainer creates a new one). Also runs at exit."""
         self.release_distributed()
-        if self.created_process_group:
-            process_group.teardown()
+        process_group.release(self)
 
     def __enter__(self) -> "Trainer":
         return self
@@ -392,7 +402,8 @@ class Trainer:
     def _abort(self) -> None:
         # Closing our group makes peers blocked in a collective fail fast instead of waiting for the timeout.
         if self.created_process_group and self.world_size > 1:
-            self.close()
+            self.release_distributed()
+            process_group.teardown()
 
 
 def save_in_dir(trainer: Trainer, dirpath: str | os.PathLike, name: str | None = None, **metadata: Any) -> Path:

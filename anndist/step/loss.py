@@ -55,17 +55,36 @@ def loss_of(output: Any) -> torch.Tensor:
     return loss
 
 
-def model_loss(model: Any, batch: Any) -> torch.Tensor:
-    """The loss step of a model that computes its own loss (no criterion)."""
+def model_output(model: Any, batch: Any) -> Any:
+    """The output of a model that computes its own loss (no criterion), called on the whole batch."""
     try:
-        output = call_model(model, batch)
+        return call_model(model, batch)
     except TypeError as exc:
         how = ("model(**batch)" if isinstance(batch, Mapping) else
                "model(*batch)" if isinstance(batch, (tuple, list)) else "model(batch)")
         raise TypeError(f"the Trainer has no criterion, so it calls {how} for the model to compute its own loss, "
                         f"and that failed: {exc}; for (inputs, targets) batches pass criterion=..., or pass "
                         "compute_loss=...") from exc
-    return loss_of(output)
+
+
+def model_loss(model: Any, batch: Any) -> torch.Tensor:
+    """The loss of a model that computes its own loss (no criterion)."""
+    return loss_of(model_output(model, batch))
+
+
+class ModelLoss:
+    """The loss step of a model that computes its own loss: ``(loss, items)`` when ``count`` can tell what
+    the loss is a mean over (``label_items.py``: the labels of a Hugging Face LM), else the loss alone."""
+
+    def __init__(self, count: Callable[[Any], Any] | None) -> None:
+        self.count = count
+
+    def __call__(self, model: Any, batch: Any) -> Any:
+        loss = model_loss(model, batch)
+        if self.count is None:
+            return loss
+        items = self.count(batch)
+        return loss if items is None else (loss, items)
 
 
 def predictions_of(output: Any) -> Any:
