@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..data.batch import batch_size, first_tensor, prepare_batch, split_batch, to_device
+from .label_items import label_items
 
 LossResult = tuple[torch.Tensor, "torch.Tensor | int | None"]  # (scalar loss, num_items or None)
 
@@ -161,3 +162,16 @@ class LossStep:
         batch = to_device(batch, self.device, self.non_blocking)
         loss, num_items = check_result(self.compute_loss(model, batch))
         return loss, sample_count(batch, self.criterion is not None), num_items
+
+
+def choose_loss_step(compute_loss: Callable | None, criterion: Callable | None, module: Any,
+                     mixes: bool) -> Callable | None:
+    """The loss step, chosen once: the user's ``compute_loss`` (an option or a Trainer subclass's method),
+    else None for the criterion's short path, else the model's own loss with the items it averages over
+    counted where the model says what they are (``label_items.py``; ``mixes``: accumulation or several
+    data-parallel ranks mix micro-batches, so the count matters)."""
+    if compute_loss is not None:
+        return compute_loss
+    if criterion is not None:
+        return None
+    return ModelLoss(label_items(module, mixes))
