@@ -97,6 +97,14 @@ HOW: dict[str, tuple] = {
     "python tests/bench/compare_peers.py --sizes small --nprocs 1,2 --reps 3 --no-audit --compile": ("parse",),
     "python tests/bench/peers/step_parts.py --nprocs 2": ("parse",),
     "python tests/bench/peers/step_parts.py --nprocs 1": ("parse",),
+    # docs/slurm.md (pre-flight), docs/parallelism.md
+    "PREFLIGHT=1 sbatch slurm/multi_node.sbatch launch/train_digits.py --checkpoint-dir runs/ckpt": ("slurm",),
+    "PREFLIGHT=strict sbatch slurm/multi_node.sbatch launch/train_digits.py --checkpoint-dir runs/ckpt": ("slurm",),
+    "torchrun --nproc_per_node=8 -m anndist.preflight --strict launch/train_digits.py --checkpoint-dir runs/ckpt":
+        ("parse",),  # 8 ranks; tests/e2e/test_preflight_torchrun.py runs the check for real on 2
+    "srun python -m anndist.preflight --checkpoint-size 20G launch/train_digits.py": ("parse",),
+    "torchrun --standalone --nproc_per_node=4 launch/train_gpt2.py --tp 2 --strategy fsdp --max-steps 30":
+        ("parse",),  # tests/e2e/test_tensor_parallel.py runs the example on 4 ranks
     # docs/fsdp.md, docs/observability.md
     "OMP_NUM_THREADS=1 python tests/bench/bench_fsdp_memory.py": ("parse",),
     "ls -l runs/digits/traces": ("run", 0),  # after launch/README.md's run with --trace-steps 5 10
@@ -208,6 +216,8 @@ def _torchrun_script(argv: list[str]) -> list[str]:
     from torch.distributed.run import get_args_parser
 
     args = get_args_parser().parse_args(argv)
+    if args.module:  # torchrun -m package.module ...
+        return ["python", "-m", args.training_script, *args.training_script_args]
     assert Path(args.training_script).suffix == ".py", argv
     return ["python", args.training_script, *args.training_script_args]
 
@@ -233,9 +243,11 @@ def test_the_heavy_commands_parse_their_arguments(clone, tmp_path):
     scripts = []
     for doc, line, command in all_commands():
         how = HOW.get(command)
-        if how != ("parse",) and not (how == ("slurm",) and command.startswith("sbatch ")):
-            continue
         env, argv = _split_env(command)
+        if how != ("parse",) and not (how == ("slurm",) and argv[0] == "sbatch"):
+            continue
+        if argv[0] == "srun":  # srun's own options none: what it starts
+            argv = argv[1:]
         if argv[0] == "sbatch":  # the batch script's entry script and its arguments
             argv = ["python", *argv[2:]]
         elif argv[0] == "bash":
@@ -311,7 +323,7 @@ def test_the_slurm_lines_name_real_scripts_and_options(clone, tmp_path):
     for _, _, command in all_commands():
         if HOW.get(command) != ("slurm",):
             continue
-        words = shlex.split(command)
+        _, words = _split_env(command)
         if words[0] == "sbatch":
             assert subprocess.run(["bash", "-n", words[1]], cwd=clone).returncode == 0, command
             assert "#SBATCH" in (clone / words[1]).read_text()
@@ -343,7 +355,7 @@ def test_the_quickstart_lines_part_by_part(clone):
                 code, output = _shell(part, clone)
                 assert code == 0 and "training on 2 process(es)" in output and "run ended after" in output, output
             elif part == "python -m pytest -n 2 -rs":
-                code, output = _shell(f"{part} --collect-only -q -p no:cacheprovider tests/test_env.py", clone)
+                code, output = _shell(f"{part} --collect-only -q -p no:cacheprovider tests/unit/test_env.py", clone)
                 assert code == 0 and re.search(r"\d+ tests? collected", output), output[-2000:]
             else:
                 raise AssertionError(f"a quickstart part no check knows: {part!r}")

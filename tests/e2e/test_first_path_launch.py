@@ -125,7 +125,7 @@ def _first_line_with(proc: subprocess.Popen, text: str, limit: float) -> tuple[s
 
 def test_a_rank_started_without_torchrun_says_whom_it_waits_for_within_seconds():
     """Rank 0 and rank 1 each started alone (on ports of their own, so they never meet), at once."""
-    script = ROOT / "tests" / "scripts" / "exit_cleanly.py"
+    script = ROOT / "tests" / "support" / "scripts" / "exit_cleanly.py"
     ports = {rank: free_port() for rank in (0, 1)}
     procs = {rank: subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True, start_new_session=True,
