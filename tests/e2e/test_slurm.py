@@ -21,7 +21,7 @@ from anndist import latest_checkpoint
 from anndist.checkpoint.file import read_checkpoint
 from anndist.dist.slurm import RequeueError, requeue
 from support import ROOT, child_env
-from support.slurm_cluster import SlurmCluster, unavailable_reason
+from support.slurm_cluster import SlurmCluster, require_slurm
 
 pytestmark = pytest.mark.slurm
 
@@ -32,11 +32,7 @@ TRAIN = ("launch/train_digits.py", "--epochs", str(EPOCHS))
 
 @pytest.fixture(scope="session")
 def cluster():
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("ANNDIST_REQUIRE_SLURM") == "1":
-            pytest.fail(f"ANNDIST_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    require_slurm()
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest-xdist
     index = int(worker[2:]) + 1 if worker.startswith("gw") else 0
     slurm = SlurmCluster(first_job_id=1000 * index + 1).start()

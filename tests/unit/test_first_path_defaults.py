@@ -18,6 +18,7 @@ from anndist import (Callback, EarlyStopping, LoggingCallback, MissingDependency
                      ModelCheckpoint, ProfilingCallback, Trainer, WandbCallback)
 from anndist.data import sampler_hint
 from support import make_dataset, make_model
+from support.early_stopping import Scripted
 
 
 class Lines(logging.Handler):
@@ -38,23 +39,6 @@ def lines():
     logger.addHandler(handler)
     yield handler.lines
     logger.removeHandler(handler)
-
-
-class Scripted:
-    """A metric whose compute() returns the next value of a script (val_<name> per evaluation)."""
-
-    def __init__(self, values):
-        self.values, self.calls = list(values), 0
-
-    def reset(self):
-        pass
-
-    def update(self, preds, targets):
-        pass
-
-    def compute(self):
-        self.calls += 1
-        return self.values[self.calls - 1]
 
 
 def _trainer(callbacks=(), **options) -> Trainer:
