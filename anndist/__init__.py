@@ -12,6 +12,9 @@ from .preflight import run_preflight
 from .seed import seed_everything
 from .trainer import Trainer, save_in_dir
 from .version import __version__
+from .data import sampler_hint
+
+sampler_hint.install()  # a DistributedSampler built before the Trainer: torch's error says what to do
 
 __all__ = [
     "Trainer", "TrainerConfig", "Callback", "CallbackList", "CallbackError", "LoggingCallback", "seed_everything",

@@ -8,7 +8,6 @@ defaults and what each option does are in ``Trainer.__init__``'s signature and d
 """
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import os
@@ -20,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .checks import check_count
+from .checks import check_count, unknown_options_error
 from .dist.env import detect_env
 from .dist.process_group import check_backend
 from .preflight.trainer_check import check_preflight_option
@@ -69,7 +68,9 @@ class TrainerConfig:
         the longest step, evaluation or save); ``stop_check_period`` seconds between the ranks'
         agreements on ``stop_training``; ``progress_bar`` a tqdm bar on rank 0 (None: when stderr is a
         terminal and not under CI); ``preflight`` (True, or ``"strict"`` to raise) checks the job's nodes
-        once the process group exists: software, layout, compute, links, checkpoint_dir (docs/slurm.md).
+        once the process group exists: software, layout, compute, links, checkpoint_dir (docs/slurm.md);
+        ``log_epochs`` prints a line per epoch (and per step-mode evaluation) and the run's closing line
+        on rank 0 when no ``LoggingCallback`` is given.
     See docs/training.md for each in full.
     """
 
@@ -112,6 +113,7 @@ class TrainerConfig:
     stop_check_period: float
     progress_bar: bool | None
     preflight: bool | str
+    log_epochs: bool
 
     @classmethod
     def names(cls) -> list[str]:
@@ -136,7 +138,7 @@ class TrainerConfig:
         check_backend(v["backend"])
         v["dist_timeout"] = _timeout(v["dist_timeout"])
         _check_checkpointing(v)
-        for name in ("use_amp", "rebuild_train_loader", "rebuild_eval_loader", "async_checkpoint"):
+        for name in ("use_amp", "rebuild_train_loader", "rebuild_eval_loader", "async_checkpoint", "log_epochs"):
             _check_bool(name, v[name])  # "no" would be truthy
         v["amp_dtype"] = resolve_amp_dtype(v["use_amp"], v["amp_dtype"], v["device"] or _probe_device())
         for name in ("ddp_kwargs", "fsdp_kwargs"):
@@ -149,13 +151,8 @@ class TrainerConfig:
 
 
 def _check_unknown(unknown: Mapping[str, Any], known: list[str]) -> None:
-    if not unknown:
-        return
-    hints = []
-    for name in sorted(unknown):
-        close = difflib.get_close_matches(name, known, n=1)
-        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
-    raise TypeError(f"Trainer got unknown option(s) {', '.join(hints)}; valid options are {sorted(known)}")
+    if unknown:
+        raise unknown_options_error("Trainer", unknown, known)
 
 
 def _check_step(v: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:

@@ -22,27 +22,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import checkpoint, log
 from .callbacks.base import Callback
 from .callbacks.defaults import build_callbacks
 from .callbacks.model_checkpoint import checkpoint_folder
-from .checkpoint.manager import CheckpointManager, check_window_closed
-from .checkpoint.states import ModelState, whole_states
+from .checks import check_keywords
+from .checkpoint.manager import CheckpointManager
+from .checkpoint.methods import CheckpointMethods
 from .config import TrainerConfig
 from .data.batch import split_batch
 from .data.epoch_reader import epoch_position, micro_batches
-from .data.loaders import LoaderState, RankLoaders, resumes_by_index, start_position
+from .data.loaders import RankLoaders, resumes_by_index, start_position
 from .data.sampler import start_epoch
-from .dist import collectives, process_group, timeouts
+from .dist import process_group, timeouts
 from .dist.agreement import StopAgreement
-from .dist.device import default_device
-from .dist.env import DistEnv, detect_env
-from .dist.flight_recorder import enable_flight_recorder
+from .dist.join import join
 from .evaluation.evaluator import Evaluator
 from .evaluation.prediction import predict
 from .preflight.trainer_check import preflight_trainer
-from .seed import RNGState, rank_seed, seed_everything
-from .step.loss import LossStep, call_on_inputs, model_loss
+from .seed import rank_seed, seed_everything
+from .step.loss import LossStep, call_on_inputs, choose_loss_step, model_loss
 from .step.optimization import OptimizerStep, step_epoch_scheduler, step_plateau
 from .step.plan import RunPlan
 from .step.precision import make_precision
@@ -54,9 +52,11 @@ logger = logging.getLogger(__name__)
 HISTORY_KEYS = ("train_loss", "val_loss", "val_accuracy")
 
 
-class Trainer:
+class Trainer(CheckpointMethods):
     """Trains ``model`` with ``optimizer``: on ``criterion(outputs, targets)``, on the loss the model
-    computes itself (no criterion), or on ``compute_loss``; placed on the ranks by ``strategy``."""
+    computes itself (no criterion), or on ``compute_loss``; placed on the ranks by ``strategy``.
+    Its checkpoint methods (``save_checkpoint``, ``load_checkpoint``, ``state_dict``, ...) are in
+    checkpoint/methods.py."""
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable | None = None,
@@ -81,14 +81,17 @@ class Trainer:
         checkpoint_dir: str | os.PathLike | None = None, auto_resume: bool = False, async_checkpoint: bool = False,
         # run control
         handle_signals: bool = True, watchdog_timeout: float | None = None, stop_check_period: float = 0.25,
-        progress_bar: bool | None = None, preflight: bool | str = False,
+        progress_bar: bool | None = None, preflight: bool | str = False, log_epochs: bool = True,
         **unknown: Any,
     ) -> None:
         """The options are keyword-only, in sections as above; each is documented on ``TrainerConfig``
         (``help(anndist.TrainerConfig)``) and in docs/training.md, and checked here before anything starts."""
         self.config = cfg = TrainerConfig.validated(model, optimizer, criterion, locals(), unknown)
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
-        self._init_distributed(cfg)
+        joined = join(cfg, owner=self)  # the device, the process group (created when several ranks are asked for)
+        self.env, self.device, self.created_process_group = joined.env, joined.device, joined.created
+        self.rank, self.world_size, self.is_main_process = joined.rank, joined.world_size, joined.rank == 0
+        self.local_rank = self.env.local_rank if self.env.is_distributed else 0
         self.strategy: Strategy = make_strategy(cfg, self.device, self.rank, self.world_size)
         self.strategy.setup(model, optimizer)
         process_group.register_releaser(self)
@@ -110,21 +113,6 @@ class Trainer:
         self._val_loader: Iterable | None = None
         if cfg.preflight:  # every rank, once the group, the model and the folder are known
             preflight_trainer(self)
-
-    def _init_distributed(self, cfg: TrainerConfig) -> None:
-        """The device, the process group (created when the launcher asks for several ranks), the rank."""
-        self.env: DistEnv = detect_env(os.environ)
-        self.device = cfg.device or default_device(self.env)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        backend = cfg.backend or process_group.default_backend(self.device)
-        if cfg.watchdog_timeout is not None:
-            enable_flight_recorder(backend, cfg.checkpoint_dir)
-        self.created_process_group = process_group.init_process_group(self.env, backend, cfg.dist_timeout)
-        self.rank, self.world_size = collectives.rank(), collectives.world_size()
-        log.configure(self.rank)  # the one rank-zero decision for every log line
-        self.local_rank = self.env.local_rank if self.env.is_distributed else 0
-        self.is_main_process = self.rank == 0
 
     def _init_steps(self, cfg: TrainerConfig) -> None:
         """The training step, the evaluation and the stop agreement."""
@@ -165,6 +153,7 @@ class Trainer:
         return self._plan.eval_every_n_steps if self._plan is not None else None
 
     # ------------------------------------------------------------------ training
+    @check_keywords  # a misspelt keyword: "did you mean"
     def fit(self, train_loader: Iterable, num_epochs: int | None = None, val_loader: Iterable | None = None,
             resume_from: str | os.PathLike | None = None, *, max_steps: int | None = None,
             eval_every_n_steps: int | None = None) -> dict[str, list[float]]:
@@ -196,6 +185,7 @@ class Trainer:
                 self.stop_training = self._agreement.decide(self.stop_training)
             self.callbacks.call("on_train_end", trainer=self,
                                 logs={"history": self.history, "completed": plan.done(self.state)})
+            self.callbacks.end_run()  # the closing line, last
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -279,6 +269,7 @@ class Trainer:
         return f"optimizer step {self.global_step + 1} (epoch {self.epoch}, batch {batch_idx})"
 
     # ------------------------------------------------------------------ evaluation
+    @check_keywords
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         """Loss, accuracy (classification with a criterion) and ``metrics`` over exactly the loader's
         samples, as ``val_*`` keys, identical on every rank."""
@@ -294,6 +285,7 @@ class Trainer:
             **metrics, "when": when, "epoch": self.epoch, "global_step": self.global_step})
         return metrics
 
+    @check_keywords
     def predict(self, loader: Iterable, main_process_only: bool = False) -> torch.Tensor | None:
         """The model's outputs (``logits`` of a ``ModelOutput``) for every sample once, in dataset order,
         on every rank (on rank 0 only with ``main_process_only``); see ``prediction.py`` for the memory."""
@@ -311,52 +303,10 @@ class Trainer:
         return self.criterion(call_on_inputs(model, inputs), targets)
 
     def _loss_step(self) -> Callable | None:
-        """The loss function the step calls; None keeps the criterion's short path."""
-        if self.config.compute_loss is not None:
-            return self.config.compute_loss
-        if type(self).compute_loss is not Trainer.compute_loss:
-            return self.compute_loss
-        return None if self.criterion is not None else model_loss
-
-    # ------------------------------------------------------------------ checkpoints
-    def _make_run_state(self) -> checkpoint.RunState:
-        self._loader_state = LoaderState(self.rank, self.world_size, self.state, self.strategy.data)
-        self._rng_state = RNGState(self.rank, self.state, self.strategy.data)
-        shared = {"model": ModelState(self.module), "optimizer": self.optimizer, "scaler": self.precision,
-                  "train_state": self.state, "callbacks": self.callbacks}
-        if self.scheduler is not None:
-            shared["scheduler"] = self.scheduler
-        own = {"rng": self._rng_state, "epoch_sums": self.epoch_sums, "loader": self._loader_state}
-        sharded = self.strategy.checkpoint_states(shared, self.optimizer)  # may take model and optimizer out
-        return checkpoint.RunState(shared, own, ready_to_save=lambda: check_window_closed(self.module, self.state),
-                                   sharded=sharded)
-
-    def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> Path:
-        """Save everything needed to continue this run exactly to ``path``; call it on **every rank**.
-
-        Rank 0 alone writes (atomically: a crash leaves the old file or the new one), after gathering
-        every rank's RNG state; all ranks return once the file is complete. ``metadata`` (numbers,
-        strings, tensors, lists, dicts) comes back from ``load_checkpoint``. See docs/checkpoints.md.
-        """
-        return self.checkpoints.save(path, metadata)
-
-    def save_in_dir(self, dirpath: str | os.PathLike, name: str | None = None, **metadata: Any) -> Path:
-        """Save to ``dirpath/name.ckpt`` (``step-<global step>.ckpt`` when name is None) and point ``latest`` at it."""
-        return self.checkpoints.save_in_dir(dirpath, name, metadata)
-
-    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Restore a checkpoint on **every rank** (each rank its own RNG streams); return its metadata."""
-        return self.checkpoints.load(path)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer, scheduler, scaler, train_state, callbacks (no RNG); whole even where the strategy
-        shards (then a collective, gathered to rank 0: see checkpoint/states.py ``whole_states``)."""
-        return {name: obj.state_dict() for name, obj in whole_states(self.run_state).items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, obj in whole_states(self.run_state).items():
-            if name in state:
-                obj.load_state_dict(state[name])
+        """The loss function the step calls (``step/loss.py``); None keeps the criterion's short path."""
+        overridden = self.compute_loss if type(self).compute_loss is not Trainer.compute_loss else None
+        mixes = self.config.gradient_accumulation_steps * self.strategy.data_world_size > 1
+        return choose_loss_step(self.config.compute_loss or overridden, self.criterion, self.module, mixes)
 
     # ------------------------------------------------------------------ teardown
     def release_distributed(self) -> None:
@@ -369,10 +319,10 @@ class Trainer:
             strategy.release()
 
     def close(self) -> None:
-        """Release DDP and destroy the process group if this Trainer created it. Also runs at exit."""
+        """Release DDP; the process group anndist created goes with the last open Trainer on it (a later
+        Trainer creates a new one). Also runs at exit."""
         self.release_distributed()
-        if self.created_process_group:
-            process_group.teardown()
+        process_group.release(self)
 
     def __enter__(self) -> "Trainer":
         return self
@@ -385,14 +335,11 @@ class Trainer:
         is raised again as an error naming the ranks that never arrived (``dist/timeouts.py``)."""
         self.callbacks.call_on_exception(exc, trainer=self)
         stuck = timeouts.never_arrived(exc, self.config.dist_timeout)
-        self._abort()
+        if self.created_process_group and self.world_size > 1:  # peers blocked in a collective fail fast
+            self.release_distributed()
+            process_group.teardown()
         if stuck is not None:
             raise stuck from exc
-
-    def _abort(self) -> None:
-        # Closing our group makes peers blocked in a collective fail fast instead of waiting for the timeout.
-        if self.created_process_group and self.world_size > 1:
-            self.close()
 
 
 def save_in_dir(trainer: Trainer, dirpath: str | os.PathLike, name: str | None = None, **metadata: Any) -> Path:

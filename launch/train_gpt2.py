@@ -1,9 +1,12 @@
 """Train a 2-layer GPT-2 character model on the Zen of Python (shipped with Python: no download).
 
-The loss is token-weighted: ``compute_loss`` returns ``(mean over the batch's tokens, tokens)``, so
-with accumulation every token of an optimizer step weighs the same, however the variable-length
-sequences fall into micro-batches and ranks. At the end rank 0 prints the validation perplexity
-(exp of the token-weighted validation loss) on the held-out last lines of the text.
+The model computes its own loss from the batch's ``labels`` (no criterion, no ``compute_loss``), and
+the Trainer weighs it by tokens: it knows a causal LM's loss is a mean over the labels other than
+-100 after the shift, so with accumulation every token of an optimizer step weighs the same, however
+the variable-length sequences fall into micro-batches and ranks. ``token_loss`` below is the same
+weighing written by hand, as ``compute_loss`` for a model anndist cannot see into. At the end rank 0
+prints the validation perplexity (exp of the token-weighted validation loss) on the held-out last
+lines of the text.
 
     python launch/train_gpt2.py --epochs 2
     bash launch/torchrun.sh --script launch/train_gpt2.py --epochs 20 --accumulation 2
@@ -31,9 +34,9 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
-from transformers import GPT2Config, GPT2LMHeadModel
-
 from anndist import Callback, Conv1DColwise, Conv1DRowwise, LoggingCallback, Trainer, seed_everything
+from anndist.optional import require
+from example_support import report_missing_dependency
 
 PAD, IGNORE = 0, -100  # padding token id; the label of padded positions (ignored by the loss)
 MAX_LEN = 64           # the model's n_positions
@@ -107,13 +110,14 @@ def lm_datasets(train_count: int = 256, val_count: int = 64, min_len: int = 12, 
             TokenSequences(windows(val_text, val_count, min_len, max_len, seed + 1), vocab))
 
 
-def gpt2_model(vocab_size: int, seed: int | None = None) -> GPT2LMHeadModel:
+def gpt2_model(vocab_size: int, seed: int | None = None) -> torch.nn.Module:
     """A 2-layer, 32-wide GPT-2 built from its config (random weights; ``seed`` makes them reproducible)."""
+    transformers = require("transformers", "launch/train_gpt2.py")  # one line when it is missing
     if seed is not None:
         seed_everything(seed)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=MAX_LEN, vocab_size=vocab_size,
-                        bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
-    return GPT2LMHeadModel(config)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=MAX_LEN, vocab_size=vocab_size,
+                                     bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
+    return transformers.GPT2LMHeadModel(config)
 
 
 def gpt2_tp_plan() -> dict:
@@ -135,9 +139,10 @@ def gpt2_tp_plan() -> dict:
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy: (mean over the batch's predicted tokens, their number).
+    """Next-token cross-entropy as ``compute_loss``: (mean over the batch's predicted tokens, their number).
 
-    The labels stay out of the model call: the model would compute its own (per-batch mean) loss.
+    What the Trainer does by itself for this model, written out: the labels stay out of the model call,
+    the logits of token t are scored against token t+1.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
@@ -170,13 +175,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 @record
+@report_missing_dependency
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     vocab, train_set, val_set = lm_datasets()
     model = gpt2_model(len(vocab), seed=args.seed)  # identical initial weights on every rank
     callbacks: list[Callback] = [LoggingCallback(log_interval=args.log_interval)]
     trainer = Trainer(
-        model, torch.optim.AdamW(model.parameters(), lr=args.lr), compute_loss=token_loss, callbacks=callbacks,
+        model, torch.optim.AdamW(model.parameters(), lr=args.lr), callbacks=callbacks,  # the model's loss, by tokens
         seed=args.seed, gradient_accumulation_steps=args.accumulation,
         checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None,
         strategy=args.strategy, tp_size=args.tp, tp_plan=gpt2_tp_plan() if args.tp > 1 else None,

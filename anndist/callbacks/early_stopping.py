@@ -38,8 +38,10 @@ class EarlyStopping(Callback):
         ``"val_<name>"`` for ``Trainer(metrics={name: ...})``, or (epoch mode only) ``"train_loss"``.
     patience: how many evaluations in a row may fail to improve before the run stops.
     mode: ``"min"`` (lower is better, losses) or ``"max"`` (higher is better, accuracies).
-    min_delta: an evaluation improves only when it beats the best by more than this (>= 0).
-        A NaN or infinite value never improves.
+    min_delta: an evaluation improves (and restarts the count) only when it beats the value of the
+        last improvement by more than this (>= 0). A NaN or infinite value never improves. ``best`` is
+        the best value itself, however small its lead: the run's one best, the one the closing line
+        and ``ModelCheckpoint(monitor=...)`` report.
     restore_best_weights: at the end of ``fit``, load the weights of the best evaluation into
         ``trainer.module``. Every rank keeps a CPU copy of ``trainer.module.state_dict()`` taken at
         each new best, and the copy is part of this callback's ``state_dict()``, so it survives a
@@ -49,10 +51,10 @@ class EarlyStopping(Callback):
         the latest weights to resume from).
 
     After ``fit``: ``best`` (the best value), ``best_step`` / ``best_epoch`` (where it was reached),
-    ``wait`` (evaluations since the best) and ``stopped_step`` (the optimizer step after which this
-    callback stopped the run, or None). A fit that starts with the patience already spent (a run
-    resumed from a checkpoint saved after the stop) stops at once; use a new ``EarlyStopping`` to
-    train further.
+    ``wait`` (evaluations since the last improvement by more than ``min_delta``) and ``stopped_step``
+    (the optimizer step after which this callback stopped the run, or None). A fit that starts with
+    the patience already spent (a run resumed from a checkpoint saved after the stop) stops at once;
+    use a new ``EarlyStopping`` to train further.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0,
@@ -80,6 +82,7 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.best_step: int | None = None
         self.best_epoch: int | None = None
+        self.reference: float | None = None  # the value of the last improvement by more than min_delta
         self.wait = 0
         self.stopped_step: int | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -116,12 +119,15 @@ class EarlyStopping(Callback):
 
     # ---------------------------------------------------------------- the decision
     def improves(self, value: float) -> bool:
-        """Whether ``value`` beats the best so far by more than ``min_delta`` (NaN/inf never does)."""
+        """Whether ``value`` beats the last improvement by more than ``min_delta`` (NaN/inf never does)."""
+        return self._beats(value, self.reference, self.min_delta)
+
+    def _beats(self, value: float, than: float | None, margin: float) -> bool:
         if not math.isfinite(value):
             return False
-        if self.best is None:
+        if than is None:
             return True
-        return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        return value < than - margin if self.mode == "min" else value > than + margin
 
     def _judge(self, trainer: "Trainer", logs: dict, epoch: int) -> None:
         if self.monitor not in logs:
@@ -131,10 +137,12 @@ class EarlyStopping(Callback):
                 f"EarlyStopping(monitor={self.monitor!r}): not among this {where}'s metrics {numbers}; pass a "
                 "val_loader to fit() for val_* metrics, or monitor one of those")
         value = float(logs[self.monitor])
-        if self.improves(value):
-            self.best, self.best_step, self.best_epoch, self.wait = value, trainer.global_step, epoch, 0
+        if self._beats(value, self.best, 0.0):
+            self.best, self.best_step, self.best_epoch = value, trainer.global_step, epoch
             if self.restore_best_weights:
                 self.best_weights = whole_state_dict(trainer.module)
+        if self.improves(value):
+            self.reference, self.wait = value, 0
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -153,6 +161,7 @@ class EarlyStopping(Callback):
         """The counter and the best evaluation; plus the best weights with ``restore_best_weights``."""
         state: dict[str, Any] = {"monitor": self.monitor, "mode": self.mode, "best": self.best,
                                  "best_step": self.best_step, "best_epoch": self.best_epoch, "wait": self.wait,
+                                 "reference": self.reference,
                                  "stopped_step": self.stopped_step}
         if self.restore_best_weights:
             state["best_weights"] = self.best_weights
@@ -165,6 +174,7 @@ class EarlyStopping(Callback):
             return
         self.best, self.best_step, self.best_epoch = state["best"], state["best_step"], state["best_epoch"]
         self.wait, self.stopped_step = state["wait"], state["stopped_step"]
+        self.reference = state.get("reference", self.best)  # a checkpoint from before the two differed
         weights = state.get("best_weights")
         self.best_weights = ({k: v.to("cpu") for k, v in weights.items()}
                              if self.restore_best_weights and weights is not None else None)

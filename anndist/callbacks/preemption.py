@@ -153,7 +153,7 @@ class PreemptionCallback(Callback):
             logger.info("no checkpoint_dir: nothing saved and the job is not requeued; pass checkpoint_dir=... "
                         "and auto_resume=True to the Trainer to continue after a preemption")
             collectives.barrier()
-            self._exit(128 + signals[0])
+            self._exit(trainer, 128 + signals[0])
             return
         path = trainer.save_in_dir(checkpoint_dir, reason="preempted", signal=names)
         trainer.checkpoints.wait()  # an asynchronous save: committed before the requeue and the exit
@@ -161,7 +161,7 @@ class PreemptionCallback(Callback):
         if set(signals) & set(self.requeue_signals) and trainer.is_main_process:
             self._requeue()
         collectives.barrier()  # no rank exits (which may end the job step) before the requeue is asked
-        self._exit(PREEMPTED_EXIT_CODE)
+        self._exit(trainer, PREEMPTED_EXIT_CODE)
 
     @staticmethod
     def _requeue() -> None:
@@ -185,8 +185,9 @@ class PreemptionCallback(Callback):
         if self.exit and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def _exit(self, code: int) -> None:
+    def _exit(self, trainer: "Trainer", code: int) -> None:
         if self.exit:
+            trainer.callbacks.end_run()  # the closing line stays the log's last, after the save and the requeue
             raise SystemExit(code)
 
 

@@ -21,7 +21,6 @@ The tracker packages are optional extras, imported on rank 0 when a run opens:
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..optional import require_installed
 from ..version import __version__
 from .metrics import MetricsCallback
 from .sender import Sender
@@ -68,8 +68,7 @@ class TrackerCallback(MetricsCallback):
         if not 0 < close_timeout < float("inf"):
             raise ValueError(f"close_timeout={close_timeout!r} must be a positive, finite number of seconds (how long "
                              "the end of fit waits for the tracker)")
-        if importlib.util.find_spec(self.package) is None:
-            raise ImportError(f"{type(self).__name__} needs {self.package}: pip install 'anndist[{self.extra}]'")
+        require_installed(self.package, type(self).__name__)  # one line; imported on rank 0 when a run opens
         self.close_timeout = float(close_timeout)
         self.run_id: str | None = None
         self._reopen_after_load = False  # a run id restored from a checkpoint: earlier attempts logged steps

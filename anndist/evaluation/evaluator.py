@@ -25,8 +25,8 @@ import torch.distributed as dist
 from ..dist import collectives
 from ..dist.data_layout import DataLayout
 from ..data.batch import prepare_batch, split_batch, to_device
-from ..step.loss import (call_model, call_on_inputs, check_result, default_metric_inputs, loss_of, model_loss,
-                         sample_count)
+from ..step.loss import (ModelLoss, call_model, call_on_inputs, check_result, default_metric_inputs, loss_of,
+                         model_output, sample_count)
 from ..step.precision import Precision
 
 
@@ -106,9 +106,10 @@ class Evaluator:
 
     def _custom_loss(self, module: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, Any, Any, Any]:
         """A model that computes its own loss, or the user's compute_loss: (loss, weight, outputs, targets)."""
-        if self.compute_loss is model_loss:  # keep the outputs for the metrics
-            outputs = call_model(module, batch)
-            return loss_of(outputs), sample_count(batch, False), outputs, None
+        if isinstance(self.compute_loss, ModelLoss):  # keep the outputs for the metrics
+            outputs = model_output(module, batch)
+            items = self.compute_loss.count(batch) if self.compute_loss.count is not None else None
+            return loss_of(outputs), items if items is not None else sample_count(batch, False), outputs, None
         loss, num_items = check_result(self.compute_loss(module, batch))
         weight = num_items if num_items is not None else sample_count(batch, self.criterion is not None)
         return loss, weight, None, None

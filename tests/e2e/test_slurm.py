@@ -21,7 +21,7 @@ from anndist import latest_checkpoint
 from anndist.checkpoint.file import read_checkpoint
 from anndist.dist.slurm import RequeueError, requeue
 from support import ROOT, child_env
-from support.slurm_cluster import SlurmCluster, unavailable_reason
+from support.slurm_cluster import SlurmCluster, require_slurm
 
 pytestmark = pytest.mark.slurm
 
@@ -32,11 +32,7 @@ TRAIN = ("launch/train_digits.py", "--epochs", str(EPOCHS))
 
 @pytest.fixture(scope="session")
 def cluster():
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("ANNDIST_REQUIRE_SLURM") == "1":
-            pytest.fail(f"ANNDIST_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    require_slurm()
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest-xdist
     index = int(worker[2:]) + 1 if worker.startswith("gw") else 0
     slurm = SlurmCluster(first_job_id=1000 * index + 1).start()
@@ -160,9 +156,9 @@ AFTER_SAVE = [
 
 
 def assert_preempted_log_ends_quietly(run_log: str, job_id: str, nodes: tuple[str, ...]) -> None:
-    """The save, the requeue, one line per node from anndist.launcher, srun's exit status last; no
-    traceback (before anndist.launcher, torchrun printed a ChildFailedError or a "death signal"
-    SignalException traceback per node there, issue #13 item 8)."""
+    """The save, the requeue, the run's closing line, one line per node from anndist.launcher, srun's
+    exit status last; no traceback (before anndist.launcher, torchrun printed a ChildFailedError or a
+    "death signal" SignalException traceback per node there, issue #13 item 8)."""
     assert "\nsaved " in run_log, run_log
     after = [line for line in run_log.split("\nsaved ", 1)[1].splitlines()[1:] if line.strip()]
     for noise in ("Traceback", "ChildFailedError", "death signal", "SignalException", "Rendezvous"):
@@ -171,8 +167,12 @@ def assert_preempted_log_ends_quietly(run_log: str, job_id: str, nodes: tuple[st
                 *(f"anndist: node {node}: workers preempted (exit 75), torchrun exits 75" for node in nodes)]
     assert all(line in after for line in required), run_log
     assert after[-1] == "anndist: srun exited with status 75", run_log
-    unexpected = [line for line in after[:-1]
-                  if line not in required and not any(re.fullmatch(p, line) for p in AFTER_SAVE)]
+    # The run's closing line comes after the save and the requeue (the workers' last word), and names the checkpoint.
+    closing = [i for i, line in enumerate(after) if line.startswith("run ended after ")]
+    assert len(closing) == 1 and closing[0] > after.index(required[0]), run_log
+    assert re.search(r"\| checkpoints in \S+ \(latest step-\d+\.ckpt\)$", after[closing[0]]), run_log
+    unexpected = [line for i, line in enumerate(after[:-1])
+                  if line not in required and i not in closing and not any(re.fullmatch(p, line) for p in AFTER_SAVE)]
     assert not unexpected, f"unexpected lines after the save: {unexpected}\n{run_log}"
 
 

@@ -20,7 +20,7 @@ import torch
 from anndist import latest_checkpoint
 from anndist.checkpoint.file import read_checkpoint
 from support import ROOT, child_env, torchrun
-from support.slurm_cluster import SlurmCluster, node_names, unavailable_reason, worker_first_job_id
+from support.slurm_cluster import SlurmCluster, node_names, require_slurm, worker_first_job_id
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(450)]  # the job's two runs, then the reference
 
@@ -30,11 +30,7 @@ SLOW = "anndist-node2"
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("ANNDIST_REQUIRE_SLURM") == "1":
-            pytest.fail(f"ANNDIST_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    require_slurm()
     slurm = SlurmCluster(nodes=node_names(3), first_job_id=worker_first_job_id(offset=501)).start()
     yield slurm
     slurm.stop()

@@ -15,25 +15,9 @@ from torch.utils.data import DataLoader
 from anndist import Callback, CheckpointError, EarlyStopping, ModelCheckpoint, Trainer
 from support import make_dataset, make_model, run_spawn
 from support.damage import flip_inside_a_weight
+from support.early_stopping import Scripted
 
 SCORES = [5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 2.0, 1.0]  # best at the third evaluation, patience 3 ends at the sixth
-
-
-class Scripted:
-    """A metric whose compute() returns the next value of a script (the same on every rank)."""
-
-    def __init__(self, start=0):
-        self.calls = start
-
-    def reset(self):
-        pass
-
-    def update(self, preds, targets):
-        pass
-
-    def compute(self):
-        self.calls += 1
-        return SCORES[self.calls - 1]
 
 
 class WholeWeights(Callback):
@@ -97,14 +81,14 @@ def _best_weights_across_a_resume(rank, root):
     val = DataLoader(make_dataset(16, seed=1), batch_size=4)
     seen, early = WholeWeights(), EarlyStopping("val_score", patience=3, restore_best_weights=True)
     # 4 classes: every tensor splits evenly over the 2 ranks, so rank 0's shard would load into rank 1 silently
-    uninterrupted = _trainer([early, seen], classes=4, metrics={"score": Scripted()})
+    uninterrupted = _trainer([early, seen], classes=4, metrics={"score": Scripted(SCORES)})
     uninterrupted.fit(_loader(32), num_epochs=20, val_loader=val)
     first = _trainer([EarlyStopping("val_score", patience=3, restore_best_weights=True), StopAfter(epoch=3)],
-                     classes=4, metrics={"score": Scripted()})
+                     classes=4, metrics={"score": Scripted(SCORES)})
     first.fit(_loader(32), num_epochs=20, val_loader=val)  # preempted after 4 epochs: the best (epoch 2) behind it
     path = first.save_checkpoint(f"{root}/early.ckpt")
     later = EarlyStopping("val_score", patience=3, restore_best_weights=True)
-    second = _trainer([later], classes=4, metrics={"score": Scripted(start=4)})
+    second = _trainer([later], classes=4, metrics={"score": Scripted(SCORES, start=4)})
     second.fit(_loader(32), num_epochs=20, val_loader=val, resume_from=path)
     return {"best_epoch_weights": seen.seen[2] if rank == 0 else None, "uninterrupted": _whole(uninterrupted),
             "resumed": _whole(second), "stops": (early.stopped_step, later.stopped_step, later.best_step)}

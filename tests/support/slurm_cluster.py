@@ -7,7 +7,8 @@ two pytest-xdist workers can each run one. ``stop()`` stops exactly the daemons 
 by the process ids they wrote, plus any ``slurmstepd`` whose working folder is inside ours.
 
 Needs root (slurmd runs jobs as root here) and Debian's ``slurmctld slurmd slurm-client munge``
-(``.ci/run`` installs them); :func:`unavailable_reason` says why a machine cannot run it.
+(``.ci/run`` installs them); :func:`unavailable_reason` says why a machine cannot run it, and
+:func:`require_slurm` skips a test there (fails it under ``ANNDIST_REQUIRE_SLURM=1``, as CI sets).
 """
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ _HOSTS_MARK = "# anndist Slurm tests"
 
 def which(name: str) -> str | None:
     return shutil.which(name, path=_SEARCH_PATH)
+
+
+def require_slurm() -> None:
+    """Skip the calling test (fail it under ``ANNDIST_REQUIRE_SLURM=1``, as CI sets) when the cluster cannot start."""
+    import pytest
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("ANNDIST_REQUIRE_SLURM") == "1":
+            pytest.fail(f"ANNDIST_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
 
 
 def unavailable_reason() -> str | None:

@@ -48,10 +48,10 @@ def test_stops_exactly_after_patience_evaluations_without_improvement():
 def test_min_delta_and_max_mode():
     early = EarlyStopping("val_score", patience=2, min_delta=0.6)
     assert early.improves(5.0)  # the first finite value is the first best
-    early.best = 5.0
+    early.reference = 5.0  # the last improvement by more than min_delta
     assert early.improves(4.3) and not early.improves(4.5) and not early.improves(float("nan"))
     up = EarlyStopping("val_accuracy", mode="max")
-    up.best = 0.5
+    up.reference = 0.5
     assert up.improves(0.6) and not up.improves(0.4) and not up.improves(float("inf"))
 
 

@@ -5,11 +5,12 @@ tests/multiprocess/test_trackers.py).
 Skipped when the tracker package is missing (``pip install 'anndist[mlflow]'`` / ``'anndist[wandb]'``).
 """
 import os
+import sys
 
 import pytest
 from torch.utils.data import DataLoader
 
-from anndist import MetricsCallback, MLflowCallback, WandbCallback
+from anndist import MetricsCallback, MissingDependencyError, MLflowCallback, WandbCallback
 from anndist.callbacks import trackers
 from support import make_dataset
 from support.trackers import mlflow_history, tracker_loader, tracker_trainer, wandb_history
@@ -143,10 +144,13 @@ def test_bad_arguments_name_the_argument(make, error, match):
 
 
 def test_a_missing_tracker_package_names_the_extra(monkeypatch):
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match=r"^MLflowCallback needs mlflow: pip install 'anndist\[mlflow\]'$"):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # find_spec then says: not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(MissingDependencyError, match=r"^MLflowCallback needs mlflow-skinny, which is not installed: "
+                                                     r"pip install 'anndist\[mlflow\]'$"):
         MLflowCallback()
-    with pytest.raises(ImportError, match=r"^WandbCallback needs wandb: pip install 'anndist\[wandb\]'$"):
+    with pytest.raises(MissingDependencyError, match=r"^WandbCallback needs wandb, which is not installed: "
+                                                     r"pip install 'anndist\[wandb\]'$"):
         WandbCallback("p")
 
 

@@ -1,6 +1,6 @@
 """Tensor-parallel runs on real ranks, for tests/test_tensor_parallel*.py; launched under torchrun.
 
-    torchrun --standalone --nproc_per_node=4 tests/scripts/tp_runs.py --out DIR --runs held_out,ddp_tp,...
+    torchrun --standalone --nproc_per_node=4 tests/support/scripts/tp_runs.py --out DIR --runs held_out,ddp_tp,...
 
 Each run trains small models through the Trainer on a (dp x tp) grid and returns what the tests
 compare with one process trained on the same global batches (tests/tp_support.py). Every rank writes
