@@ -80,6 +80,21 @@ def step_checkpoints(dirpath: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def step_checkpoint_before(dirpath: str | os.PathLike, step: int) -> Path | None:
+    """The newest complete ``step-*.ckpt`` in ``dirpath`` of a global step below ``step`` (None if there is
+    none); damaged ones are skipped with a warning naming them."""
+    if not Path(dirpath).is_dir():
+        return None
+    for saved, path in reversed(step_checkpoints(dirpath)):
+        if saved >= step:
+            continue
+        problem = _problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
 def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint in ``dirpath`` (None if there is none); see the module docstring."""
     dirpath = Path(dirpath)

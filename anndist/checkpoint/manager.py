@@ -13,10 +13,12 @@ from typing import Any, Callable
 from ..dist import collectives
 from ..step.train_state import TrainState
 from . import protocol
-from .folder import CheckpointFolder, latest_checkpoint, resolve as resolve_checkpoint, step_name
+from .folder import CheckpointFolder, latest_checkpoint, resolve as resolve_checkpoint, step_checkpoint_before, step_name
 from .protocol import RunState
 
 logger = logging.getLogger(__name__)
+
+WEIGHTS = ("model", "optimizer", "scheduler", "scaler")  # what a rollback restores
 
 
 class CheckpointManager:
@@ -74,11 +76,45 @@ class CheckpointManager:
             return
         self.load(path)
 
+    def roll_back(self, before_step: int) -> dict[str, Any] | None:
+        """Model, optimizer, scheduler and scaler, and ``global_step``, from the newest step checkpoint of
+        the run's folder older than ``before_step``; everything else (the position in the data, RNG
+        streams, sums, history) stays as it is. On every rank; None when there is no such checkpoint.
+        The loss-spike guard's rollback (step/spike_guard.py)."""
+        self.wait()  # an asynchronous save in flight is committed first: every rank sees the same folder
+        folder, main = self.default_dir(), collectives.rank() == 0
+
+        def locate() -> str | None:
+            found = step_checkpoint_before(folder, before_step) if main and folder is not None else None
+            return None if found is None else str(found)
+
+        path = collectives.broadcast_object(collectives.run_collectively(locate))
+        if path is None:
+            return None
+        position: dict[str, Any] = {}
+        weights = {name: obj for name, obj in self.run.states.items() if name in WEIGHTS}
+        protocol.load(path, RunState({**weights, "train_state": _Position(position)}, sharded=self.run.sharded))
+        self.train_state.global_step = position["global_step"]
+        return {"checkpoint": Path(path).name, **position}
+
     def _locate(self, resume_from: str | os.PathLike | None) -> str | None:
         if resume_from is None:  # auto_resume: a missing checkpoint means a first start
             found = latest_checkpoint(self.checkpoint_dir)
             return None if found is None else str(found)
         return str(resolve_checkpoint(resume_from, self.default_dir()))
+
+
+class _Position:
+    """Reads a checkpoint's step and position in the data into ``into``, changing nothing (a rollback)."""
+
+    def __init__(self, into: dict[str, Any]) -> None:
+        self.into = into
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.into.update({key: int(state[key]) for key in ("global_step", "epoch", "batch_in_epoch")})
 
 
 def check_window_closed(module: Any, state: TrainState) -> None:
