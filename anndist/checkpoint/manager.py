@@ -13,12 +13,13 @@ from typing import Any, Callable
 from ..dist import collectives
 from ..step.train_state import TrainState
 from . import protocol
-from .folder import CheckpointFolder, latest_checkpoint, resolve as resolve_checkpoint, step_checkpoint_before, step_name
+from .folder import (CheckpointFolder, latest_checkpoint, resolve as resolve_checkpoint, roll_back_to,
+                     step_checkpoint_before, step_name)
 from .protocol import RunState
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = ("model", "optimizer", "scheduler", "scaler")  # what a rollback restores
+WEIGHTS = ("model", "optimizer", "scheduler", "scaler", "callbacks")  # what a rollback restores
 
 
 class CheckpointManager:
@@ -77,15 +78,19 @@ class CheckpointManager:
         self.load(path)
 
     def roll_back(self, before_step: int) -> dict[str, Any] | None:
-        """Model, optimizer, scheduler and scaler, and ``global_step``, from the newest step checkpoint of
-        the run's folder older than ``before_step``; everything else (the position in the data, RNG
-        streams, sums, history) stays as it is. On every rank; None when there is no such checkpoint.
-        The loss-spike guard's rollback (step/spike_guard.py)."""
+        """Model, optimizer, scheduler, scaler, the callbacks' state and ``global_step`` from the newest step
+        checkpoint of the run's folder older than ``before_step``; the rest (the position in the data,
+        RNG streams, sums, history) stays as it is. The checkpoints after it move aside and ``latest``
+        names it, so a crash now resumes the rolled-back run. On every rank; None when there is no such
+        checkpoint. The loss-spike guard's rollback (step/spike_guard.py)."""
         self.wait()  # an asynchronous save in flight is committed first: every rank sees the same folder
         folder, main = self.default_dir(), collectives.rank() == 0
 
         def locate() -> str | None:
             found = step_checkpoint_before(folder, before_step) if main and folder is not None else None
+            if found is not None:
+                for path in roll_back_to(found):
+                    logger.info("checkpoint %s abandoned by the rollback to %s: moved to %s", path.name, found.name, path)
             return None if found is None else str(found)
 
         path = collectives.broadcast_object(collectives.run_collectively(locate))

@@ -89,23 +89,28 @@ def test_resumed_around_a_spike_bit_identical(tmp_path):
 
 def test_spikes_in_a_row_roll_back_to_the_newest_older_checkpoint(tmp_path):
     def run(resume_from=None):
-        spiker = Spiker([SPIKE, (0, 10, 0)])
+        spiker = Spiker([(0, 8, 0), (0, 9, 0)])  # right after the checkpoint of step 8: the one before is step 4
         trainer = spike_run(spiker, SpikeGuard(warmup=5, max_consecutive=2),
                             [ModelCheckpoint(tmp_path, every_n_steps=4, keep_last=None)])
         trainer.fit(spike_loader(), num_epochs=2, resume_from=resume_from)
         return trainer, spiker
 
     trainer, spiker = run()
-    rolled = [w for w in spiker.windows if w[:2] == (0, 10)][0]
-    saved = torch.load(tmp_path / "step-000000008.ckpt", weights_only=True)["states"]["model"]
-    assert rolled[2:4] == (8, False)  # global_step back to the checkpoint's
+    rolled = [w for w in spiker.windows if w[:2] == (0, 9)][0]
+    saved = torch.load(tmp_path / "rolled_back" / "step-000000008.ckpt", weights_only=True)["states"]
+    assert saved["train_state"]["batch_in_epoch"] == 8  # the abandoned step 8, set aside
+    saved = torch.load(tmp_path / "step-000000004.ckpt", weights_only=True)["states"]["model"]
+    assert rolled[2:4] == (4, False)  # global_step back to the checkpoint's
     assert torch.equal(rolled[4], torch.cat([t.reshape(-1) for t in saved.values()]))
     events = trainer.state.spike_guard.events
-    assert [(e["action"], e["step"], e["first_batch"]) for e in events] == [("skip", 10, 9), ("skip", 10, 10),
-                                                                           ("rollback", 10, 10)]
-    assert (events[2]["to_step"], events[2]["from_batch"], events[2]["checkpoint"]) == (8, 8, "step-000000008.ckpt")
-    # the data went on after the spikes: micro-batches 8 and 9-10 of epoch 0 are skipped, 11-15 trained
-    assert trainer.global_step == 8 + 5 + 16 and trainer.scheduler.last_epoch == trainer.global_step
+    assert [(e["action"], e["step"], e["first_batch"]) for e in events] == [("skip", 9, 8), ("skip", 9, 9),
+                                                                           ("rollback", 9, 9)]
+    assert (events[2]["to_step"], events[2]["from_batch"], events[2]["checkpoint"]) == (4, 4, "step-000000004.ckpt")
+    # the data went on after the spikes: micro-batches 4-7 and 8-9 of epoch 0 are skipped, 10-15 trained
+    assert trainer.global_step == 4 + 6 + 16 and trainer.scheduler.last_epoch == trainer.global_step
+    resaved = torch.load(tmp_path / "step-000000008.ckpt", weights_only=True)["states"]["train_state"]
+    assert resaved["batch_in_epoch"] == 14  # step 8 of the rolled-back run: saved again (ModelCheckpoint rolled back)
+    assert (tmp_path / "latest").read_text() == "step-000000026.ckpt\n"  # the epoch end's save
     resumed, _ = run(tmp_path / "step-000000004.ckpt")
     assert torch.equal(flat_params(resumed.module), flat_params(trainer.module))
     assert resumed.state.spike_guard.events == events
