@@ -35,9 +35,10 @@ RDZV_CONF = "last_call_timeout=2,keep_alive_interval=2,keep_alive_max_attempt=5,
 
 
 def _agent(node: str, port: int, tmp: Path) -> subprocess.Popen:
+    # Node a hosts the rendezvous store (is_host), whichever agent starts faster; b connects to it.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=3",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=anndist-elastic",
-           f"--rdzv-conf={RDZV_CONF}", "--local-addr=127.0.0.1", "--monitor-interval=0.2",
+           f"--rdzv-conf={RDZV_CONF},is_host={int(node == 'a')}", "--local-addr=127.0.0.1", "--monitor-interval=0.2",
            str(SCRIPT), str(tmp / "ckpt"), str(tmp / "logs"), str(tmp / "final.pt")]
     # Workers of a restarted node must not share an agent's store across nodes (pytorch#135712).
     env = child_env(ELASTIC_NODE=node, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
@@ -73,8 +74,7 @@ def elastic(tmp_path_factory):
     logs = tmp / "logs"
     logs.mkdir()
     port, deadline = free_port(), time.monotonic() + LIMIT_S
-    agents = {"a": _agent("a", port, tmp)}  # a first: its agent hosts the rendezvous store
-    agents["b"] = _agent("b", port, tmp)
+    agents = {"a": _agent("a", port, tmp), "b": _agent("b", port, tmp)}
     try:
         _wait_for(logs / "ready-kill", list(agents.values()), deadline)
         _kill_node(agents["b"], _workers(logs, "b"))

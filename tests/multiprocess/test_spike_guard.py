@@ -4,18 +4,21 @@ ranks stay identical, and a run resumed from a checkpoint before the spike is bi
 record included. One spawn runs every scenario."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from anndist import ModelCheckpoint, SpikeGuard
+from anndist.step import accumulation
 from support import flat_params, run_spawn
 from support.spikes import Spiker, spike_loader, spike_run
 
 SPIKE = (1, 3, 1)  # epoch 1, micro-batch 3 of rank 1 only: optimizer step 12 (8 steps per epoch on 2 ranks)
 
 
-def _run(watch, folder, resume_from=None):
-    spiker = Spiker([SPIKE])
+def _run(watch, folder, resume_from=None, items=False):
+    spiker = Spiker([SPIKE], items)
     trainer = spike_run(spiker, SpikeGuard(watch=watch, warmup=8, threshold=10),
                         [ModelCheckpoint(folder, every_n_steps=2, keep_last=None)])
     trainer.fit(spike_loader(), num_epochs=2, resume_from=resume_from)
@@ -26,8 +29,24 @@ def _run(watch, folder, resume_from=None):
     return result
 
 
+def _items(folder) -> dict:
+    """Items mode (``num_items``): the window's loss rides in the item count's all-reduce, counted here."""
+    sizes, real = [], accumulation.collectives.all_reduce_async
+
+    def counted(tensor):
+        if sys._getframe(1).f_globals["__name__"] == accumulation.__name__:
+            sizes.append(tensor.numel())
+        return real(tensor)
+
+    accumulation.collectives.all_reduce_async = counted
+    try:
+        return {**_run("loss", folder, items=True), "reductions": sizes}
+    finally:
+        accumulation.collectives.all_reduce_async = real
+
+
 def _ranks(rank, world_size, folder):
-    results = {}
+    results = {"items": _items(f"{folder}/items")}
     for watch in ("loss", "grad_norm"):
         results[watch] = _run(watch, f"{folder}/{watch}")
         results[f"{watch}-resumed"] = _run(watch, f"{folder}/{watch}", f"{folder}/{watch}/step-000000008.ckpt")
@@ -39,7 +58,7 @@ def ranks(tmp_path_factory):
     return run_spawn(_ranks, 2, str(tmp_path_factory.mktemp("spikes")), timeout=240)
 
 
-@pytest.mark.parametrize("watch", ["loss", "grad_norm"])
+@pytest.mark.parametrize("watch", ["loss", "grad_norm", "items"])
 def test_a_spike_on_one_rank_is_skipped_on_every_rank_at_the_same_step(ranks, watch):
     zero, one = ranks[0][watch], ranks[1][watch]
     assert zero["events"] == one["events"] and len(zero["events"]) == 1
@@ -56,3 +75,8 @@ def test_resumed_before_the_spike_bit_identical(ranks, watch):
         straight, resumed = ranks[rank][watch], ranks[rank][f"{watch}-resumed"]
         assert torch.equal(resumed["params"], straight["params"])
         assert resumed["events"] == straight["events"]
+
+
+def test_in_items_mode_the_loss_rides_in_the_item_count_reduction(ranks):
+    for rank in (0, 1):  # one all-reduce per window, as items mode has anyway: [items, loss sum]
+        assert ranks[rank]["items"]["reductions"] == [2] * 16

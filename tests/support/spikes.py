@@ -17,16 +17,17 @@ SAMPLES, BATCH, SEED = 64, 4, 11
 
 class Spiker(Callback):
     """Multiplies the inputs of the micro-batches at ``targets`` ((epoch, batch_idx, rank) triples) by 1000
-    in the loss step, and keeps ``(epoch, batch_idx, global_step, stepped, weights)`` at every window's end."""
+    in the loss step (which returns ``(loss, num_items)`` with ``items``), and keeps ``(epoch, batch_idx, global_step, stepped, weights)`` at every window's end."""
 
-    def __init__(self, targets=()) -> None:
-        self.targets, self.where, self.windows = set(map(tuple, targets)), None, []
+    def __init__(self, targets=(), items: bool = False) -> None:
+        self.targets, self.where, self.windows, self.items = set(map(tuple, targets)), None, [], items
 
     def compute_loss(self, model, batch):
         x, y = batch
         if self.where in self.targets:
             x = x * 1000.0
-        return nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.cross_entropy(model(x), y)
+        return (loss, len(y)) if self.items else loss  # items mode: (loss, num_items)
 
     def on_batch_begin(self, batch_idx, trainer, logs=None):
         self.where = (trainer.epoch, batch_idx, trainer.rank)

@@ -110,6 +110,8 @@ def test_spikes_in_a_row_roll_back_to_the_newest_older_checkpoint(tmp_path):
     assert trainer.global_step == 4 + 6 + 16 and trainer.scheduler.last_epoch == trainer.global_step
     resaved = torch.load(tmp_path / "step-000000008.ckpt", weights_only=True)["states"]["train_state"]
     assert resaved["batch_in_epoch"] == 14  # step 8 of the rolled-back run: saved again (ModelCheckpoint rolled back)
+    target = torch.load(tmp_path / "step-000000004.ckpt", weights_only=True)["states"]["train_state"]
+    assert target["batch_in_epoch"] == 4  # ... and step 4 not again, as if it were new
     assert (tmp_path / "latest").read_text() == "step-000000026.ckpt\n"  # the epoch end's save
     resumed, _ = run(tmp_path / "step-000000004.ckpt")
     assert torch.equal(flat_params(resumed.module), flat_params(trainer.module))
