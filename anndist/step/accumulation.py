@@ -73,8 +73,9 @@ class Window:
             return
         count = torch.as_tensor(self.items if self.by_items else self.samples, dtype=torch.float64, device=device)
         if self.sums_loss:
-            counts = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device).reshape(()) for c in self.counts])
-            weighted = (torch.stack(self.losses).to(device, torch.float64).reshape(-1) * counts).sum()
+            counts = (torch.tensor(self.counts, dtype=torch.float64, device=device) if not self.by_items else
+                      torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device).reshape(()) for c in self.counts]))
+            weighted = torch.dot(torch.stack(self.losses).to(device, torch.float64).reshape(-1), counts)
             self._total = torch.stack([count.reshape(()), weighted])
         else:
             self._total = count.reshape(1).clone()
