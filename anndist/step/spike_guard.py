@@ -1,7 +1,8 @@
 """The loss-spike guard (``Trainer(spike_guard=True)`` or ``spike_guard=SpikeGuard(...)``; off by default).
 
-At every optimizer step the guard compares one global value, the window's loss over every rank
-(``watch="loss"``) or the gradient norm (``watch="grad_norm"``), with running estimates of its mean
+At every optimizer step the guard compares one global value, the gradient norm (``watch="grad_norm"``,
+the default: every rank already has it, from the all-reduced gradients) or the window's loss over
+every rank (``watch="loss"``), with running estimates of its mean
 and variance (exponential moving averages with ``decay``, after ``warmup`` steps of plain
 observation). A value more than ``threshold`` deviations above the mean is a spike, the deviation
 taken at least ``min_deviation * |mean|`` (by default a spike is then at least 2.2 times the mean, as
@@ -16,9 +17,11 @@ step, is not a spike):
   current step, and ``global_step`` with them, while the data goes on after the spikes: the windows
   trained since that checkpoint and the spiking ones are skipped, as PaLM's recipe does by hand.
 
-Every rank decides alike without a collective of its own: the value is global (the gradient norm is
-computed from all-reduced gradients; the loss rides in one small all-reduce started before the
-window's last backward, the one items mode already runs where there is one). What was skipped is in
+Every rank decides alike: the value is global. The gradient norm is computed from the all-reduced
+gradients (no collective under DDP; FSDP reduces it as clipping does); the loss rides in the item
+count's all-reduce in items mode, and otherwise in one all-reduce of two numbers of its own, started
+before the window's last backward (on 2 CPU ranks with gloo a round trip of 0.1 to 0.5 ms: hence
+the default). What was skipped is in
 ``events`` (each with its epoch, step, micro-batch range, samples and values), saved with the run's
 state, so a resumed run decides exactly as the uninterrupted one, and sent to MetricsCallback
 records of kind ``"spike"``.
@@ -38,7 +41,7 @@ WATCHED = ("loss", "grad_norm")
 class SpikeGuard:
     """Skips optimizer steps whose global loss (or gradient norm) spikes; rolls back after a streak.
 
-    watch: ``"loss"`` (the window's loss over every rank) or ``"grad_norm"`` (before clipping).
+    watch: ``"grad_norm"`` (before clipping) or ``"loss"`` (the window's loss over every rank).
     threshold: deviations above the running mean that make a spike.
     warmup: steps observed before any can be a spike.
     decay: of the moving averages (0.98: about the last 50 steps weigh).
@@ -46,7 +49,7 @@ class SpikeGuard:
     min_deviation: the deviation is at least this fraction of ``|mean|``.
     """
 
-    def __init__(self, watch: str = "loss", threshold: float = 6.0, warmup: int = 20, decay: float = 0.98,
+    def __init__(self, watch: str = "grad_norm", threshold: float = 6.0, warmup: int = 20, decay: float = 0.98,
                  max_consecutive: int | None = 3, min_deviation: float = 0.2) -> None:
         if watch not in WATCHED:
             raise ValueError(f"SpikeGuard(watch={watch!r}) is not one of {list(WATCHED)}")

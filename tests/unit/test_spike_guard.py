@@ -90,7 +90,7 @@ def test_resumed_around_a_spike_bit_identical(tmp_path):
 def test_spikes_in_a_row_roll_back_to_the_newest_older_checkpoint(tmp_path):
     def run(resume_from=None):
         spiker = Spiker([(0, 8, 0), (0, 9, 0)])  # right after the checkpoint of step 8: the one before is step 4
-        trainer = spike_run(spiker, SpikeGuard(warmup=5, max_consecutive=2),
+        trainer = spike_run(spiker, SpikeGuard(watch="loss", warmup=5, max_consecutive=2),
                             [ModelCheckpoint(tmp_path, every_n_steps=4, keep_last=None)])
         trainer.fit(spike_loader(), num_epochs=2, resume_from=resume_from)
         return trainer, spiker
@@ -119,6 +119,6 @@ def test_spikes_in_a_row_roll_back_to_the_newest_older_checkpoint(tmp_path):
 
 
 def test_spikes_in_a_row_without_a_checkpoint_to_roll_back_to_raise():
-    trainer = spike_run(Spiker([SPIKE, (0, 10, 0)]), SpikeGuard(warmup=5, max_consecutive=2))
+    trainer = spike_run(Spiker([SPIKE, (0, 10, 0)]), SpikeGuard(watch="loss", warmup=5, max_consecutive=2))
     with pytest.raises(RuntimeError, match="2 loss spikes in a row up to optimizer step 10 .* no step checkpoint older"):
         trainer.fit(spike_loader(), num_epochs=1)
