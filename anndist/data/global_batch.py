@@ -48,18 +48,26 @@ def accumulation_steps(global_batch: int | None, explicit: int | None, loader: A
     per_round = batch * data_world_size
     k, rest = divmod(global_batch, per_round)
     if rest or not k:
-        fits = [b for b in range(1, global_batch // data_world_size + 1) if global_batch % (b * data_world_size) == 0]
         raise ValueError(
             f"global_batch_size={global_batch} cannot be split into micro-batches of batch_size={batch} on "
             f"{data_world_size} data-parallel rank(s): it must be a multiple of {batch} x {data_world_size} = "
-            f"{per_round}; pass a global_batch_size that is (e.g. {per_round * max(1, round(global_batch / per_round))}), "
-            f"or a batch_size among {fits[-6:]}")
+            f"{per_round}; pass global_batch_size={per_round * max(1, round(global_batch / per_round))}"
+            + _batch_sizes_that_fit(global_batch, batch, data_world_size))
     if explicit is not None and explicit != k:
         raise ValueError(
             f"gradient_accumulation_steps={explicit} contradicts global_batch_size={global_batch}: with batch_size="
             f"{batch} on {data_world_size} data-parallel rank(s) a step takes {global_batch} / ({batch} x "
             f"{data_world_size}) = {k} micro-batches per rank; pass only global_batch_size (K follows from it)")
     return k
+
+
+def _batch_sizes_that_fit(global_batch: int, batch: int, data_world_size: int) -> str:
+    """The advice's second half: loader batch sizes near ``batch`` that split ``global_batch``."""
+    per_rank, rest = divmod(global_batch, data_world_size)
+    if rest or not per_rank:
+        return f"; no batch_size splits {global_batch}: it must also be a multiple of the {data_world_size} ranks"
+    divisors = {d for i in range(1, math.isqrt(per_rank) + 1) if per_rank % i == 0 for d in (i, per_rank // i)}
+    return f", or a batch_size among {sorted(sorted(divisors, key=lambda d: abs(d - batch))[:4])}"
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ def epoch_shape(loader: Any, epoch: int, first_batch: int) -> EpochShape:
         return EpochShape(getattr(loader, "batch_size", None))
     windows, tail = sampler.num_windows(), sampler.tail_sizes()
     last = sampler.global_batch / sum(tail) if tail else 1.0
-    return EpochShape(sampler.batch_size, windows - first_batch // sampler.k, last, epoch, first_batch,
+    return EpochShape(sampler.batch_size, max(0, windows - first_batch // sampler.k), last, epoch, first_batch,
                       sampler.rank, sampler.num_replicas)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anndist import Trainer
-from anndist.data.global_batch import GlobalBatchSampler, accumulation_steps
+from anndist.data.global_batch import GlobalBatchSampler, accumulation_steps, epoch_shape
 from support import flat_params, make_dataset, make_model
 
 
@@ -21,8 +21,14 @@ def test_k_follows_from_the_global_batch_or_the_error_names_the_numbers():
     loader = DataLoader(make_dataset(8), batch_size=4)
     assert accumulation_steps(None, None, loader, 2) == 1 and accumulation_steps(None, 3, loader, 2) == 3
     assert accumulation_steps(32, None, loader, 2) == 4 and accumulation_steps(32, 4, loader, 2) == 4
-    with pytest.raises(ValueError, match=r"global_batch_size=20 .* batch_size=4 on 2 .* multiple of 4 x 2 = 8"):
+    with pytest.raises(ValueError, match=r"global_batch_size=20 .* batch_size=4 on 2 .* multiple of 4 x 2 = 8; "
+                                         r"pass global_batch_size=16, or a batch_size among \[1, 2, 5, 10\]$"):
         accumulation_steps(20, None, loader, 2)
+    with pytest.raises(ValueError, match=r"pass global_batch_size=98, or a batch_size among \[2, 4, 5, 10\]$"):
+        accumulation_steps(100, None, DataLoader(make_dataset(8), batch_size=7), 1)  # the 4 divisors nearest 7
+    with pytest.raises(ValueError, match=r"pass global_batch_size=8; no batch_size splits 9: it must also be a "
+                                         r"multiple of the 2 ranks$"):
+        accumulation_steps(9, None, loader, 2)
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2 contradicts global_batch_size=32: .* = 4"):
         accumulation_steps(32, 2, loader, 2)
     with pytest.raises(ValueError, match="needs the train loader's batch size .* list has batch_size=None"):
@@ -76,7 +82,10 @@ def test_a_resume_starts_at_any_step_and_past_the_end_ends_the_epoch():
     for step in range(9):
         _, resumed = _epoch(90, 3, 12, 2, epoch=1, start=2 * step)
         assert resumed == [batches[2 * step:] for batches in full]
-    assert _epoch(90, 3, 12, 2, start=100)[1] == [[], []]
+    samplers, ranks = _epoch(90, 3, 12, 2, start=100)
+    assert ranks == [[], []]
+    shapes = [epoch_shape(DataLoader(make_dataset(90), batch_sampler=s), 0, first) for s in samplers[:1] for first in (10, 100)]
+    assert [shape.windows for shape in shapes] == [3, 0]  # none left, not a negative count that reads as "some"
 
 
 def test_a_short_last_step_that_cannot_be_split_repeats_and_says_so(warnings):
