@@ -8,7 +8,6 @@ defaults and what each option does are in ``Trainer.__init__``'s signature and d
 """
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import os
@@ -20,15 +19,18 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .checks import check_count
+from .checks import check_count, unknown_options_error
 from .dist.env import detect_env
 from .dist.process_group import check_backend
+from .preflight.trainer_check import check_preflight_option
 from .seed import check_seed
 from .step.optimization import NONFINITE_POLICIES
 from .step.precision import resolve_amp_dtype
 from .step.spike_guard import SpikeGuard, make_spike_guard
 from .strategies import check_strategy_options
+from .strategies.activation_checkpointing import check_activation_checkpointing
 from .strategies.compile import check_compile
+from .strategies.tp_plan import check_tp_options
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,11 @@ class TrainerConfig:
         -> (preds, targets)`` (default: outputs and targets, or ``logits`` and the batch's ``labels``).
     Placement: ``strategy`` ``"ddp"`` (replicas) or ``"fsdp"`` (FSDP2 shards; ``fsdp_kwargs`` for
         FSDP2's sharding call, ``shard_modules(m) -> bool`` picks the submodules with their own shard group);
-        ``ddp_kwargs`` for DistributedDataParallel; ``compile`` (True or torch.compile options) compiles
+        ``ddp_kwargs`` for DistributedDataParallel; ``tp_size`` ranks split each layer of ``tp_plan``
+        (``{"fc1": "colwise", "fc2": "rowwise"}``, patterns, torch ParallelStyles; a transformers model's
+        own plan without it), the strategy then acting across those groups (docs/parallelism.md);
+        ``activation_checkpointing`` (True: the blocks of the main ModuleList; or ``fn(module) -> bool``)
+        recomputes activations in the backward; ``compile`` (True or torch.compile options) compiles
         where the strategy should; ``device`` (default ``cuda:LOCAL_RANK`` or the CPU), ``backend``
         (NCCL for CUDA, gloo for CPU) and ``dist_timeout`` of a process group the Trainer creates.
     Data: ``seed`` makes runs reproducible (each rank its own stream); ``rebuild_train_loader`` /
@@ -66,7 +72,10 @@ class TrainerConfig:
         dump every rank's stacks and end the job naming the missing ranks (off by default: set it above
         the longest step, evaluation or save); ``stop_check_period`` seconds between the ranks'
         agreements on ``stop_training``; ``progress_bar`` a tqdm bar on rank 0 (None: when stderr is a
-        terminal and not under CI).
+        terminal and not under CI); ``preflight`` (True, or ``"strict"`` to raise) checks the job's nodes
+        once the process group exists: software, layout, compute, links, checkpoint_dir (docs/slurm.md);
+        ``log_epochs`` prints a line per epoch (and per step-mode evaluation) and the run's closing line
+        on rank 0 when no ``LoggingCallback`` is given.
     See docs/training.md for each in full.
     """
 
@@ -90,6 +99,9 @@ class TrainerConfig:
     ddp_kwargs: dict[str, Any]
     fsdp_kwargs: dict[str, Any]
     shard_modules: Callable | None
+    tp_size: int
+    tp_plan: dict[str, Any] | None
+    activation_checkpointing: Callable[[nn.Module], bool] | None
     compile: dict[str, Any] | None
     device: torch.device | None
     backend: str | None
@@ -107,6 +119,8 @@ class TrainerConfig:
     watchdog_timeout: float | None
     stop_check_period: float
     progress_bar: bool | None
+    preflight: bool | str
+    log_epochs: bool
 
     @classmethod
     def names(cls) -> list[str]:
@@ -124,30 +138,28 @@ class TrainerConfig:
         _check_loss_and_metrics(v)
         _check_run_control(v)
         v["compile"] = check_compile(v["compile"])
+        v["preflight"] = check_preflight_option(v["preflight"])
         if v["seed"] is not None:
             check_seed(v["seed"])
         v["device"] = _resolve_device(v["device"])
         check_backend(v["backend"])
         v["dist_timeout"] = _timeout(v["dist_timeout"])
         _check_checkpointing(v)
-        for name in ("use_amp", "rebuild_train_loader", "rebuild_eval_loader", "async_checkpoint"):
+        for name in ("use_amp", "rebuild_train_loader", "rebuild_eval_loader", "async_checkpoint", "log_epochs"):
             _check_bool(name, v[name])  # "no" would be truthy
         v["amp_dtype"] = resolve_amp_dtype(v["use_amp"], v["amp_dtype"], v["device"] or _probe_device())
         for name in ("ddp_kwargs", "fsdp_kwargs"):
             v[name] = {} if v[name] is None else v[name]
         check_strategy_options(v["strategy"], v["ddp_kwargs"], v["fsdp_kwargs"], v["shard_modules"], v["amp_dtype"])
         v["ddp_kwargs"], v["fsdp_kwargs"] = dict(v["ddp_kwargs"]), dict(v["fsdp_kwargs"])
+        v["tp_plan"] = check_tp_options(model, v["tp_size"], v["tp_plan"], v["amp_dtype"], v["ddp_kwargs"])
+        v["activation_checkpointing"] = check_activation_checkpointing(model, v["activation_checkpointing"])
         return cls(**v)
 
 
 def _check_unknown(unknown: Mapping[str, Any], known: list[str]) -> None:
-    if not unknown:
-        return
-    hints = []
-    for name in sorted(unknown):
-        close = difflib.get_close_matches(name, known, n=1)
-        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
-    raise TypeError(f"Trainer got unknown option(s) {', '.join(hints)}; valid options are {sorted(known)}")
+    if unknown:
+        raise unknown_options_error("Trainer", unknown, known)
 
 
 def _check_step(v: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:

@@ -8,25 +8,31 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .checkpoint.file import atomic_write
 from .checkpoint.folder import resolve
-from .checkpoint.sharded import read_run_file
+from .checkpoint.integrity import checked_reader, failure
+from .checkpoint.sharded import is_dcp_failure, read_run_file
 
 
 def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the model state of the sharded ``checkpoint`` (a folder of them: its latest) to ``out``."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
     path = resolve(str(checkpoint), None)
-    read_run_file(path)  # a complete DCP folder, or an error naming what is missing
-    with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
-        everything = Path(tmp) / "all.pt"
-        dcp_to_torch_save(path, everything)
-        model = torch.load(everything, weights_only=True)["model"]
+    _, index = read_run_file(path)  # a complete DCP folder, or an error naming what is missing or damaged
+    everything: dict = {}  # what torch's dcp_to_torch_save reads, through the reader that checks every item
+    try:
+        _load_state_dict(everything, storage_reader=checked_reader(path, index), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+    except BaseException as exc:
+        if not is_dcp_failure(exc):
+            raise
+        raise failure(exc, path, "reading") from exc
+    model = everything["model"]
     return atomic_write(out, lambda file: torch.save(model, file))
 
 

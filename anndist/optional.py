@@ -3,11 +3,12 @@
 anndist itself needs only torch and numpy. The callbacks and tools below import their package when
 they are built, and a missing one raises :class:`MissingDependencyError` (an ``ImportError``) whose
 message is a single line, so an entry script can print it once (on rank 0) instead of one traceback
-per rank. ``pip install 'anndist[examples]'`` installs all of them.
+per rank. Each names the extra that installs it (``pip install 'anndist[hf]'``, ...).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 # import name -> (pip name, the anndist extra that installs it)
@@ -16,8 +17,14 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "plot"),
     "tqdm": ("tqdm", "progress"),
     "sklearn": ("scikit-learn", "examples"),
+    "transformers": ("transformers", "hf"),
+    "torchmetrics": ("torchmetrics", "hf"),
+    "torchdata": ("torchdata", "stream"),
+    "mlflow": ("mlflow-skinny", "mlflow"),
+    "wandb": ("wandb", "wandb"),
 }
-ALL_EXTRA = "examples"  # covers every package above: what the README and launch/ run
+EXAMPLES_EXTRA = "examples"  # the digits examples' packages: the first four above
+IN_EXAMPLES = ("tensorboard", "matplotlib", "tqdm", "sklearn")
 
 
 class MissingDependencyError(ImportError):
@@ -31,7 +38,19 @@ def install_hint(module: str) -> str:
         raise ValueError(f"{module!r} is not one of anndist's optional packages {sorted(PACKAGES)}")
     extra = PACKAGES[package][1]
     hint = f"pip install 'anndist[{extra}]'"
-    return hint if extra == ALL_EXTRA else f"{hint} (or 'anndist[{ALL_EXTRA}]' for everything the examples use)"
+    if extra == EXAMPLES_EXTRA or package not in IN_EXAMPLES:
+        return hint
+    return f"{hint} (or 'anndist[{EXAMPLES_EXTRA}]' for everything the digits examples use)"
+
+
+def require_installed(module: str, needed_by: str) -> None:
+    """Like :func:`require`, without importing ``module`` now (for packages slow to import, such as mlflow):
+    a :class:`MissingDependencyError` when it is not installed."""
+    hint = install_hint(module)
+    package = module.partition(".")[0]
+    if importlib.util.find_spec(package) is None:
+        raise MissingDependencyError(f"{needed_by} needs {PACKAGES[package][0]}, which is not installed: {hint}",
+                                     name=package)
 
 
 def require(module: str, needed_by: str) -> ModuleType:

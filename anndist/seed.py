@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dist.data_layout import DataLayout, owners
+
 _MAX_SEED = 2**32 - 1
 
 
@@ -115,19 +117,24 @@ class RNGState:
     global torch RNG (a loader without its own generator), so a checkpoint taken mid-epoch holds
     streams that already include that draw: there they are set right after the epoch's iterator is
     created (``iterate``). At an epoch's boundary (or a load outside ``fit``) they are set at load,
-    before anything draws. A rank that did not exist when the checkpoint was written keeps the stream
-    it was seeded with. ``train_state`` (loaded before the rank states) tells which case a load is.
+    before anything draws. ``train_state`` (loaded before the rank states) tells which case a load is.
+
+    Each rank takes the streams of the saved rank that read its data shard (``data``, the strategy's
+    ``DataLayout``; the first rank of a tensor-parallel group, whose ranks draw the same dropout masks,
+    so they keep one stream): on the layout that wrote it, its own; a shard that did not exist then
+    keeps the stream it was seeded with.
     """
 
-    def __init__(self, rank: int, train_state: Any) -> None:
+    def __init__(self, rank: int, train_state: Any, data: DataLayout | None = None) -> None:
         self.rank, self.train_state = rank, train_state
+        self.data = data if data is not None else DataLayout(rank)
         self.pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return rng_state()
+        return {**rng_state(), **self.data.entry()}
 
     def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
-        self.pending = states[self.rank] if self.rank < len(states) else None
+        self.pending = owners(states).get(self.data.rank)
         if not self.train_state.batch_in_epoch:
             self._apply()
 

@@ -22,27 +22,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import checkpoint, log
 from .callbacks.base import Callback
 from .callbacks.defaults import build_callbacks
 from .callbacks.model_checkpoint import checkpoint_folder
-from .checkpoint.manager import CheckpointManager, check_window_closed
-from .checkpoint.states import ModelState, whole_states
+from .checks import check_keywords
+from .checkpoint.manager import CheckpointManager
+from .checkpoint.methods import CheckpointMethods
 from .config import TrainerConfig
 from .data.batch import split_batch
 from .data.epoch_reader import epoch_position, micro_batches
-from .data.global_batch import accumulation_steps, epoch_shape
-from .data.loaders import LoaderState, RankLoaders, resumes_by_index, start_position
+from .data.loaders import RankLoaders, resumes_by_index, start_position
 from .data.sampler import start_epoch
-from .dist import collectives, process_group
+from .dist import process_group, timeouts
 from .dist.agreement import StopAgreement
-from .dist.device import default_device
-from .dist.env import DistEnv, detect_env
-from .dist.flight_recorder import enable_flight_recorder
+from .dist.join import join
 from .evaluation.evaluator import Evaluator
 from .evaluation.prediction import predict
-from .seed import RNGState, rank_seed, seed_everything
-from .step.loss import LossStep, call_on_inputs, model_loss
+from .preflight.trainer_check import preflight_trainer
+from .seed import rank_seed, seed_everything
+from .step.loss import LossStep, call_on_inputs, choose_loss_step, model_loss
 from .step.optimization import OptimizerStep, step_epoch_scheduler, step_plateau
 from .step.plan import RunPlan
 from .step.spike_guard import SpikeGuard
@@ -55,9 +53,11 @@ logger = logging.getLogger(__name__)
 HISTORY_KEYS = ("train_loss", "val_loss", "val_accuracy")
 
 
-class Trainer:
+class Trainer(CheckpointMethods):
     """Trains ``model`` with ``optimizer``: on ``criterion(outputs, targets)``, on the loss the model
-    computes itself (no criterion), or on ``compute_loss``; placed on the ranks by ``strategy``."""
+    computes itself (no criterion), or on ``compute_loss``; placed on the ranks by ``strategy``.
+    Its checkpoint methods (``save_checkpoint``, ``load_checkpoint``, ``state_dict``, ...) are in
+    checkpoint/methods.py."""
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable | None = None,
@@ -71,7 +71,9 @@ class Trainer:
         metrics: dict[str, Any] | None = None, metric_inputs: Callable | None = None,
         # placement
         strategy: str = "ddp", ddp_kwargs: dict[str, Any] | None = None, fsdp_kwargs: dict[str, Any] | None = None,
-        shard_modules: Callable[[nn.Module], bool] | None = None, compile: bool | dict[str, Any] = False,
+        shard_modules: Callable[[nn.Module], bool] | None = None, tp_size: int = 1,
+        tp_plan: dict[str, Any] | None = None, activation_checkpointing: bool | Callable[[nn.Module], bool] = False,
+        compile: bool | dict[str, Any] = False,
         device: str | torch.device | None = None, backend: str | None = None,
         dist_timeout: float | timedelta = timedelta(minutes=10),
         # data
@@ -80,51 +82,39 @@ class Trainer:
         checkpoint_dir: str | os.PathLike | None = None, auto_resume: bool = False, async_checkpoint: bool = False,
         # run control
         handle_signals: bool = True, watchdog_timeout: float | None = None, stop_check_period: float = 0.25,
-        progress_bar: bool | None = None,
+        progress_bar: bool | None = None, preflight: bool | str = False, log_epochs: bool = True,
         **unknown: Any,
     ) -> None:
         """The options are keyword-only, in sections as above; each is documented on ``TrainerConfig``
         (``help(anndist.TrainerConfig)``) and in docs/training.md, and checked here before anything starts."""
         self.config = cfg = TrainerConfig.validated(model, optimizer, criterion, locals(), unknown)
         self.optimizer, self.criterion, self.scheduler = optimizer, criterion, cfg.scheduler
-        self._init_distributed(cfg)
+        joined = join(cfg, owner=self)  # the device, the process group (created when several ranks are asked for)
+        self.env, self.device, self.created_process_group = joined.env, joined.device, joined.created
+        self.rank, self.world_size, self.is_main_process = joined.rank, joined.world_size, joined.rank == 0
+        self.local_rank = self.env.local_rank if self.env.is_distributed else 0
         self.strategy: Strategy = make_strategy(cfg, self.device, self.rank, self.world_size)
         self.strategy.setup(model, optimizer)
         process_group.register_releaser(self)
         if cfg.seed is not None:  # once the weights are the same on every rank
-            seed_everything(rank_seed(cfg.seed, self.rank))
+            seed_everything(rank_seed(cfg.seed, self.strategy.data_rank))  # one stream per tensor-parallel group
         self.precision = make_precision(cfg.amp_dtype, self.device)
         self.callbacks = build_callbacks(callbacks, cfg, self.rank)
-        self.state = TrainState(self.strategy.data_world_size, cfg.seed, cfg.gradient_accumulation_steps or 1,
-                                cfg.global_batch_size)
-        self.epoch_sums = EpochSums(self.rank, self.world_size, self.device)
+        self.state = TrainState(self.strategy.data_world_size, cfg.seed, cfg.gradient_accumulation_steps, cfg.global_batch_size)
+        self.epoch_sums = EpochSums(self.rank, self.world_size, self.device, self.strategy.data)
         self._init_steps(cfg)
         self.run_state = self._make_run_state()
         self.checkpoints = CheckpointManager(self.run_state, self.state, cfg.checkpoint_dir,
                                              lambda: checkpoint_folder(cfg.checkpoint_dir, self.callbacks),
                                              cfg.auto_resume)
-        if cfg.spike_guard is not None:  # off by default, and then not even a test on the step's path
-            self._step.guard(cfg.spike_guard, self.state, self.checkpoints.roll_back)
+        self._step.guard(cfg.spike_guard, self.state, self.checkpoints.roll_back)  # off (None) by default
         self._loaders = RankLoaders(self.strategy.data_world_size, self.strategy.data_rank, cfg.seed or 0,
                                     cfg.rebuild_train_loader, cfg.rebuild_eval_loader, cfg.global_batch_size)
         self.stop_training = False
         self._plan: RunPlan | None = None
         self._val_loader: Iterable | None = None
-
-    def _init_distributed(self, cfg: TrainerConfig) -> None:
-        """The device, the process group (created when the launcher asks for several ranks), the rank."""
-        self.env: DistEnv = detect_env(os.environ)
-        self.device = cfg.device or default_device(self.env)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        backend = cfg.backend or process_group.default_backend(self.device)
-        if cfg.watchdog_timeout is not None:
-            enable_flight_recorder(backend, cfg.checkpoint_dir)
-        self.created_process_group = process_group.init_process_group(self.env, backend, cfg.dist_timeout)
-        self.rank, self.world_size = collectives.rank(), collectives.world_size()
-        log.configure(self.rank)  # the one rank-zero decision for every log line
-        self.local_rank = self.env.local_rank if self.env.is_distributed else 0
-        self.is_main_process = self.rank == 0
+        if cfg.preflight:  # every rank, once the group, the model and the folder are known
+            preflight_trainer(self)
 
     def _init_steps(self, cfg: TrainerConfig) -> None:
         """The training step, the evaluation and the stop agreement."""
@@ -137,7 +127,7 @@ class Trainer:
                                self._optimizer_step, self.epoch_sums, (cfg.gradient_accumulation_steps or 1, sum_reduction),
                                cfg.seed if cfg.global_batch_size else None)  # a global batch: dropout by piece
         self._evaluator = Evaluator(self.criterion, loss_step, cfg.metrics, cfg.metric_inputs, self.device,
-                                    self.precision)
+                                    self.precision, self.strategy.data)
         self.metrics = self._evaluator.metrics
         self._history_keys = HISTORY_KEYS + tuple(f"val_{name}" for name in self.metrics)
         self._agreement = StopAgreement(self.device, cfg.stop_check_period)
@@ -166,6 +156,7 @@ class Trainer:
         return self._plan.eval_every_n_steps if self._plan is not None else None
 
     # ------------------------------------------------------------------ training
+    @check_keywords  # a misspelt keyword: "did you mean"
     def fit(self, train_loader: Iterable, num_epochs: int | None = None, val_loader: Iterable | None = None,
             resume_from: str | os.PathLike | None = None, *, max_steps: int | None = None,
             eval_every_n_steps: int | None = None) -> dict[str, list[float]]:
@@ -179,14 +170,15 @@ class Trainer:
         plan = RunPlan.check(num_epochs, max_steps, eval_every_n_steps, train_loader, val_loader)
         self.checkpoints.check_folder()
         self._loader_state.attach(train_loader)  # before the resume, which may restore its position
-        self._step.k = self.state.accumulation_steps = accumulation_steps(  # before the resume, which rescales
-            self.config.global_batch_size, self.config.gradient_accumulation_steps, train_loader, self.strategy.data_world_size)
+        self._step.k = self.state.count_accumulation(self.config.gradient_accumulation_steps, train_loader)  # then resume
         self.checkpoints.resume(resume_from)
         loader = self._loaders.train(train_loader)
+        plan.warn_if_never_evaluating(loader, self._step.k)
         self._plan, self._val_loader, self.stop_training = plan, val_loader, False
         try:
             self.callbacks.call("on_train_begin", trainer=self, logs={
-                "num_epochs": num_epochs, "max_steps": max_steps, "start_epoch": self.epoch})
+                "num_epochs": num_epochs, "max_steps": max_steps, "start_epoch": self.epoch,
+                "validates": val_loader is not None})
             while not plan.done(self.state) and not self.stop_training:
                 logs = self._train_epoch(loader)
                 if logs is None:  # stopped mid-epoch: the position stays for a checkpoint
@@ -197,9 +189,9 @@ class Trainer:
                 self.stop_training = self._agreement.decide(self.stop_training)
             self.callbacks.call("on_train_end", trainer=self,
                                 logs={"history": self.history, "completed": plan.done(self.state)})
+            self.callbacks.end_run()  # the closing line, last
         except BaseException as exc:
-            self.callbacks.call_on_exception(exc, trainer=self)
-            self._abort()
+            self._fail(exc)
             raise
         finally:
             self._plan = self._val_loader = None
@@ -209,7 +201,7 @@ class Trainer:
         """Train one epoch and evaluate; None when a stop cut the epoch short (no ``on_epoch_end``)."""
         epoch, started, skip = self.epoch, time.perf_counter(), start_position(loader, self.state, self._loader_state)
         if isinstance(loader, DataLoader):  # set_epoch, and the resume offset of a loader anndist rebuilt
-            start_epoch(loader, epoch, self.config.seed or 0, self.rank, skip if resumes_by_index(loader) else 0)
+            start_epoch(loader, epoch, self.config.seed or 0, self.strategy.data_rank, skip if resumes_by_index(loader) else 0)
         self.callbacks.call("on_epoch_begin", epoch, trainer=self, logs=epoch_position(loader, skip))
         self.model.train()
         if not skip:  # a resumed epoch continues the partial sums its checkpoint carried
@@ -228,9 +220,9 @@ class Trainer:
     def _run_batches(self, loader: Iterable, first_idx: int) -> bool:
         """Train the epoch's micro-batches; return False if a stop cut the epoch short."""
         cbs, state, k = self.callbacks, self.state, self._step.k
-        self._step.begin_epoch(epoch_shape(loader, state.epoch, first_idx))
+        self._step.begin_epoch(loader, state.epoch, first_idx)
         equal = resumes_by_index(loader) or (self.world_size == 1 and self._loader_state.loader is None)
-        batches = self._rng_state.iterate(loader)  # a resumed run's RNG streams are set around iter()
+        batches = self.strategy.check_batches(self._rng_state.iterate(loader))  # RNG streams set around iter()
         begin, backward_end, end = (cbs.has(hook) for hook in ("on_batch_begin", "on_backward_end", "on_batch_end"))
         micro_batch = self._step.micro_batch
         for batch_idx, (batch, ends) in enumerate(micro_batches(batches, k, first_idx, equal, self.device), first_idx):
@@ -261,13 +253,15 @@ class Trainer:
         return True
 
     def _validate(self, loader: Iterable, when: str) -> dict[str, float]:
-        """Evaluate inside fit; a step evaluation is recorded (with its step) and steps a plateau scheduler."""
+        """Evaluate inside fit (the agreement settled first, as evaluation runs collectives)."""
         self._agreement.settle()  # no stop proposal in flight across evaluation's collectives
-        logs = self._evaluate(loader, when)
-        if when == "step":
-            self.state.record({**logs, "eval_step": self.global_step}, self._history_keys + ("eval_step",))
-            step_plateau(self.scheduler, self.config.scheduler_monitor, logs)
-        return logs
+        return self._evaluate(loader, when)
+
+    def _record_step_evaluation(self, logs: dict[str, float]) -> None:
+        """A step evaluation in the history (with its step) and a plateau scheduler's step: before the
+        callbacks see it, so that a checkpoint they save holds it (as an epoch end's does)."""
+        self.state.record({**logs, "eval_step": self.global_step}, self._history_keys + ("eval_step",))
+        step_plateau(self.scheduler, self.config.scheduler_monitor, logs)
 
     def _step_epoch_scheduler(self, logs: dict[str, float]) -> None:
         cfg = self.config
@@ -278,6 +272,7 @@ class Trainer:
         return f"optimizer step {self.global_step + 1} (epoch {self.epoch}, batch {batch_idx})"
 
     # ------------------------------------------------------------------ evaluation
+    @check_keywords
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         """Loss, accuracy (classification with a criterion) and ``metrics`` over exactly the loader's
         samples, as ``val_*`` keys, identical on every rank."""
@@ -287,17 +282,20 @@ class Trainer:
         self.callbacks.call("on_evaluate_begin", trainer=self, logs={"when": when})
         strategy = self.strategy
         metrics = self._evaluator(strategy.forward_module, strategy.eval_batches(self._loaders.eval(loader)))
+        if when == "step":
+            self._record_step_evaluation(metrics)
         self.callbacks.call("on_evaluate_end", trainer=self, logs={
             **metrics, "when": when, "epoch": self.epoch, "global_step": self.global_step})
         return metrics
 
+    @check_keywords
     def predict(self, loader: Iterable, main_process_only: bool = False) -> torch.Tensor | None:
         """The model's outputs (``logits`` of a ``ModelOutput``) for every sample once, in dataset order,
         on every rank (on rank 0 only with ``main_process_only``); see ``prediction.py`` for the memory."""
         loader = self._loaders.eval(loader)
         with_criterion = self.criterion is not None and self.config.compute_loss is None
         return predict(self.strategy.forward_module, loader, self.strategy.eval_batches(loader), with_criterion,
-                       self.device, self.precision, main_process_only)
+                       self.device, self.precision, main_process_only, self.strategy.data)
 
     def compute_loss(self, model: nn.Module, batch: Any) -> Any:
         """One micro-batch's loss, the batch already on the device: override it in a subclass (or pass
@@ -308,52 +306,11 @@ class Trainer:
         return self.criterion(call_on_inputs(model, inputs), targets)
 
     def _loss_step(self) -> Callable | None:
-        """The loss function the step calls; None keeps the criterion's short path."""
-        if self.config.compute_loss is not None:
-            return self.config.compute_loss
-        if type(self).compute_loss is not Trainer.compute_loss:
-            return self.compute_loss
-        return None if self.criterion is not None else model_loss
-
-    # ------------------------------------------------------------------ checkpoints
-    def _make_run_state(self) -> checkpoint.RunState:
-        self._loader_state = LoaderState(self.rank, self.world_size, self.state)
-        self._rng_state = RNGState(self.rank, self.state)
-        shared = {"model": ModelState(self.module), "optimizer": self.optimizer, "scaler": self.precision,
-                  "train_state": self.state, "callbacks": self.callbacks}
-        if self.scheduler is not None:
-            shared["scheduler"] = self.scheduler
-        own = {"rng": self._rng_state, "epoch_sums": self.epoch_sums, "loader": self._loader_state}
-        sharded = self.strategy.checkpoint_states(shared, self.optimizer)  # may take model and optimizer out
-        return checkpoint.RunState(shared, own, ready_to_save=lambda: check_window_closed(self.module, self.state),
-                                   sharded=sharded)
-
-    def save_checkpoint(self, path: str | os.PathLike, **metadata: Any) -> Path:
-        """Save everything needed to continue this run exactly to ``path``; call it on **every rank**.
-
-        Rank 0 alone writes (atomically: a crash leaves the old file or the new one), after gathering
-        every rank's RNG state; all ranks return once the file is complete. ``metadata`` (numbers,
-        strings, tensors, lists, dicts) comes back from ``load_checkpoint``. See docs/checkpoints.md.
-        """
-        return self.checkpoints.save(path, metadata)
-
-    def save_in_dir(self, dirpath: str | os.PathLike, name: str | None = None, **metadata: Any) -> Path:
-        """Save to ``dirpath/name.ckpt`` (``step-<global step>.ckpt`` when name is None) and point ``latest`` at it."""
-        return self.checkpoints.save_in_dir(dirpath, name, metadata)
-
-    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Restore a checkpoint on **every rank** (each rank its own RNG streams); return its metadata."""
-        return self.checkpoints.load(path)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer, scheduler, scaler, train_state, callbacks (no RNG); whole even where the strategy
-        shards (then a collective, gathered to rank 0: see checkpoint/states.py ``whole_states``)."""
-        return {name: obj.state_dict() for name, obj in whole_states(self.run_state).items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, obj in whole_states(self.run_state).items():
-            if name in state:
-                obj.load_state_dict(state[name])
+        """The loss function the step calls (``step/loss.py``); None keeps the criterion's short path."""
+        overridden = self.compute_loss if type(self).compute_loss is not Trainer.compute_loss else None
+        k = self.config.gradient_accumulation_steps  # None with a global batch: K follows at fit(), count items
+        mixes = k is None or k * self.strategy.data_world_size > 1
+        return choose_loss_step(self.config.compute_loss or overridden, self.criterion, self.module, mixes)
 
     # ------------------------------------------------------------------ teardown
     def release_distributed(self) -> None:
@@ -366,10 +323,10 @@ class Trainer:
             strategy.release()
 
     def close(self) -> None:
-        """Release DDP and destroy the process group if this Trainer created it. Also runs at exit."""
+        """Release DDP; the process group anndist created goes with the last open Trainer on it (a later
+        Trainer creates a new one). Also runs at exit."""
         self.release_distributed()
-        if self.created_process_group:
-            process_group.teardown()
+        process_group.release(self)
 
     def __enter__(self) -> "Trainer":
         return self
@@ -377,10 +334,16 @@ class Trainer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _abort(self) -> None:
-        # Closing our group makes peers blocked in a collective fail fast instead of waiting for the timeout.
-        if self.created_process_group and self.world_size > 1:
-            self.close()
+    def _fail(self, exc: BaseException) -> None:
+        """``fit`` raised: the callbacks' ``on_exception``, then the group goes; a collective that timed out
+        is raised again as an error naming the ranks that never arrived (``dist/timeouts.py``)."""
+        self.callbacks.call_on_exception(exc, trainer=self)
+        stuck = timeouts.never_arrived(exc, self.config.dist_timeout)
+        if self.created_process_group and self.world_size > 1:  # peers blocked in a collective fail fast
+            self.release_distributed()
+            process_group.teardown()
+        if stuck is not None:
+            raise stuck from exc
 
 
 def save_in_dir(trainer: Trainer, dirpath: str | os.PathLike, name: str | None = None, **metadata: Any) -> Path:

@@ -36,19 +36,25 @@ log = logging.getLogger("anndist.examples")
 class EarlyStopping(Callback):
     """Stop once ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
-    The state (best value, epochs waited) is saved in checkpoints, so a resumed run keeps counting.
+    (anndist ships one, ``anndist.EarlyStopping``, which also judges step-mode evaluations and can
+    restore the best weights; this one shows how a callback decides alike on every rank.) ``best`` is
+    the best value seen, however small its lead, so it agrees with ``ModelCheckpoint``'s best and the
+    closing line; ``min_delta`` only decides whether the count starts again. The state is saved in
+    checkpoints, so a resumed run keeps counting.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 3, min_delta: float = 0.0) -> None:
         if patience < 1:
             raise ValueError(f"patience={patience} must be >= 1 (epochs without improvement before stopping)")
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
-        self.best, self.best_epoch, self.waited = float("inf"), None, 0
+        self.best, self.best_epoch, self.reference, self.waited = float("inf"), None, float("inf"), 0
 
     def on_epoch_end(self, epoch: int, trainer: Any, logs: dict | None = None) -> None:
         value = logs[self.monitor]  # global: the same float on every rank
-        if value < self.best - self.min_delta:
-            self.best, self.best_epoch, self.waited = value, epoch, 0
+        if value < self.best:
+            self.best, self.best_epoch = value, epoch
+        if value < self.reference - self.min_delta:  # an improvement that counts
+            self.reference, self.waited = value, 0
             return
         self.waited += 1
         if self.waited >= self.patience:
@@ -58,10 +64,11 @@ class EarlyStopping(Callback):
                 epoch, self.monitor, self.min_delta, self.waited, self.best, self.best_epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "waited": self.waited}
+        return {"best": self.best, "best_epoch": self.best_epoch, "reference": self.reference, "waited": self.waited}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.waited = state["best"], state["best_epoch"], state["waited"]
+        self.reference = state["reference"]
 
 
 class SamplesSeen(Callback):

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ..checks import check_keywords
+
 if TYPE_CHECKING:
     from ..trainer import Trainer
 
@@ -32,7 +34,17 @@ HOOKS = (
 
 
 class Callback:
-    """Base class: override the hooks you need. Each receives ``trainer`` and ``logs``."""
+    """Base class: override the hooks you need. Each receives ``trainer`` and ``logs``.
+
+    A subclass's ``__init__`` that takes no ``**kwargs`` answers a misspelt keyword with the closest
+    one it takes ("did you mean"), as the Trainer does for its options.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "__checks_keywords__", False):
+            cls.__init__ = check_keywords(init)  # type: ignore[misc]
 
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None: ...
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None: ...
@@ -57,6 +69,7 @@ class CallbackList:
         self.callbacks: list[Callback] = []
         self.rank = rank
         self._by_hook: dict[str, list[Callback]] = {hook: [] for hook in HOOKS}
+        self._closing: list[Any] = []  # run_at_end's functions, until end_run()
         for callback in callbacks or ():
             self.append(callback)
 
@@ -90,8 +103,19 @@ class CallbackList:
                     f"{type(callback).__name__}.{hook} raised {type(exc).__name__}: {exc} (rank {self.rank})"
                 ) from exc
 
+    def run_at_end(self, fn: Any) -> None:
+        """Run ``fn()`` once every ``on_train_end`` has run (and a preemption has saved), as the run's
+        last output: ``end_run`` calls it, from ``fit`` or from a callback that ends the process."""
+        self._closing.append(fn)
+
+    def end_run(self) -> None:
+        closing, self._closing = self._closing, []
+        for fn in closing:
+            fn()
+
     def call_on_exception(self, exc: BaseException, trainer: "Trainer") -> None:
         """``on_exception`` on every callback; a failure there is logged, never raised over ``exc``."""
+        self._closing = []  # a run that raised has no closing line
         for callback in self._by_hook["on_exception"]:
             try:
                 callback.on_exception(exc, trainer, {})

@@ -18,8 +18,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from ..dist import collectives
 from .base import Callback
+from .monitoring import check_monitor, step_mode
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
@@ -35,8 +38,10 @@ class EarlyStopping(Callback):
         ``"val_<name>"`` for ``Trainer(metrics={name: ...})``, or (epoch mode only) ``"train_loss"``.
     patience: how many evaluations in a row may fail to improve before the run stops.
     mode: ``"min"`` (lower is better, losses) or ``"max"`` (higher is better, accuracies).
-    min_delta: an evaluation improves only when it beats the best by more than this (>= 0).
-        A NaN or infinite value never improves.
+    min_delta: an evaluation improves (and restarts the count) only when it beats the value of the
+        last improvement by more than this (>= 0). A NaN or infinite value never improves. ``best`` is
+        the best value itself, however small its lead: the run's one best, the one the closing line
+        and ``ModelCheckpoint(monitor=...)`` report.
     restore_best_weights: at the end of ``fit``, load the weights of the best evaluation into
         ``trainer.module``. Every rank keeps a CPU copy of ``trainer.module.state_dict()`` taken at
         each new best, and the copy is part of this callback's ``state_dict()``, so it survives a
@@ -46,10 +51,10 @@ class EarlyStopping(Callback):
         the latest weights to resume from).
 
     After ``fit``: ``best`` (the best value), ``best_step`` / ``best_epoch`` (where it was reached),
-    ``wait`` (evaluations since the best) and ``stopped_step`` (the optimizer step after which this
-    callback stopped the run, or None). A fit that starts with the patience already spent (a run
-    resumed from a checkpoint saved after the stop) stops at once; use a new ``EarlyStopping`` to
-    train further.
+    ``wait`` (evaluations since the last improvement by more than ``min_delta``) and ``stopped_step``
+    (the optimizer step after which this callback stopped the run, or None). A fit that starts with
+    the patience already spent (a run resumed from a checkpoint saved after the stop) stops at once;
+    use a new ``EarlyStopping`` to train further.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0,
@@ -77,6 +82,7 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.best_step: int | None = None
         self.best_epoch: int | None = None
+        self.reference: float | None = None  # the value of the last improvement by more than min_delta
         self.wait = 0
         self.stopped_step: int | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -84,7 +90,10 @@ class EarlyStopping(Callback):
 
     # ---------------------------------------------------------------- hooks
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        check_monitor("EarlyStopping", self.monitor, trainer, logs)
         self._stopped_this_fit = False
+        if not trainer.is_main_process and self.best_weights:  # restored from a checkpoint: rank 0's copy serves
+            self.best_weights = {}
         if self.wait >= self.patience:  # restored from a checkpoint saved after the stop: every rank alike
             logger.info("EarlyStopping: %s has not improved for %d evaluations since step %s; stopping at once "
                         "(use a new EarlyStopping to train further)", self.monitor, self.wait, self.best_step)
@@ -96,7 +105,7 @@ class EarlyStopping(Callback):
             self._judge(trainer, logs, logs.get("epoch", trainer.epoch))
 
     def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
-        if getattr(trainer, "eval_every_n_steps", None) is None:  # epoch mode: once per epoch
+        if not step_mode(trainer):  # epoch mode: once per epoch
             self._judge(trainer, logs or {}, epoch)
 
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
@@ -104,18 +113,21 @@ class EarlyStopping(Callback):
         # latest weights, so only our own stop or a complete fit restores the best ones.
         if (self.restore_best_weights and self.best_weights is not None and self.best_step != trainer.global_step
                 and (self._stopped_this_fit or not trainer.stop_training)):
-            trainer.module.load_state_dict(self.best_weights)
+            load_whole_state_dict(trainer.module, self.best_weights)
             logger.info("EarlyStopping: restored the weights of step %d (%s %.6g)", self.best_step, self.monitor,
                         self.best)
 
     # ---------------------------------------------------------------- the decision
     def improves(self, value: float) -> bool:
-        """Whether ``value`` beats the best so far by more than ``min_delta`` (NaN/inf never does)."""
+        """Whether ``value`` beats the last improvement by more than ``min_delta`` (NaN/inf never does)."""
+        return self._beats(value, self.reference, self.min_delta)
+
+    def _beats(self, value: float, than: float | None, margin: float) -> bool:
         if not math.isfinite(value):
             return False
-        if self.best is None:
+        if than is None:
             return True
-        return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        return value < than - margin if self.mode == "min" else value > than + margin
 
     def _judge(self, trainer: "Trainer", logs: dict, epoch: int) -> None:
         if self.monitor not in logs:
@@ -125,10 +137,12 @@ class EarlyStopping(Callback):
                 f"EarlyStopping(monitor={self.monitor!r}): not among this {where}'s metrics {numbers}; pass a "
                 "val_loader to fit() for val_* metrics, or monitor one of those")
         value = float(logs[self.monitor])
-        if self.improves(value):
-            self.best, self.best_step, self.best_epoch, self.wait = value, trainer.global_step, epoch, 0
+        if self._beats(value, self.best, 0.0):
+            self.best, self.best_step, self.best_epoch = value, trainer.global_step, epoch
             if self.restore_best_weights:
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.module.state_dict().items()}
+                self.best_weights = whole_state_dict(trainer.module)
+        if self.improves(value):
+            self.reference, self.wait = value, 0
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -147,6 +161,7 @@ class EarlyStopping(Callback):
         """The counter and the best evaluation; plus the best weights with ``restore_best_weights``."""
         state: dict[str, Any] = {"monitor": self.monitor, "mode": self.mode, "best": self.best,
                                  "best_step": self.best_step, "best_epoch": self.best_epoch, "wait": self.wait,
+                                 "reference": self.reference,
                                  "stopped_step": self.stopped_step}
         if self.restore_best_weights:
             state["best_weights"] = self.best_weights
@@ -159,6 +174,31 @@ class EarlyStopping(Callback):
             return
         self.best, self.best_step, self.best_epoch = state["best"], state["best_step"], state["best_epoch"]
         self.wait, self.stopped_step = state["wait"], state["stopped_step"]
+        self.reference = state.get("reference", self.best)  # a checkpoint from before the two differed
         weights = state.get("best_weights")
         self.best_weights = ({k: v.to("cpu") for k, v in weights.items()}
                              if self.restore_best_weights and weights is not None else None)
+
+
+def whole_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the whole model's weights, on rank 0 (other ranks get ``{}``); call it on every rank.
+
+    Under FSDP the shards are gathered (each rank's own shard would be saved from rank 0 alone and
+    then loaded into every rank); replicated weights are simply copied on rank 0.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A model on the CPU may get its own tensors back (nothing to offload), which training goes on changing.
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return {key: value.detach().clone() if on_cpu else value.detach() for key, value in state.items()}
+
+
+def load_whole_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load rank 0's ``whole_state_dict`` into every rank (each keeps its shard under FSDP); every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    broadcast = collectives.is_initialized() and collectives.world_size() > 1
+    # An evaluation can leave a sharded root's parameters gathered; state_dict()'s pre-hook registers the
+    # shards again, which the load must find (it copies into the parameters it finds first).
+    module.state_dict()
+    set_model_state_dict(module, dict(state),  # a copy: the load replaces the dict's values with its own
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))

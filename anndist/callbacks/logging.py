@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from .base import Callback
 from .jsonl import JsonlWriter
-from .metrics import MetricsCallback
+from .metrics import EVAL_CONTEXT, MetricsCallback
 from .summary import run_summary
 
 if TYPE_CHECKING:
@@ -49,9 +52,7 @@ class LoggingCallback(MetricsCallback):
 
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
         super().on_train_end(trainer, logs)
-        if trainer.is_main_process:  # the others would build the line for nothing
-            elapsed = time.perf_counter() - self._fit_started
-            self.logger.info(run_summary(trainer, elapsed, self._first_step, self.metrics_path))
+        close_run(trainer, self.logger, self._fit_started, self._first_step, self.metrics_path)
 
     def open(self, trainer: "Trainer") -> None:
         if self.log_dir is not None:
@@ -66,6 +67,43 @@ class LoggingCallback(MetricsCallback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class EpochLogCallback(Callback):
+    """What a run prints when no ``LoggingCallback`` is given (``Trainer(log_epochs=False)`` turns it off):
+    on rank 0, a line per epoch (per evaluation in step mode) with the epoch's global metrics, and the
+    closing line. Epoch and evaluation hooks only: nothing runs per micro-batch, and no collective."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(__name__)
+
+    def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._fit_started, self._first_step = time.perf_counter(), trainer.global_step
+
+    def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._line(trainer, "epoch", logs or {})
+
+    def on_evaluate_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        if (logs or {}).get("when") == "step":
+            self._line(trainer, "eval", {k: v for k, v in logs.items() if k not in EVAL_CONTEXT})
+
+    def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        close_run(trainer, self.logger, self._fit_started, self._first_step, None)
+
+    def _line(self, trainer: "Trainer", kind: str, values: dict[str, Any]) -> None:
+        if trainer.is_main_process:
+            numbers = {k: _scalar(v) for k, v in values.items() if _scalar(v) is not None}
+            self.logger.info(format_record({"kind": kind, "epoch": trainer.epoch, "step": trainer.global_step,
+                                            **numbers}))
+
+
+def close_run(trainer: "Trainer", logger: logging.Logger, started: float, first_step: int,
+              metrics_path: Path | None) -> None:
+    """Have the closing line printed (rank 0) once the run is over: after every ``on_train_end`` and a
+    preemption's save, so that it is last and says what was written (``summary.py``)."""
+    if trainer.is_main_process:  # the others would build the line for nothing
+        trainer.callbacks.run_at_end(lambda: logger.info(
+            run_summary(trainer, time.perf_counter() - started, first_step, metrics_path)))
 
 
 def format_record(record: dict[str, Any]) -> str:
@@ -87,6 +125,13 @@ def format_record(record: dict[str, Any]) -> str:
     if epoch_time is not None:
         parts.append(f"time {epoch_time:.2f}s")
     return " | ".join(parts)
+
+
+def _scalar(value: Any) -> float | int | None:
+    """A number of the logs as a Python number; None for anything else (a tensor of several values, a string)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _fmt(value: Any) -> str:

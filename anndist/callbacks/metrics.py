@@ -157,7 +157,7 @@ class MetricsCallback(Callback):
                               torch.tensor(float(self._samples), dtype=torch.float64, device=device)])
         record = self._record(trainer, "step")
         self._reductions.append(_Reduction(totals, record, step_values(trainer), time.perf_counter() - self._since,
-                                           self._counts_items))
+                                           self._counts_items, trainer.strategy.data.group))
         self._restart_interval()
 
     def _write_reductions(self, wait: bool) -> None:
@@ -189,9 +189,10 @@ class _Reduction:
     """
 
     def __init__(self, totals: torch.Tensor, record: dict[str, Any], values: dict[str, float], elapsed: float,
-                 with_items: bool) -> None:
+                 with_items: bool, group: Any = None) -> None:
         self.record, self.values, self.elapsed, self.with_items = record, values, elapsed, with_items
-        self.work = collectives.all_reduce_async(totals)  # every rank is at this same optimizer step
+        # every rank is at this same optimizer step; over the ranks that read different data (group)
+        self.work = collectives.all_reduce_async(totals, group)
         self.event: torch.cuda.Event | None = None
         self.totals = totals
         if totals.is_cuda:

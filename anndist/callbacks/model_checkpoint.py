@@ -10,6 +10,7 @@ from ..dist import collectives
 from ..checkpoint import CheckpointFolder, step_name
 from ..checks import check_count
 from .base import Callback
+from .monitoring import check_monitor, step_mode
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
@@ -24,9 +25,13 @@ class ModelCheckpoint(Callback):
     every_n_epochs: save it at the end of every N-th epoch (None: never).
     keep_last: keep the newest N ``step-*`` checkpoints, delete older ones (None: keep all).
     monitor / mode / save_best: keep ``best.ckpt``, the state with the lowest (``"min"``) or highest
-        (``"max"``) value of the epoch metric ``monitor`` (e.g. ``"val_loss"``); ``save_best``
-        defaults to True when ``monitor`` is given. Rank 0's verdict is broadcast, so all ranks
-        take part in the same saves even if a metric were rank-local.
+        (``"max"``) value of ``monitor`` (e.g. ``"val_loss"``) over the evaluations of ``fit``: at
+        epoch ends, or in step mode (``fit(eval_every_n_steps=N)``) after every N-th step;
+        ``save_best`` defaults to True when ``monitor`` is given. Rank 0's verdict is broadcast, so
+        all ranks take part in the same saves even if a metric were rank-local.
+
+    In step mode a periodic save that falls on a step with an evaluation waits for it: the checkpoint
+    then holds that evaluation (history, the callbacks' counters), and is ``best.ckpt`` too when it won.
 
     Each save is ``save_in_dir``'s protocol: all ranks call, rank 0 writes atomically, ``latest`` then
     names the new file, so ``fit(resume_from="latest")`` and ``auto_resume`` find it.
@@ -56,6 +61,7 @@ class ModelCheckpoint(Callback):
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.last_saved_step = -1
+        self._periodic_after_evaluation = False  # step mode: this step's periodic save waits for its evaluation
 
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         if self.dirpath is None:
@@ -63,24 +69,39 @@ class ModelCheckpoint(Callback):
                 raise ValueError(
                     "ModelCheckpoint() has no folder: pass ModelCheckpoint(dirpath) or Trainer(checkpoint_dir=...)")
             self.dirpath = Path(trainer.config.checkpoint_dir)
+        if self.save_best:
+            check_monitor("ModelCheckpoint", self.monitor, trainer, logs)
+        self._periodic_after_evaluation = False
 
     def on_batch_end(self, batch_idx: int, trainer: "Trainer", logs: dict | None = None) -> None:
         # global_step is the same on every rank, so every rank decides alike without a collective.
         step = trainer.global_step
         if (self.every_n_steps and logs and logs.get("ends_window") and step > 0
                 and step % self.every_n_steps == 0 and step != self.last_saved_step):
+            if logs.get("stepped") and step_mode(trainer) and step % trainer.eval_every_n_steps == 0:
+                self._periodic_after_evaluation = True  # the Trainer evaluates right after this hook
+                return
             self._save(trainer, periodic=True, best=False)
 
-    def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
-        periodic = bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
-        best = self.save_best and self._improved(trainer, logs or {})
+    def on_evaluate_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        if (logs or {}).get("when") != "step":
+            return
+        periodic, self._periodic_after_evaluation = self._periodic_after_evaluation, False
+        best = self.save_best and self._improved(trainer, logs, "step evaluation")
         if periodic or best:
             self._save(trainer, periodic, best)
 
-    def _improved(self, trainer: "Trainer", logs: dict) -> bool:
+    def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
+        periodic = bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
+        best = self.save_best and not step_mode(trainer) and self._improved(trainer, logs or {}, "epoch")
+        if periodic or best:
+            self._save(trainer, periodic, best)
+
+    def _improved(self, trainer: "Trainer", logs: dict, where: str) -> bool:
         if self.monitor not in logs:
+            numbers = sorted(k for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
             raise ValueError(
-                f"monitor={self.monitor!r} is not among this epoch's metrics {sorted(logs)}; pass a val_loader "
+                f"monitor={self.monitor!r} is not among this {where}'s metrics {numbers}; pass a val_loader "
                 "to fit() for val_* metrics or monitor 'train_loss'")
         score = float(logs[self.monitor])
         better = math.isfinite(score) and (

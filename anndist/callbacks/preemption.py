@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 import torch.distributed as dist
 
+from ..data.worker_signals import shield_workers
 from ..dist import collectives
 from ..dist.slurm import RequeueError, job_id, requeue
 from .base import Callback
@@ -58,17 +59,24 @@ class PreemptionCallback(Callback):
         self.exit = exit
         self.received: set[int] = set()  # signals this rank got during the current fit()
         self._previous: dict[int, object] = {}
+        self._stopping = False  # on_train_end reached: the rank is stopping, saving, exiting
+        self._handler: object = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         self.received = set()
         self._first_at: dict[int, float] = {}
+        self._stopping = False
         self._install(trainer)
 
     def on_train_end(self, trainer: "Trainer", logs: dict | None = None) -> None:
+        self._stopping = True  # from here on a repeated TERM is a late copy of the first, never a reason to die
+        signals: list[int] = []
         try:
             signals = self._agreed_signals(trainer, completed=bool((logs or {}).get("completed")))
         finally:
+            if signals:  # ignored before the handlers go: no instant in which a copy of the TERM kills the save
+                self._exit_on_sigterm()
             self._uninstall()
         if signals:
             self._stop(trainer, signals)
@@ -89,10 +97,13 @@ class PreemptionCallback(Callback):
         def handler(signum: int, frame: FrameType | None) -> None:
             now = time.monotonic()
             first = self._first_at.setdefault(signum, now)
-            if signum == signal.SIGTERM and now - first >= REPEAT_AFTER_S:
-                # A second TERM well after the first (a hung rank, an impatient user): the default
-                # action. Launchers often deliver one TERM several times at once (Slurm to every
-                # process and torchrun to its workers): those repeats only set the flag again.
+            if signum == signal.SIGTERM and now - first >= REPEAT_AFTER_S and not self._stopping:
+                # A second TERM well after the first, before the rank even began to stop (a hung
+                # rank, an impatient user): the default action. Launchers often deliver one TERM
+                # several times (Slurm to every process, the batch shell and torchrun to the
+                # workers), seconds apart on a loaded machine: those repeats only set the flag
+                # again, and once the rank is stopping (saving) they are ignored; Slurm's SIGKILL,
+                # KillWait seconds after its TERM, remains the limit.
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
                 return
@@ -102,13 +113,20 @@ class PreemptionCallback(Callback):
             if current is not None:
                 current.stop_training = True
 
+        self._handler = handler
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, handler)
+        # The TERM reaches the DataLoader workers too (proctrack/cgroup): they must outlive it.
+        shield_workers(signal.SIGTERM in self.signals)
 
     def _uninstall(self) -> None:
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            # Hand back only what is still ours: a TERM ignored for a stop that is saving (``_exit_on_sigterm``,
+            # or another callback on its way out) stays ignored.
+            if signal.getsignal(sig) is self._handler:
+                signal.signal(sig, previous)
         self._previous.clear()
+        shield_workers(False)
 
     # ------------------------------------------------------------------ stopping
     def _agreed_signals(self, trainer: "Trainer", completed: bool) -> list[int]:
@@ -134,18 +152,16 @@ class PreemptionCallback(Callback):
         if checkpoint_dir is None:
             logger.info("no checkpoint_dir: nothing saved and the job is not requeued; pass checkpoint_dir=... "
                         "and auto_resume=True to the Trainer to continue after a preemption")
-            self._exit_on_sigterm()
             collectives.barrier()
-            self._exit(128 + signals[0])
+            self._exit(trainer, 128 + signals[0])
             return
         path = trainer.save_in_dir(checkpoint_dir, reason="preempted", signal=names)
         trainer.checkpoints.wait()  # an asynchronous save: committed before the requeue and the exit
-        self._exit_on_sigterm()  # the checkpoint is complete on every rank
         logger.info("saved %s", path)
         if set(signals) & set(self.requeue_signals) and trainer.is_main_process:
             self._requeue()
         collectives.barrier()  # no rank exits (which may end the job step) before the requeue is asked
-        self._exit(PREEMPTED_EXIT_CODE)
+        self._exit(trainer, PREEMPTED_EXIT_CODE)
 
     @staticmethod
     def _requeue() -> None:
@@ -161,14 +177,17 @@ class PreemptionCallback(Callback):
         logger.warning("requeued SLURM job %s: its next run resumes from the checkpoint", job)
 
     def _exit_on_sigterm(self) -> None:
-        # The first rank to exit makes torchrun SIGTERM the others, which may still be on their way out:
-        # ignoring it lets them finish with the same exit code instead of dying of the signal. SIG_IGN,
-        # not a Python handler: Python resets its own handlers to the default while it shuts down.
+        # From the agreed stop on, a TERM must not kill the rank: copies of the one that started the stop
+        # (Slurm's, the batch shell's, the launcher's: seconds apart on a loaded machine) may come while it
+        # saves, and the first rank to exit makes torchrun TERM the others on their way out. Ignoring it
+        # lets every rank save and exit 75; Slurm's SIGKILL (KillWait) still ends a save that hangs.
+        # SIG_IGN, not a Python handler: Python resets its own handlers to the default while it shuts down.
         if self.exit and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def _exit(self, code: int) -> None:
+    def _exit(self, trainer: "Trainer", code: int) -> None:
         if self.exit:
+            trainer.callbacks.end_run()  # the closing line stays the log's last, after the save and the requeue
             raise SystemExit(code)
 
 

@@ -17,12 +17,14 @@ PHASES = ("data", "forward", "backward", "optimizer")
 
 def summarize(rank: int, host: str, times_ms: dict[str, Sequence[float]], samples: int,
               peak_memory: int | None, memory_kind: str | None,
-              model_state: dict[str, int] | None = None) -> dict[str, Any]:
+              model_state: dict[str, int] | None = None, traced: int = 0) -> dict[str, Any]:
     """One rank's figures from its per-step times in ms (keys: step, local and PHASES); ``model_state``:
-    the bytes of parameters, gradients and optimizer state this rank holds (``memory.py``)."""
+    the bytes of parameters, gradients and optimizer state this rank holds (``memory.py``); ``traced``:
+    the optimizer steps left out of the times because the profiler traced them."""
     step = np.asarray(times_ms["step"], dtype=np.float64)
     summary: dict[str, Any] = {"rank": rank, "host": host, "steps": int(step.size), "samples": samples,
-                               "peak_memory": peak_memory, "memory_kind": memory_kind, "model_state": model_state}
+                               "peak_memory": peak_memory, "memory_kind": memory_kind, "model_state": model_state,
+                               "traced_steps": traced}
     if step.size == 0:
         return summary
     summary["step_ms"] = {"p50": float(np.percentile(step, 50)), "p90": float(np.percentile(step, 90)),
@@ -49,13 +51,18 @@ def find_straggler(summaries: Sequence[dict[str, Any]]) -> tuple[int, float, flo
 def format_table(summaries: Sequence[dict[str, Any]]) -> str:
     """The table rank 0 prints: a row per rank, the job's samples/s, and the straggler verdict."""
     steps = sorted({s["steps"] for s in summaries})
-    lines = [f"profile: {'/'.join(map(str, steps))} optimizer steps per rank; times in ms, phases are "
-             "medians per step, backward includes the gradient all-reduce",
+    traced = max(s.get("traced_steps", 0) for s in summaries)
+    counted = f"{'/'.join(map(str, steps))} optimizer steps per rank"
+    if traced:  # the run took more steps than the table times
+        counted = (f"{'/'.join(str(n + traced) for n in steps)} optimizer steps per rank, {counted.split()[0]} "
+                   f"timed ({traced} traced by torch.profiler left out)")
+    lines = [f"profile: {counted}; times in ms, phases are medians per step, backward includes the gradient "
+             "all-reduce",
              f"{'rank':>4}  {'host':<12} {'step p50':>8} {'p90':>7} {'max':>7} {'data':>7} {'forward':>7} "
              f"{'backward':>8} {'optim':>7} {'samples/s':>10}  peak memory"]
     for s in sorted(summaries, key=lambda s: s["rank"]):
         lines.append(_row(s))
-    total = sum(s.get("samples_per_s", 0.0) for s in summaries)
+    total = sum(s.get("samples_per_s", 0.0) for s in summaries if not s.get("replica"))  # each sample once
     lines.append(f"{'all':>4}  {'':<12} {'':>8} {'':>7} {'':>7} {'':>7} {'':>7} {'':>8} {'':>7} {total:>10.0f}")
     lines.append(_verdict(summaries))
     return "\n".join(lines)

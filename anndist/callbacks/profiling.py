@@ -67,7 +67,7 @@ class ProfilingCallback(Callback):
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         self._clock = _CudaClock() if trainer.device.type == "cuda" else _HostClock()
         self._times = {name: array("d") for name in ("step", "local", *PHASES)}
-        self._samples = 0
+        self._samples, self._traced = 0, 0
         self._pending: collections.deque[_Step] = collections.deque()
         self._step: _Step | None = None
         self._micro: list[Any] | None = None  # [begin, forward end, backward end] of the open micro-batch
@@ -129,7 +129,8 @@ class ProfilingCallback(Callback):
             self._trace.finish(trainer.global_step, logger)
         self._resolve(block=True)
         mine = summarize(trainer.rank, socket.gethostname(), self._times, self._samples,
-                         *self._peak_memory(trainer.device), self._model_state(trainer))
+                         *self._peak_memory(trainer.device), self._model_state(trainer), self._traced)
+        mine["replica"] = trainer.strategy.data.replica  # its samples are another rank's (tensor parallel)
         self.summaries = collectives.all_gather_object(mine)  # every rank is at train end
         self.table = format_table(self.summaries)
         logger.info(self.table)
@@ -148,6 +149,7 @@ class ProfilingCallback(Callback):
         while self._pending and clock.ready(self._pending[0].end):
             step = self._pending.popleft()
             if step.traced:  # the profiler's own overhead would distort the figures
+                self._traced += 1
                 continue
             forward = backward = 0.0
             for begin, fwd_end, bwd_end in step.micro:

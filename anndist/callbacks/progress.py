@@ -51,7 +51,7 @@ class ProgressBarCallback(Callback):
 
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         self.active = trainer.is_main_process  # the one rank-zero decision
-        self._world_size = trainer.world_size
+        self._world_size = trainer.strategy.data_world_size  # ranks that read different samples
 
     def on_epoch_begin(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
         if not self.active:

@@ -21,15 +21,18 @@ The tracker packages are optional extras, imported on rank 0 when a run opens:
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
+import socket
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..optional import require_installed
 from ..version import __version__
 from .metrics import MetricsCallback
+from .sender import Sender
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
@@ -39,54 +42,97 @@ logger = logging.getLogger(__name__)
 GROUPS = {"step": "train", "epoch": "epoch", "eval": "eval"}  # start records carry no metric
 NOT_METRICS = ("kind", "time", "epoch", "step")
 WANDB_MODES = ("online", "offline", "disabled")
+REACH_TIMEOUT_S = 10.0  # W&B online: a server that does not accept a connection by then is unreachable
 
 
 class TrackerCallback(MetricsCallback):
-    """The part both trackers share: records as ``<group>/<name>`` metrics, the run id as state.
+    """The part both trackers share: records as ``<group>/<name>`` metrics, the run id as state, and
+    every call to the tracker on a thread of its own (``sender.py``), so that a tracker that is slow,
+    unreachable or failing never holds training up or ends it: failures are logged once, and the end
+    of ``fit`` waits at most ``close_timeout`` seconds for what is still queued.
 
-    A subclass implements ``_start(trainer, run_id, params) -> run_id`` (continue ``run_id`` when it
-    is not None, else create a run and log ``params``), ``_log(metrics, step, time)``,
-    ``_last_logged_step() -> int`` (-1 when unknown) and ``_finish(failed)``; all on rank 0 only.
+    A subclass implements ``_start(run_id, params) -> run_id`` (continue ``run_id`` when it is not
+    None, else create a run and log ``params``), ``_log(metrics, step, time)``,
+    ``_last_logged_step() -> int`` (-1 when unknown) and ``_finish(failed)``; all run on rank 0's
+    sender thread, one at a time, in the order the training thread asked for them.
     """
 
     package = extra = ""
+    QUEUE_LIMIT = 10_000  # calls waiting for a slow tracker; past it records are dropped, never waited for
 
-    def __init__(self, log_interval: int) -> None:
+    def __init__(self, log_interval: int, close_timeout: float = 30.0) -> None:
         super().__init__(log_interval)
-        if importlib.util.find_spec(self.package) is None:
-            raise ImportError(f"{type(self).__name__} needs {self.package}: pip install 'anndist[{self.extra}]'")
+        if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)):
+            raise TypeError(f"close_timeout must be a number of seconds, got {type(close_timeout).__name__} "
+                            f"{close_timeout!r}")
+        if not 0 < close_timeout < float("inf"):
+            raise ValueError(f"close_timeout={close_timeout!r} must be a positive, finite number of seconds (how long "
+                             "the end of fit waits for the tracker)")
+        require_installed(self.package, type(self).__name__)  # one line; imported on rank 0 when a run opens
+        self.close_timeout = float(close_timeout)
         self.run_id: str | None = None
         self._reopen_after_load = False  # a run id restored from a checkpoint: earlier attempts logged steps
         self._skip_up_to = -1  # records of fit() at steps <= this are already in the tracker
         self._failed = False
+        self._started = False  # the sender's view: the tracker run is open
+        self._sender: Sender | None = None  # rank 0's, made at the first open
 
     # ---------------------------------------------------------------- MetricsCallback's writer
     def open(self, trainer: "Trainer") -> None:
-        resumed, self._failed = self.run_id is not None, False
-        self.run_id = self._start(trainer, self.run_id, run_params(trainer, self.log_interval))
-        if resumed and self._reopen_after_load:
-            self._skip_up_to = self._last_logged_step()
-        self._reopen_after_load = False
+        self._failed = False
+        self._send(self._open, run_params(trainer, self.log_interval))  # read here, on the training thread
 
     def write(self, record: dict[str, Any]) -> None:
-        group = GROUPS.get(record["kind"])
-        if group is None or (self._in_fit and record["step"] <= self._skip_up_to):
-            return
-        metrics = {f"{group}/{name}": float(value) for name, value in record.items()
-                   if name not in NOT_METRICS and value is not None}
-        self._log(metrics, record["step"], record["time"])
+        if GROUPS.get(record["kind"]) is not None:
+            self._send(self._write, record, self._in_fit)
 
     def close(self) -> None:
-        self._finish(self._failed)
-        self._skip_up_to = -1
+        self._send(self._close, self._failed)
+        self._flush()
 
     def on_exception(self, exc: BaseException, trainer: "Trainer", logs: dict | None = None) -> None:
         self._failed = True
         super().on_exception(exc, trainer, logs)
 
+    # ---------------------------------------------------------------- on the sender's thread
+    def _open(self, params: dict[str, Any]) -> None:
+        resumed, self._started = self.run_id is not None, False
+        self.run_id = self._start(self.run_id, params)
+        self._started = True
+        if resumed and self._reopen_after_load:
+            self._skip_up_to = self._last_logged_step()
+        self._reopen_after_load = False
+
+    def _write(self, record: dict[str, Any], in_fit: bool) -> None:
+        if not self._started or (in_fit and record["step"] <= self._skip_up_to):
+            return
+        metrics = {f"{GROUPS[record['kind']]}/{name}": float(value) for name, value in record.items()
+                   if name not in NOT_METRICS and value is not None}
+        self._log(metrics, record["step"], record["time"])
+
+    def _close(self, failed: bool) -> None:
+        self._skip_up_to = -1
+        if self._started:
+            self._started = False
+            self._finish(failed)
+
+    # ---------------------------------------------------------------- the sender
+    def _send(self, fn: Any, *args: Any) -> None:
+        if self._sender is None:
+            self._sender = Sender(type(self).__name__, self.QUEUE_LIMIT)
+        self._sender.call(fn, *args)
+
+    def _flush(self) -> None:
+        """Wait at most ``close_timeout`` for the queued calls; leave the rest to the sender thread."""
+        if self._sender is not None and not self._sender.wait(self.close_timeout):
+            logger.warning("%s: the tracker did not take the last %d call(s) within close_timeout=%g s; they are "
+                           "left to it, and training goes on", type(self).__name__, self._sender.pending(),
+                           self.close_timeout)
+
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """The tracker run's id (rank 0's is saved; None before the first ``fit``)."""
+        """The tracker run's id (rank 0's is saved; None before the first ``fit``, and until the tracker
+        answered its first call: a checkpoint taken before then resumes into a new tracker run)."""
         return {"run_id": self.run_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -94,7 +140,7 @@ class TrackerCallback(MetricsCallback):
         self._reopen_after_load = self.run_id is not None
 
     # ---------------------------------------------------------------- for subclasses
-    def _start(self, trainer: "Trainer", run_id: str | None, params: dict[str, Any]) -> str:
+    def _start(self, run_id: str | None, params: dict[str, Any]) -> str:
         raise NotImplementedError
 
     def _log(self, metrics: dict[str, float], step: int, time: float) -> None:
@@ -122,19 +168,19 @@ class MLflowCallback(TrackerCallback):
     package, extra = "mlflow", "mlflow"
 
     def __init__(self, tracking_uri: str | os.PathLike = "file:runs/mlruns", experiment: str = "anndist",
-                 run_name: str | None = None, log_interval: int = 10) -> None:
+                 run_name: str | None = None, log_interval: int = 10, close_timeout: float = 30.0) -> None:
         if not isinstance(tracking_uri, (str, os.PathLike)):
             raise TypeError(f"tracking_uri must be a URI such as 'file:runs/mlruns' or a folder, got "
                             f"{type(tracking_uri).__name__} {tracking_uri!r}")
         _check_name("experiment", experiment, required=True)
         _check_name("run_name", run_name)
-        super().__init__(log_interval)
+        super().__init__(log_interval, close_timeout)
         # A path object is a folder for the file store; a string goes to MLflow as it is.
         self.tracking_uri = tracking_uri if isinstance(tracking_uri, str) else f"file:{os.fspath(tracking_uri)}"
         self.experiment, self.run_name = experiment, run_name
         self._client: Any = None
 
-    def _start(self, trainer: "Trainer", run_id: str | None, params: dict[str, Any]) -> str:
+    def _start(self, run_id: str | None, params: dict[str, Any]) -> str:
         if _is_file_store(self.tracking_uri):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.entities import Param
@@ -196,19 +242,19 @@ class WandbCallback(TrackerCallback):
     package, extra = "wandb", "wandb"
 
     def __init__(self, project: str, mode: str = "offline", dir: str | os.PathLike | None = None,
-                 run_name: str | None = None, log_interval: int = 10) -> None:
+                 run_name: str | None = None, log_interval: int = 10, close_timeout: float = 30.0) -> None:
         _check_name("project", project, required=True)
         if mode not in WANDB_MODES:
             raise ValueError(f"mode={mode!r} is not one of {list(WANDB_MODES)}")
         if dir is not None and not isinstance(dir, (str, os.PathLike)):
             raise TypeError(f"dir must be a path (str or os.PathLike) or None, got {type(dir).__name__} {dir!r}")
         _check_name("run_name", run_name)
-        super().__init__(log_interval)
+        super().__init__(log_interval, close_timeout)
         self.project, self.mode, self.run_name = project, mode, run_name
         self.dir = os.fspath(dir) if dir is not None else None
         self.run: Any = None
 
-    def _start(self, trainer: "Trainer", run_id: str | None, params: dict[str, Any]) -> str:
+    def _start(self, run_id: str | None, params: dict[str, Any]) -> str:
         import wandb
 
         if self.run is not None:  # still open in this process
@@ -217,24 +263,42 @@ class WandbCallback(TrackerCallback):
             os.makedirs(self.dir, exist_ok=True)
         options: dict[str, Any] = {"project": self.project, "mode": self.mode, "dir": self.dir, "name": self.run_name,
                                    "reinit": "create_new"}
+        if self.mode == "online":
+            options["mode"] = self._online_or_offline(wandb.setup().settings.base_url)
         if run_id is None:
             self.run = wandb.init(config=params, **options)
         else:
             self.run = wandb.init(id=run_id, resume="allow", **options)
         return self.run.id
 
+    def _online_or_offline(self, server: str) -> str:
+        """``"online"``, or ``"offline"`` when the W&B server cannot be reached: the records are then kept on
+        disk for ``wandb sync`` instead of being retried for minutes (and again at the process's exit)."""
+        problem = unreachable(server, REACH_TIMEOUT_S)
+        if problem is None:
+            return "online"
+        logger.warning("WandbCallback: the W&B server %s cannot be reached (%s); logging offline to %s instead "
+                       "(wandb sync uploads it later)", server, problem, os.path.join(self.dir or ".", "wandb"))
+        return "offline"
+
     def _log(self, metrics: dict[str, float], step: int, time: float) -> None:
         self.run.log(metrics, step=step)
 
     def _finish(self, failed: bool) -> None:
         if failed:
-            self.finish(exit_code=1)
+            self._finish_run(1)
 
     def finish(self, exit_code: int = 0) -> None:
-        """Finish the W&B run now (rank 0; a no-op elsewhere); a later ``fit`` resumes it by id."""
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-        self.run = None
+        """Finish the W&B run now, after the records still queued (rank 0; a no-op elsewhere); waits at
+        most ``close_timeout`` seconds. A later ``fit`` resumes it by id."""
+        if self._sender is not None:
+            self._send(self._finish_run, exit_code)
+            self._flush()
+
+    def _finish_run(self, exit_code: int) -> None:
+        run, self.run = self.run, None
+        if run is not None:
+            run.finish(exit_code=exit_code)
 
 
 def run_params(trainer: "Trainer", log_interval: int) -> dict[str, Any]:
@@ -250,6 +314,17 @@ def run_params(trainer: "Trainer", log_interval: int) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in trainer.module.parameters()), "device": trainer.device.type,
         "log_interval": log_interval, "anndist": __version__, "torch": torch.__version__,
     }
+
+
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why nothing answers a TCP connection to ``url``'s host and port within ``timeout`` s (None: it does)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _is_file_store(uri: str) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import mmap
 import os
 import re
@@ -35,6 +36,11 @@ TEMP_SUFFIX = ".tmp"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used; the message names the file and what is wrong with it."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose bytes are not those written (cut short, missing, changed): a resume that
+    chose it from a folder falls back to the previous good one."""
 
 
 def temp_path(path: Path) -> Path:
@@ -58,10 +64,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        full = _disk_full(exc)
+        full = disk_full_error(exc, path)
         if full is not None:  # torch reports it as "unexpected pos N vs M", the cause buried in the chain
-            raise OSError(full.errno, f"{_FULL[full.errno]} writing {path} ({_free(path.parent)}): free "
-                          "space there or write elsewhere; nothing under that name was changed") from exc
+            raise full from exc
         raise
     fsync_dir(path.parent)
     return path
@@ -70,7 +75,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
 _FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
-def _disk_full(exc: BaseException) -> OSError | None:
+def disk_full_error(exc: BaseException, path: Path, where: str = "") -> OSError | None:
+    """An ``OSError(ENOSPC/EDQUOT)`` naming ``path`` and the free space, when ``exc`` was caused by a full
+    disk or quota (None otherwise)."""
+    full = _disk_full(exc)
+    if full is None:
+        return None
+    return OSError(full.errno, f"{_FULL[full.errno]} writing {path}{where} ({_free(path.parent)}): free space there "
+                   "or write elsewhere; nothing under that name was changed")
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
     """The ENOSPC/EDQUOT error in ``exc``'s chain of causes, if there is one."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -176,15 +191,16 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     try:
         whole = zipfile.is_zipfile(path)  # reads the archive's trailer: a cut-short file has none
     except zipfile.BadZipFile as exc:  # a trailer that is there but contradicts itself
-        raise CheckpointError(f"checkpoint {path} cannot be read, it is damaged: its zip trailer is invalid "
+        raise DamagedCheckpointError(f"checkpoint {path} cannot be read, it is damaged: its zip trailer is invalid "
                               f"({exc}); use an earlier checkpoint") from exc
     if not whole:
-        raise CheckpointError(
+        raise DamagedCheckpointError(
             f"checkpoint {path} ({path.stat().st_size} bytes) is truncated or not a torch.save file: it has no "
             "complete zip directory; it was cut short (a crash while copying it?) or is another kind of file")
     problem = damaged_record(path)
     if problem is not None:
-        raise CheckpointError(f"checkpoint {path} cannot be read, it is damaged: {problem}; use an earlier checkpoint")
+        raise DamagedCheckpointError(
+            f"checkpoint {path} cannot be read, it is damaged: {problem}; use an earlier checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
@@ -208,17 +224,60 @@ def damaged_record(path: Path) -> str | None:
         except Exception as exc:  # BadZipFile, NotImplementedError, struct.error...: the directory is garbage
             return f"its zip directory cannot be read ({type(exc).__name__}: {exc})"
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
-            for record in records:
-                problem = _check_record(mapped, data, record)
-                if problem is not None:
-                    return problem
+            return _first_damaged(records, mapped, data)
+
+
+def damaged_archive(data: Any) -> str | None:
+    """``damaged_record`` for a ``torch.save`` archive in a buffer (an item of a DCP shard, mapped)."""
+    with memoryview(data) as view:
+        try:
+            records = zipfile.ZipFile(BufferReader(view)).infolist()  # reads the directory only
+        except Exception as exc:  # BadZipFile, NotImplementedError, struct.error...: not an archive, or garbled
+            return f"it is not a whole torch.save archive ({type(exc).__name__}: {exc})"
+        return _first_damaged(records, view, view)
+
+
+class BufferReader(io.RawIOBase):
+    """A read-only, seekable file over a buffer that copies nothing until read: ``readinto`` copies
+    straight into the reader's memory (torch.load's storages, zipfile's few directory bytes)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self.view, self.position = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self.view) - self.position))
+        buffer[:n] = self.view[self.position:self.position + n]
+        self.position += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: len(self.view)}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+def _first_damaged(records: list[zipfile.ZipInfo], mapped: Any, data: memoryview) -> str | None:
+    for record in records:
+        problem = _check_record(mapped, data, record)
+        if problem is not None:
+            return problem
     return None
 
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name length, extra field length
 
 
-def _check_record(mapped: mmap.mmap, data: memoryview, record: zipfile.ZipInfo) -> str | None:
+def _check_record(mapped: Any, data: memoryview, record: zipfile.ZipInfo) -> str | None:
     where = f"record {record.filename!r} ({record.compress_size} bytes at offset {record.header_offset})"
     header = mapped[record.header_offset:record.header_offset + _LOCAL_HEADER.size]
     signature, name_len, extra_len = _LOCAL_HEADER.unpack(header) if len(header) == _LOCAL_HEADER.size else (b"", 0, 0)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from .file import CheckpointError, atomic_link, fsync_dir, is_temp, read_checkpoint, write_text
 from .payload import progress_key, upgrade
 from .protocol import RunState, save
-from .sharded import METADATA, link_folder, read_run_file, remove
+from .sharded import is_sharded, link_folder, read_run_file, remove
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +116,24 @@ def roll_back_to(target: Path) -> list[Path]:
     return moved
 
 
-def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint in ``dirpath`` (None if there is none); see the module docstring."""
-    dirpath = Path(dirpath)
+def latest_checkpoint(dirpath: str | os.PathLike, skip: Sequence[str | os.PathLike] = ()) -> Path | None:
+    """The newest complete checkpoint in ``dirpath`` (None if there is none); see the module docstring.
+
+    ``skip``: checkpoints found damaged while loading them (a shard's item fails its CRC-32), which the
+    cheap checks made here cannot see.
+    """
+    dirpath, skipped = Path(dirpath), {Path(p) for p in skip}
     if not dirpath.is_dir():
         return None
     pointed = _pointer_target(dirpath)
-    if pointed is not None:
+    if pointed is not None and pointed not in skipped:
         problem = _problem(pointed)
         if problem is None:
             return pointed
         logger.warning("skipping checkpoint %s named by %s: %s", pointed, dirpath / LATEST, problem)
     ranked = []
     for path in dirpath.glob(f"*{SUFFIX}"):
-        if is_temp(path) or path == pointed:
+        if is_temp(path) or path == pointed or path in skipped:
             continue
         try:
             ranked.append((progress_key(upgrade(_read(path))), path.stat().st_mtime, path))
@@ -138,7 +142,7 @@ def latest_checkpoint(dirpath: str | os.PathLike) -> Path | None:
     return max(ranked)[2] if ranked else None
 
 
-def resolve(resume_from: str | os.PathLike, default_dir: Path | None) -> Path:
+def resolve(resume_from: str | os.PathLike, default_dir: Path | None, skip: Sequence[str | os.PathLike] = ()) -> Path:
     """The file ``fit(resume_from=...)`` means: a file, a folder's latest, or ``"latest"`` of ``default_dir``."""
     if resume_from == LATEST:
         if default_dir is None:
@@ -148,14 +152,19 @@ def resolve(resume_from: str | os.PathLike, default_dir: Path | None) -> Path:
         folder = default_dir
     else:
         folder = Path(resume_from)
-    if not folder.is_dir() or (folder / METADATA).exists():
+    if not chooses(folder):
         return folder  # a file or a sharded checkpoint folder: loading it names what is missing or damaged
-    found = latest_checkpoint(folder)
+    found = latest_checkpoint(folder, skip)
     if found is None:
         raise FileNotFoundError(
             f"resume_from={str(resume_from)!r}: no complete checkpoint in {folder}; start without resume_from, "
             "or pass auto_resume=True to the Trainer to resume only when a checkpoint exists")
     return found
+
+
+def chooses(folder: Path) -> bool:
+    """Whether ``resume_from=folder`` picks one of the checkpoints in it (rather than being one)."""
+    return folder.is_dir() and not is_sharded(folder)
 
 
 def _pointer_target(dirpath: Path) -> Path | None:
@@ -175,7 +184,7 @@ def _pointer_target(dirpath: Path) -> Path | None:
 
 def _read(path: Path) -> dict[str, Any]:
     """A checkpoint file's payload, or a sharded checkpoint folder's run file."""
-    return read_run_file(path, mmap=True) if path.is_dir() else read_checkpoint(path, mmap=True)
+    return read_run_file(path, mmap=True)[0] if path.is_dir() else read_checkpoint(path, mmap=True)
 
 
 def _problem(path: Path) -> str | None:

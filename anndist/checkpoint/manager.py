@@ -13,7 +13,8 @@ from typing import Any, Callable
 from ..dist import collectives
 from ..step.train_state import TrainState
 from . import protocol
-from .folder import (CheckpointFolder, latest_checkpoint, resolve as resolve_checkpoint, roll_back_to,
+from .file import DamagedCheckpointError
+from .folder import (LATEST, CheckpointFolder, chooses, latest_checkpoint, resolve as resolve_checkpoint, roll_back_to,
                      step_checkpoint_before, step_name)
 from .protocol import RunState
 
@@ -69,13 +70,23 @@ class CheckpointManager:
             raise TypeError(
                 f"resume_from must be a path, 'latest' or None, got {type(resume_from).__name__} {resume_from!r}")
         self.pending_auto_resume = False
-        main = collectives.rank() == 0
-        found = collectives.run_collectively(lambda: self._locate(resume_from) if main else None)
-        path = collectives.broadcast_object(found)
-        if path is None:
-            logger.info("auto_resume: no checkpoint in %s yet, starting from scratch", self.checkpoint_dir)
-            return
-        self.load(path)
+        main, damaged = collectives.rank() == 0, []
+        while True:
+            found = collectives.run_collectively(lambda: self._locate(resume_from, damaged) if main else None)
+            path, chosen = collectives.broadcast_object(found)
+            if path is None:
+                if damaged:  # the model may hold part of a damaged checkpoint: never train on from it
+                    raise DamagedCheckpointError(f"no good checkpoint left after {damaged} (damaged, see above)")
+                logger.info("auto_resume: no checkpoint in %s yet, starting from scratch", self.checkpoint_dir)
+                return
+            try:
+                self.load(path)
+                return
+            except DamagedCheckpointError as exc:  # raised alike on every rank (protocol.SHARED_ERRORS)
+                if not chosen:  # the checkpoint the user named
+                    raise
+                logger.warning("skipping checkpoint %s, damaged: %s; trying the previous one", path, exc)
+                damaged.append(path)
 
     def roll_back(self, before_step: int) -> dict[str, Any] | None:
         """Model, optimizer, scheduler, scaler, the callbacks' state and ``global_step`` from the newest step
@@ -102,11 +113,13 @@ class CheckpointManager:
         self.train_state.global_step = position["global_step"]
         return {"checkpoint": Path(path).name, **position}
 
-    def _locate(self, resume_from: str | os.PathLike | None) -> str | None:
+    def _locate(self, resume_from: str | os.PathLike | None, damaged: list[str]) -> tuple[str | None, bool]:
+        """The checkpoint to load, and whether it was chosen among a folder's (so that another may replace it)."""
         if resume_from is None:  # auto_resume: a missing checkpoint means a first start
-            found = latest_checkpoint(self.checkpoint_dir)
-            return None if found is None else str(found)
-        return str(resolve_checkpoint(resume_from, self.default_dir()))
+            found = latest_checkpoint(self.checkpoint_dir, damaged)
+            return (None if found is None else str(found)), True
+        chosen = resume_from == "latest" or chooses(Path(resume_from))
+        return str(resolve_checkpoint(resume_from, self.default_dir(), damaged)), chosen
 
 
 class _Position:
@@ -136,7 +149,7 @@ def check_window_closed(module: Any, state: TrainState) -> None:
 
 
 def _unwritable(folder: Path) -> str | None:
-    """Why ``folder`` cannot take a new file (None when it can)."""
+    """Why ``folder`` cannot take a new checkpoint and its ``latest`` pointer (None when it can)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".anndist-probe-{os.getpid()}.tmp"
@@ -144,4 +157,9 @@ def _unwritable(folder: Path) -> str | None:
         probe.unlink()
     except OSError as exc:
         return f"{type(exc).__name__}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    pointer = folder / LATEST
+    if pointer.exists() and not pointer.is_file():
+        kind = "a folder" if pointer.is_dir() else "not a regular file"
+        return (f"its pointer {pointer} is {kind}; every save rewrites it as a one-line file naming the newest "
+                "checkpoint, so move it away")
     return None

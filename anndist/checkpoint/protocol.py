@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..dist import arrival, collectives
-from .file import CheckpointError, read_checkpoint, write_checkpoint
+from .file import CheckpointError, DamagedCheckpointError, read_checkpoint, write_checkpoint
 from .payload import build, check_metadata, upgrade, warn_versions
 from . import sharded as sharded_ckpt
 from .sharded import ShardedStates
@@ -109,6 +109,9 @@ def check_every_rank_saves() -> None:
             "sums); call it outside `if trainer.is_main_process:`")
 
 
+SHARED_ERRORS = (DamagedCheckpointError, CheckpointError)  # every rank raises the same one: a resume can fall back
+
+
 def load(path: str | os.PathLike, run: RunState) -> dict[str, Any]:
     """Restore ``run`` from ``path`` on every rank (each rank its own rank states); return the metadata."""
     path = Path(path)
@@ -120,16 +123,17 @@ def load(path: str | os.PathLike, run: RunState) -> dict[str, Any]:
             f"checkpoint {path} is a single file (written by a strategy='ddp' run); this run keeps its "
             f"{only_in_folders} in sharded checkpoint folders only (strategy='fsdp'): continue that run with "
             "strategy='ddp', whose async_checkpoint=True saves folders that strategy='fsdp' loads")
-    return collectives.run_collectively(lambda: _restore(run, upgrade(read_checkpoint(path)), str(path), False))
+    return collectives.run_collectively(lambda: _restore(run, upgrade(read_checkpoint(path)), str(path), False),
+                                        share=SHARED_ERRORS)
 
 
 def _load_sharded(path: Path, run: RunState) -> dict[str, Any]:
     if run.sharded is None:
         raise CheckpointError(f"checkpoint {path} is a sharded (DCP) folder and this run has no states DCP can load; "
                               "turn it into one file with python -m anndist.consolidate")
-    payload = collectives.run_collectively(lambda: upgrade(sharded_ckpt.read_run_file(path)))
-    sharded_ckpt.load(path, run.sharded)  # collective: outside run_collectively, which must not wrap one
-    return collectives.run_collectively(lambda: _restore(run, payload, str(path), True))
+    payload, index = collectives.run_collectively(lambda: sharded_ckpt.read_run_file(path), share=SHARED_ERRORS)
+    sharded_ckpt.load(path, run.sharded, index)  # collective: outside run_collectively, which must not wrap one
+    return collectives.run_collectively(lambda: _restore(run, upgrade(payload), str(path), True))
 
 
 def _restore(run: RunState, payload: dict[str, Any], source: str, folder: bool) -> dict[str, Any]:

@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..dist import collectives
+from . import integrity
 from .file import CheckpointError, atomic_link, fsync_dir, read_checkpoint, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.ckpt"
-METADATA = ".metadata"
+METADATA = integrity.METADATA
 
 
 @dataclass
@@ -62,8 +63,13 @@ class ShardedStates:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        future, committed = pending
-        future.result()  # raises the write's error
+        future, committed, path = pending
+        try:
+            future.result()  # raises the write's error
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException naming no file
+            if not is_dcp_failure(exc):
+                raise
+            raise integrity.failure(exc, path, "writing") from exc
         if committed is not None:
             committed.wait()
             if committed.error is not None:
@@ -104,9 +110,14 @@ def save(path: Path, sharded: ShardedStates, payload: dict[str, Any], publish: C
     state = {name: obj.state_dict() for name, obj in sharded.states.items()}
     if sharded.async_save:
         future = dcp.async_save(state, checkpoint_id=tmp, process_group=sharded.group())
-        sharded._pending = (future, _commit_when_done(future, tmp, path, publish, started) if main else None)
+        sharded._pending = (future, _commit_when_done(future, tmp, path, publish, started) if main else None, path)
     else:
-        dcp.save(state, checkpoint_id=tmp)
+        try:
+            dcp.save(state, checkpoint_id=tmp)
+        except BaseException as exc:
+            if not is_dcp_failure(exc):
+                raise
+            raise integrity.failure(exc, path, "writing") from exc
         collectives.run_collectively(lambda: _commit(tmp, path, publish) if main else None)
     sharded.last_blocked_s = time.perf_counter() - started
     logger.info("%s checkpoint %s: training blocked %.3f s (%.3f s of it waiting for the previous save)",
@@ -142,6 +153,7 @@ def _commit(tmp: Path, path: Path, publish: Callable[[Path], None] | None) -> No
     """Rank 0: the written folder takes its name, durably; then ``publish``."""
     if not (tmp / METADATA).is_file():
         raise CheckpointError(f"checkpoint {path}: DCP finished without writing {METADATA}")
+    integrity.record_index(tmp)
     fsync_dir(tmp)
     _rename_in(tmp, path)  # saving under a name again (best, preempt) moves the old folder aside
     if publish is not None:
@@ -169,21 +181,34 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def read_run_file(path: Path, mmap: bool = False) -> dict[str, Any]:
-    """The payload of a sharded checkpoint folder, after checking its DCP index is there."""
-    if not (path / METADATA).is_file():
-        raise CheckpointError(f"checkpoint folder {path} has no {METADATA}: it is not a complete DCP checkpoint")
-    return read_checkpoint(path / RUN_FILE, mmap=mmap)
+def read_run_file(path: Path, mmap: bool = False) -> tuple[dict[str, Any], Any]:
+    """The payload of a sharded checkpoint folder and DCP's index of it, after the cheap checks of
+    ``integrity.read_index`` (the index's checksum, every shard there and long enough)."""
+    index = integrity.read_index(path)
+    return read_checkpoint(path / RUN_FILE, mmap=mmap), index
 
 
-def load(path: Path, sharded: ShardedStates) -> None:
-    """Every rank reads its part of the sharded states (resharded by DCP when the world size changed)."""
+def load(path: Path, sharded: ShardedStates, index: Any) -> None:
+    """Every rank reads its part of the sharded states (resharded by DCP when the world size changed),
+    each item checked as it is read; nothing is loaded into a model whose keys or shapes differ."""
     import torch.distributed.checkpoint as dcp
     sharded.wait()
     state = {name: obj.state_dict() for name, obj in sharded.states.items()}
-    dcp.load(state, checkpoint_id=path)
+    collectives.run_collectively(lambda: integrity.check_fits(path, index, state), share=(CheckpointError,))
+    try:
+        dcp.load(state, storage_reader=integrity.checked_reader(path, index))
+    except BaseException as exc:
+        if not is_dcp_failure(exc):
+            raise
+        raise integrity.failure(exc, path, "reading") from exc
     for name, obj in sharded.states.items():
         obj.load_state_dict(state[name])
+
+
+def is_dcp_failure(exc: BaseException) -> bool:
+    """DCP's ``CheckpointException``: a BaseException that names no file (``integrity.failure`` does)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    return isinstance(exc, CheckpointException)
 
 
 def link_folder(source: Path, alias: Path) -> None:

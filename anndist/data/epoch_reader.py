@@ -48,6 +48,8 @@ def _agreed_windows(iterator: Iterator, k: int, batch_idx: int, device: torch.de
         wanted = k - batch_idx % k
         window = _take(iterator, wanted)
         usable = _agreed_count(len(window), device) if agree else len(window)
+        if usable == 0 and batch_idx == 0 and agree:  # nothing at all this epoch: an empty shard is an error
+            _name_empty_ranks(len(window), device)
         if usable < len(window):
             logger.warning("another rank's data ended first: %d fetched batch(es) of this rank end unused "
                            "(streams of unequal length end together at the same step)", len(window) - usable)
@@ -72,6 +74,21 @@ def _agreed_count(count: int, device: torch.device) -> int:
     value = torch.tensor([count], dtype=torch.int64, device=device)
     collectives.all_reduce(value, op=dist.ReduceOp.MIN)
     return int(value.item())
+
+
+def _name_empty_ranks(count: int, device: torch.device) -> None:
+    """Raise on every rank, naming the ranks whose data was empty from the epoch's start, when others had
+    some (an epoch every rank starts empty is the caller's "no batches on any rank"). Runs only then."""
+    counts = torch.zeros(collectives.world_size(), dtype=torch.int64, device=device)
+    counts[collectives.rank()] = count
+    collectives.all_reduce(counts)
+    empty = [r for r, c in enumerate(counts.tolist()) if c == 0]
+    if len(empty) < len(counts):
+        have = [r for r in range(len(counts)) if r not in empty]
+        raise ValueError(
+            f"the train loader of rank(s) {empty} yielded no batch at the start of this epoch, while rank(s) {have} "
+            "had some: every rank stops with the one that runs out, so nothing would be trained; give every rank "
+            "a non-empty shard (a stream split into at least as many shards as ranks, each with data)")
 
 
 def epoch_position(loader: Iterable, skip: int) -> dict[str, int | None]:

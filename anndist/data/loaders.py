@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from torch.utils.data import DataLoader
 
+from ..dist.data_layout import DataLayout, same_layout
 from .global_batch import GlobalBatchSampler
 from .sampler import ResumableDistributedSampler, is_rebuildable, shard_eval_loader, shard_train_loader
 
@@ -59,11 +60,13 @@ class LoaderState:
     """The train loader's own position as a checkpoint entry, each rank its own.
 
     Only a stateful loader's state is kept, and only mid-epoch: at an epoch's end the loader simply
-    starts its next epoch. ``restored`` says whether the last load put the loader mid-epoch.
+    starts its next epoch. ``restored`` says whether the last load put the loader mid-epoch; a load
+    written by another layout of the ranks (``data``) does not (the epoch then starts over).
     """
 
-    def __init__(self, rank: int, world_size: int, state: Any) -> None:
+    def __init__(self, rank: int, world_size: int, state: Any, data: DataLayout | None = None) -> None:
         self.rank, self.world_size, self.train_state = rank, world_size, state
+        self.data = data if data is not None else DataLayout(rank, world_size)
         self.loader: Any = None
         self.restored = False
 
@@ -75,11 +78,12 @@ class LoaderState:
         mid_epoch = not self.train_state.epoch_done and self.train_state.batch_in_epoch > 0
         if self.loader is None or not mid_epoch:
             return {}
-        return {"loader": self.loader.state_dict()}
+        return {"loader": self.loader.state_dict(), **self.data.entry()}
 
     def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
         self.restored = False
-        if self.loader is None or len(states) != self.world_size or "loader" not in states[self.rank]:
+        if (self.loader is None or not same_layout(states, self.world_size, self.data)
+                or "loader" not in states[self.rank]):
             return
         self.loader.load_state_dict(states[self.rank]["loader"])
         self.restored = True

@@ -10,7 +10,9 @@ Metrics (``Trainer(metrics={"f1": ...})``) see each batch's predictions and targ
 ``Metric`` is updated on each rank and synchronises its own states in ``compute()`` (every rank
 calls it, in the same order); any other object with ``update``/``compute``/``reset`` is updated once
 with the whole dataset's predictions, gathered from every rank. Either way every sample counts once
-(the evaluation shards are not padded), and every rank gets the same values.
+(the evaluation shards are not padded), and every rank gets the same values. The sums and gathers run
+over the ranks that read different data (``data``): the ranks of a tensor-parallel group evaluate one
+batch together and count it once (a torchmetrics ``Metric`` syncs over that group too).
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import torch
 import torch.distributed as dist
 
 from ..dist import collectives
+from ..dist.data_layout import DataLayout
 from ..data.batch import prepare_batch, split_batch, to_device
-from ..step.loss import (call_model, call_on_inputs, check_result, default_metric_inputs, loss_of, model_loss,
-                         sample_count)
+from ..step.loss import (ModelLoss, call_model, call_on_inputs, check_result, default_metric_inputs, loss_of,
+                         model_output, sample_count)
 from ..step.precision import Precision
 
 
@@ -39,12 +42,13 @@ class Evaluator:
 
     def __init__(self, criterion: Callable | None, compute_loss: Callable | None, metrics: Mapping[str, Any],
                  metric_inputs: Callable[[Any, Any], tuple[Any, Any]] | None, device: torch.device,
-                 precision: Precision) -> None:
+                 precision: Precision, data: DataLayout | None = None) -> None:
         self.criterion, self.compute_loss = criterion, compute_loss
         # A metric that is a module (torchmetrics) keeps its states on the Trainer's device.
         self.metrics = {name: m.to(device) if isinstance(m, torch.nn.Module) else m for name, m in metrics.items()}
         self.metric_inputs, self.device, self.precision = metric_inputs, device, precision
         self.non_blocking = device.type == "cuda"
+        self.group = data.group if data is not None else None
 
     @torch.no_grad()
     def __call__(self, module: torch.nn.Module, batches: Iterable[tuple[Any, bool]]) -> dict[str, float]:
@@ -62,7 +66,7 @@ class Evaluator:
                 self._batch(module, batch, totals, gathered, counts)
         finally:
             module.train(was_training)
-        collectives.all_reduce(totals)
+        collectives.all_reduce(totals, group=self.group)
         loss_sum, correct, weight, cls_samples = totals.tolist()
         if weight == 0:
             raise ValueError("evaluate() got a loader that yields no samples on any rank")
@@ -102,9 +106,10 @@ class Evaluator:
 
     def _custom_loss(self, module: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, Any, Any, Any]:
         """A model that computes its own loss, or the user's compute_loss: (loss, weight, outputs, targets)."""
-        if self.compute_loss is model_loss:  # keep the outputs for the metrics
-            outputs = call_model(module, batch)
-            return loss_of(outputs), sample_count(batch, False), outputs, None
+        if isinstance(self.compute_loss, ModelLoss):  # keep the outputs for the metrics
+            outputs = model_output(module, batch)
+            items = self.compute_loss.count(batch) if self.compute_loss.count is not None else None
+            return loss_of(outputs), items if items is not None else sample_count(batch, False), outputs, None
         loss, num_items = check_result(self.compute_loss(module, batch))
         weight = num_items if num_items is not None else sample_count(batch, self.criterion is not None)
         return loss, weight, None, None
@@ -125,11 +130,14 @@ class Evaluator:
         results = {}
         for name, metric in self.metrics.items():
             if name in gathered:
-                parts = [pair for rank_parts in collectives.all_gather_object(gathered[name]) for pair in rank_parts]
+                shards = collectives.all_gather_object(gathered[name], group=self.group)
+                parts = [pair for rank_parts in shards for pair in rank_parts]
                 metric.reset()
                 if parts:
                     metric.update(torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts]))
-            value = metric.compute()
+                value = metric.compute()
+            else:
+                value = _compute_over(metric, self.group)
             results[f"val_{name}"] = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
         return results
 
@@ -153,6 +161,17 @@ def sync_buffers(module: torch.nn.Module) -> None:
         for b in buffers:
             b.copy_(flat[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
+
+
+def _compute_over(metric: Any, group: Any) -> Any:
+    """A torchmetrics Metric's ``compute()`` synced over ``group`` (None: its own group, every rank by default)."""
+    if group is None:
+        return metric.compute()
+    own, metric.process_group = metric.process_group, group
+    try:
+        return metric.compute()
+    finally:
+        metric.process_group = own
 
 
 def _syncs_itself(metric: Any) -> bool:

@@ -6,8 +6,11 @@ r, r+W, r+2W, ...), under ``no_grad`` and autocast when enabled; the outputs (``
 position i div W: the dataset's order. Every rank ends up holding the outputs of the whole dataset in
 CPU memory (``main_process_only=True`` keeps them on rank 0 alone, the others get None). A loader
 that anndist does not shard (a custom sampler, an ``IterableDataset``) is gathered in rank order.
-Where the forward is a collective (FSDP), the ranks run as many forwards as the rank with the most
-batches (``Strategy.eval_batches``, ``lockstep.py``).
+Where the forward is a collective (FSDP, tensor parallelism), the ranks run as many forwards as the rank
+with the most batches (``Strategy.eval_batches``, ``lockstep.py``). Under tensor parallelism W is the
+number of data shards (``data``): the ranks of a tensor-parallel group compute the same outputs, and
+the gather takes them from one rank of each group (the group of rank 0's "tp" coordinate; the others
+gather among themselves, or return None with ``main_process_only``).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..dist import collectives
+from ..dist.data_layout import DataLayout
 from ..data.batch import split_batch, to_device
 from ..step.loss import call_model, call_on_inputs, predictions_of
 from ..step.precision import Precision
@@ -25,7 +29,8 @@ from ..data.sampler import ShardSampler
 
 @torch.no_grad()
 def predict(module: torch.nn.Module, loader: Iterable, batches: Iterable[tuple[Any, bool]], with_criterion: bool,
-            device: torch.device, precision: Precision, main_process_only: bool = False) -> torch.Tensor | None:
+            device: torch.device, precision: Precision, main_process_only: bool = False,
+            data: DataLayout | None = None) -> torch.Tensor | None:
     """Every sample's output of ``loader``, read as ``batches`` (``Strategy.eval_batches(loader)``)."""
     was_training = module.training
     module.eval()
@@ -39,7 +44,7 @@ def predict(module: torch.nn.Module, loader: Iterable, batches: Iterable[tuple[A
         module.train(was_training)
     _check_shapes([m.shape[1:] for m in mine], "batches of this rank")
     local = torch.cat(mine) if mine else torch.empty(0)
-    shards = _gather(local, main_process_only)
+    shards = _gather(local, main_process_only, data or DataLayout(collectives.rank(), collectives.world_size()))
     if shards is None:
         return None
     _check_shapes([s.shape[1:] for s in shards if s.numel()], "ranks")
@@ -75,13 +80,15 @@ def _inputs(batch: Any) -> Any:
         return batch
 
 
-def _gather(local: torch.Tensor, main_process_only: bool) -> list[torch.Tensor] | None:
-    if collectives.world_size() == 1:
+def _gather(local: torch.Tensor, main_process_only: bool, data: DataLayout) -> list[torch.Tensor] | None:
+    if main_process_only and data.replica:  # not in rank 0's group: rank 0 gathers without it
+        return None
+    if collectives.world_size(data.group) == 1:
         return [local]
     if not main_process_only:
-        return collectives.all_gather_object(local)
-    shards = [None] * collectives.world_size() if collectives.rank() == 0 else None
-    dist.gather_object(local, shards, dst=0)
+        return collectives.all_gather_object(local, group=data.group)
+    shards = [None] * data.world_size if collectives.rank() == 0 else None
+    dist.gather_object(local, shards, dst=0, group=data.group)
     return shards
 
 

@@ -13,7 +13,9 @@ Two modes, fixed by what the loss step returns:
   while that micro-batch's backward does); at the step the gradient is multiplied by ``W / total``:
   after DDP's average over W ranks that is the sum of every item's loss gradient over the window on
   all ranks divided by their total, which is what one large batch computes, however unevenly the
-  items fall. One small collective per optimizer step, none per micro-batch.
+  items fall. One small collective per optimizer step, none per micro-batch. W and the count are
+  those of the ranks that read different data: the ranks of a tensor-parallel group train on one
+  batch together and count its items once.
 
 With a global batch (``Trainer(global_batch_size=N)``, ``data/global_batch.py``) the sample count of
 every window over all ranks is known in advance: N, and for the epoch's last window the samples left.
@@ -38,8 +40,12 @@ class Window:
     """Bookkeeping of one accumulation window: loss weights and the end-of-window correction."""
 
     def __init__(self, k: int, sum_reduction: bool, nominal_batch: int | None, world_size: int = 1,
-                 windows: int = 0, last_correction: float = 1.0, sums_loss: bool = False) -> None:
+                 group: Any = None, windows: int = 0, last_correction: float = 1.0, sums_loss: bool = False) -> None:
+        """``world_size``: the ranks that read different data (the gradient is averaged over them), and
+        ``group`` their process group (None: every rank), over which the item count (and the spike guard's
+        loss) is summed; ``windows``, ``last_correction``: a global batch's (module docstring)."""
         self.k, self.weighs, self.nominal, self.world_size = k, not sum_reduction, nominal_batch, world_size
+        self.group = group
         self.by_items: bool | None = None  # decided by the first micro-batch, then enforced
         self.windows, self.last_correction = windows, last_correction  # a global batch: windows left in the epoch
         self.sums_loss = sums_loss  # the window's loss over every rank is wanted (the spike guard)
@@ -79,7 +85,7 @@ class Window:
             self._total = torch.stack([count.reshape(()), weighted])
         else:
             self._total = count.reshape(1).clone()
-        self._work = collectives.all_reduce_async(self._total)
+        self._work = collectives.all_reduce_async(self._total, self.group)
 
     def reduced_loss(self) -> float:
         """The window's loss over every rank (per sample, or per item): after ``count_items`` with ``sums_loss``."""

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..data.batch import batch_size, first_tensor, prepare_batch, split_batch, to_device
+from .label_items import label_items
 
 LossResult = tuple[torch.Tensor, "torch.Tensor | int | None"]  # (scalar loss, num_items or None)
 
@@ -55,17 +56,36 @@ def loss_of(output: Any) -> torch.Tensor:
     return loss
 
 
-def model_loss(model: Any, batch: Any) -> torch.Tensor:
-    """The loss step of a model that computes its own loss (no criterion)."""
+def model_output(model: Any, batch: Any) -> Any:
+    """The output of a model that computes its own loss (no criterion), called on the whole batch."""
     try:
-        output = call_model(model, batch)
+        return call_model(model, batch)
     except TypeError as exc:
         how = ("model(**batch)" if isinstance(batch, Mapping) else
                "model(*batch)" if isinstance(batch, (tuple, list)) else "model(batch)")
         raise TypeError(f"the Trainer has no criterion, so it calls {how} for the model to compute its own loss, "
                         f"and that failed: {exc}; for (inputs, targets) batches pass criterion=..., or pass "
                         "compute_loss=...") from exc
-    return loss_of(output)
+
+
+def model_loss(model: Any, batch: Any) -> torch.Tensor:
+    """The loss of a model that computes its own loss (no criterion)."""
+    return loss_of(model_output(model, batch))
+
+
+class ModelLoss:
+    """The loss step of a model that computes its own loss: ``(loss, items)`` when ``count`` can tell what
+    the loss is a mean over (``label_items.py``: the labels of a Hugging Face LM), else the loss alone."""
+
+    def __init__(self, count: Callable[[Any], Any] | None) -> None:
+        self.count = count
+
+    def __call__(self, model: Any, batch: Any) -> Any:
+        loss = model_loss(model, batch)
+        if self.count is None:
+            return loss
+        items = self.count(batch)
+        return loss if items is None else (loss, items)
 
 
 def predictions_of(output: Any) -> Any:
@@ -142,3 +162,16 @@ class LossStep:
         batch = to_device(batch, self.device, self.non_blocking)
         loss, num_items = check_result(self.compute_loss(model, batch))
         return loss, sample_count(batch, self.criterion is not None), num_items
+
+
+def choose_loss_step(compute_loss: Callable | None, criterion: Callable | None, module: Any,
+                     mixes: bool) -> Callable | None:
+    """The loss step, chosen once: the user's ``compute_loss`` (an option or a Trainer subclass's method),
+    else None for the criterion's short path, else the model's own loss with the items it averages over
+    counted where the model says what they are (``label_items.py``; ``mixes``: accumulation or several
+    data-parallel ranks mix micro-batches, so the count matters)."""
+    if compute_loss is not None:
+        return compute_loss
+    if criterion is not None:
+        return None
+    return ModelLoss(label_items(module, mixes))

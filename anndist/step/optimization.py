@@ -71,12 +71,14 @@ class OptimizerStep:
             anchor.grad = torch.zeros_like(anchor)
         torch._foreach_add_([anchor.grad] * len(losses), losses, alpha=0)  # NaN-preserving: no 0 * x shortcut
 
-    def __call__(self, correction: float, window_losses: list[torch.Tensor], where: Callable[[], str]) -> bool:
-        """Take the step; return False when it was skipped (fp16 overflow or a skipped non-finite loss)."""
+    def __call__(self, correction: float, window_losses: list[torch.Tensor], where: Callable[[], str],
+                 window_counts: list[Any] = ()) -> bool:
+        """Take the step; return False when it was skipped (fp16 overflow or a skipped non-finite loss).
+        ``window_counts``: each micro-batch's items (or samples), read only to explain a non-finite loss."""
         if self.precision.scales_loss:
             self.precision.unscale_(self.optimizer)
         if self._scale_and_check(correction, None if self.carries_losses else window_losses):
-            stepped = self._nonfinite(window_losses, where)
+            stepped = self._nonfinite(window_losses, where, window_counts)
         else:
             stepped = self._finite_step()
         if stepped and self.step_scheduler:
@@ -141,17 +143,24 @@ class OptimizerStep:
         self._found_inf[device] = (found, torch.ones(1, device=device), host_flag)
         return self._found_inf[device]
 
-    def _nonfinite(self, window_losses: list[torch.Tensor], where: Callable[[], str]) -> bool:
+    def _nonfinite(self, window_losses: list[torch.Tensor], where: Callable[[], str], counts: list[Any]) -> bool:
         # Every rank is here (the norm is of all-reduced gradients), so this gather cannot hang.
-        local_bad = any(not torch.isfinite(loss).item() for loss in window_losses)
-        bad_ranks = [r for r, bad in enumerate(collectives.all_gather_object(local_bad)) if bad]
+        bad = [not torch.isfinite(loss).item() for loss in window_losses]
+        empty = [i for i, (b, count) in enumerate(zip(bad, counts)) if b and float(count) == 0]  # num_items=0
+        reports = collectives.all_gather_object((any(bad), empty))
+        bad_ranks = [r for r, (b, _) in enumerate(reports) if b]
         if not bad_ranks and self.precision.scales_loss:
             return self.precision.step(self.optimizer)  # an fp16 overflow: the scaler skips and backs off
         what = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradient norm with finite losses"
+        advice = "pass on_nonfinite='skip' to skip such steps, or lower the learning rate"
+        empty_by_rank = {r: e for r, (_, e) in enumerate(reports) if e}
+        if empty_by_rank:  # a mean over no items (0/0), not a diverging run
+            which = "; ".join(f"rank {r}: micro-batch(es) {e} of the window" for r, e in empty_by_rank.items())
+            what = f"NaN loss from micro-batch(es) whose compute_loss gave num_items=0 (every item ignored) ({which})"
+            advice = ("a mean over no items is 0/0: return a loss of 0 for them (e.g. per_item.sum() / "
+                      "max(num_items, 1)) or leave such batches out")
         if self.on_nonfinite == "error":
-            raise NonFiniteLossError(
-                f"{what} at {where()}; pass on_nonfinite='skip' to skip such steps, or lower the learning rate"
-            )
+            raise NonFiniteLossError(f"{what} at {where()}; {advice}")
         self.precision.skip(self.optimizer)
         return False
 

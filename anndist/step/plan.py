@@ -2,12 +2,15 @@
 ``eval_every_n_steps``, checked when ``fit`` starts."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any, Iterable
 
 from ..checks import check_count
 from .train_state import TrainState
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,24 @@ class RunPlan:
                 f"epoch, so num_epochs={num_epochs} cannot be trained; pass something that can be iterated again "
                 "(a DataLoader, a list, or an object whose __iter__ returns a new iterator), or use max_steps")
         return cls(num_epochs, max_steps, eval_every_n_steps)
+
+    def warn_if_never_evaluating(self, loader: Iterable, accumulation_steps: int) -> None:
+        """Say at the start when ``eval_every_n_steps`` is more than the optimizer steps this plan reaches
+        (``max_steps``, or ``num_epochs`` of a loader with a length): no evaluation would ever run."""
+        if self.eval_every_n_steps is None:
+            return
+        last = [self.max_steps] if self.max_steps is not None else []
+        try:
+            batches = len(loader)  # type: ignore[arg-type]
+        except TypeError:  # a stream: only max_steps says
+            batches = None
+        if self.num_epochs is not None and batches is not None:
+            last.append(self.num_epochs * -(-batches // accumulation_steps))
+        if last and min(last) < self.eval_every_n_steps:
+            logger.warning(
+                "eval_every_n_steps=%d is more than the %d optimizer steps this fit() trains to: it will never "
+                "evaluate (the val_loader goes unused, and nothing that monitors val_* metrics gets any); lower it",
+                self.eval_every_n_steps, min(last))
 
     def done(self, state: TrainState) -> bool:
         return (self.num_epochs is not None and state.epoch >= self.num_epochs) or self.steps_done(state)

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from ..data.global_batch import accumulation_steps
 from ..dist import collectives
+from ..dist.data_layout import DataLayout, owners, same_layout
 from .exact_sum import ExactSum
 
 logger = logging.getLogger(__name__)
@@ -22,9 +24,10 @@ class TrainState:
     """Progress of a run. ``epoch_done`` is True inside ``on_epoch_end``: a checkpoint taken there
     resumes at the start of the next epoch, which is what ``state_dict`` records."""
 
-    def __init__(self, world_size: int, seed: int | None, accumulation_steps: int = 1,
+    def __init__(self, world_size: int, seed: int | None, accumulation_steps: int | None = 1,
                  global_batch_size: int | None = None) -> None:
-        self.world_size, self.seed, self.accumulation_steps = world_size, seed, accumulation_steps
+        """``accumulation_steps`` None: it follows from ``global_batch_size`` (``count_accumulation``)."""
+        self.world_size, self.seed, self.accumulation_steps = world_size, seed, accumulation_steps or 1
         self.global_batch_size = global_batch_size
         self.spike_guard: Any = None  # the loss-spike guard's state travels with the run's (step/spike_guard.py)
         self.epoch = 0            # the epoch being trained, or the next one to train
@@ -32,6 +35,12 @@ class TrainState:
         self.batch_in_epoch = 0   # micro-batches of ``epoch`` this rank trained (after a step)
         self.epoch_done = False
         self.history: dict[str, list[float]] = {}
+
+    def count_accumulation(self, explicit: int | None, loader: Any) -> int:
+        """K for ``loader``: ``explicit``, or what the global batch makes it (``data/global_batch.py``).
+        Set before a resume, which converts a position saved with another K into this one's steps."""
+        self.accumulation_steps = accumulation_steps(self.global_batch_size, explicit, loader, self.world_size)
+        return self.accumulation_steps
 
     def finish_epoch(self) -> None:
         self.epoch, self.batch_in_epoch, self.epoch_done = self.epoch + 1, 0, False
@@ -141,12 +150,17 @@ class EpochSums:
     A training step adds no tensor operation here: a window's losses are kept as they are on the
     device and folded, ``FOLD`` windows at a time (and whenever the sums are read), into an exact
     float sum with one stack and one copy to the host. The sum is exact (``ExactSum``), so where the
-    folds fall (a checkpoint folds early) never changes ``train_loss``."""
+    folds fall (a checkpoint folds early) never changes ``train_loss``.
+
+    ``data`` (the strategy's ``DataLayout``): the epoch's sums are reduced over the ranks that read
+    different data, so the ranks of a tensor-parallel group, which train on one batch together, count
+    it once; a resume on another layout adds up one entry per data shard."""
 
     FOLD = 256  # windows kept on the device between folds: bounded memory, one sync per fold
 
-    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(self, rank: int, world_size: int, device: torch.device, data: DataLayout | None = None) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.data = data if data is not None else DataLayout(rank, world_size)
         self.reset()
 
     def reset(self) -> None:
@@ -186,7 +200,7 @@ class EpochSums:
         """The epoch's ``train_loss`` over every rank's samples (or items): an all-reduce, on every rank."""
         self.fold()
         totals = torch.tensor([self.loss_sum.value, self.items, self.dropped], dtype=torch.float64, device=self.device)
-        collectives.all_reduce(totals)
+        collectives.all_reduce(totals, group=self.data.group)
         total_loss, total_items, dropped = totals.tolist()
         if not total_items and dropped:
             logger.warning("every optimizer step of epoch %d was skipped (non-finite): train_loss is NaN", epoch)
@@ -201,15 +215,17 @@ class EpochSums:
     def state_dict(self) -> dict[str, Any]:
         self.fold()
         sums = self.loss_sum
-        return {"loss_sum": sums.value, "items": float(self.items), "loss_partials": [*sums.partials, sums.special]}
+        return {"loss_sum": sums.value, "items": float(self.items), "loss_partials": [*sums.partials, sums.special],
+                **self.data.entry()}
 
     def load_rank_state_dicts(self, states: list[dict[str, Any]]) -> None:
         # older checkpoints carry the rounded loss_sum only
-        terms = [state.get("loss_partials", [state["loss_sum"]]) for state in states]
-        if len(states) == self.world_size:
-            terms, items = terms[self.rank], states[self.rank]["items"]
-        elif self.rank == 0:  # on another world size only the epoch's global sums matter: rank 0 carries them
-            terms, items = [term for rank_terms in terms for term in rank_terms], sum(s["items"] for s in states)
+        terms_of = lambda state: state.get("loss_partials", [state["loss_sum"]])  # noqa: E731
+        if same_layout(states, self.world_size, self.data):
+            terms, items = terms_of(states[self.rank]), states[self.rank]["items"]
+        elif self.data.rank == 0:  # on another layout only the epoch's global sums matter: data rank 0 carries
+            shards = owners(states).values()  # them (one copy per shard, however many ranks shared it)
+            terms, items = [term for state in shards for term in terms_of(state)], sum(s["items"] for s in shards)
         else:
             terms, items = [], 0
         self.reset()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ..data.global_batch import epoch_shape
 from ..seed import micro_batch_seed, reseed_forward
 from ..strategies.base import Strategy
 from .accumulation import Window
@@ -30,7 +31,6 @@ from .precision import Precision
 from .train_state import EpochSums, TrainState
 
 if TYPE_CHECKING:
-    from ..data.global_batch import EpochShape
     from .spike_guard import SpikeGuard
 
 
@@ -46,7 +46,8 @@ class TrainStep:
         self.strategy, self.model, self.loss = strategy, strategy.train_module, loss
         self.precision, self.optimizer_step, self.epoch_sums = precision, optimizer_step, epoch_sums
         self.k, self.sum_reduction = accumulation
-        self.window = Window(self.k, self.sum_reduction, None, strategy.data_world_size)
+        self.data = strategy.data  # items are counted over the ranks that read different data
+        self.window = Window(self.k, self.sum_reduction, None, self.data.world_size, self.data.group)
         self.autocasts = precision.dtype is not None
         self._no_sync = strategy.no_sync
         if self._no_sync is None:  # nothing to hold back: no context around a micro-batch, not even a call
@@ -56,10 +57,12 @@ class TrainStep:
         if reseed is not None:  # a global batch with a seed: each micro-batch's forward from its own seed
             self._unseeded, self.micro_batch = self.micro_batch, self._seeded_micro_batch  # type: ignore[method-assign]
 
-    def begin_epoch(self, shape: "EpochShape") -> None:
-        """Start a fresh window: ``shape.nominal_batch`` (the loader's batch size) weighs full windows
-        exactly; a global batch's shape also gives the windows' sample counts and the pieces' numbers."""
-        self.window = Window(self.k, self.sum_reduction, shape.nominal_batch, self.strategy.data_world_size,
+    def begin_epoch(self, loader: Any, epoch: int, first_batch: int) -> None:
+        """Start a fresh window for ``epoch`` of ``loader`` from micro-batch ``first_batch``: the loader's
+        batch size weighs full windows exactly; a global batch's shape (``epoch_shape``) also gives the
+        windows' sample counts and the pieces' numbers."""
+        shape = epoch_shape(loader, epoch, first_batch)
+        self.window = Window(self.k, self.sum_reduction, shape.nominal_batch, self.data.world_size, self.data.group,
                              shape.windows, shape.last_correction,
                              self.spike_guard is not None and self.spike_guard.watch == "loss")
         self._shape, self._batch_idx = shape, shape.first_batch
@@ -101,15 +104,18 @@ class TrainStep:
         """The optimizer step that ends the window, whose losses then go to the epoch's sums; return
         False when it was skipped."""
         window = self.window
-        stepped = self.optimizer_step(window.correction(where), window.losses, where)
+        stepped = self.optimizer_step(window.correction(where), window.losses, where, window.counts)
         self.epoch_sums.add_window(window.losses, window.counts, stepped)
         window.reset()
         return stepped
 
     # ------------------------------------------------------------------ the loss-spike guard
-    def guard(self, spike_guard: "SpikeGuard", state: TrainState, roll_back: Callable[[int], Any]) -> None:
+    def guard(self, spike_guard: "SpikeGuard | None", state: TrainState, roll_back: Callable[[int], Any]) -> None:
         """Turn the guard on: asked before every finite step, told after every skipped one; its state
-        travels in ``state``'s checkpoint entry, and ``roll_back(before_step)`` restores older weights."""
+        travels in ``state``'s checkpoint entry, and ``roll_back(before_step)`` restores older weights.
+        None (off) changes nothing: not even a test on the step's path."""
+        if spike_guard is None:
+            return
         self.spike_guard, self.state, self._spiked = spike_guard, state, False
         spike_guard.roll_back, state.spike_guard = roll_back, spike_guard
         self.optimizer_step.guard(self._spike_check, spike_guard.watch == "grad_norm")

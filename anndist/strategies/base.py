@@ -4,7 +4,12 @@ A strategy owns, for its way of placing the model:
 
 - the views of the model (``setup``): ``module``, the user's module, whose ``state_dict()`` checkpoints
   hold; ``forward_module``, what evaluation and ``predict`` call (compiled with ``compile=``); and
-  ``train_module``, what a training micro-batch calls (the DDP wrapper under DDP);
+  ``train_module``, what a training micro-batch calls (the DDP wrapper under DDP); placed in
+  torchtitan's order: tensor parallelism (``parallelize``), activation checkpointing, then
+  compiling and DDP/FSDP (``place``, in the order each prefers);
+- the data each rank reads (``data``: which shard, among how many, and the process group of the sums
+  that count samples; ranks of a tensor-parallel group share one shard), and a cheap check that
+  ranks sharing a shard read the same batches (``check_batches``);
 - the context of a micro-batch that does not end its window (``no_sync``: gradients not reduced);
 - how the step's checks are reduced: the non-finite flag (``reduce_found_inf``), the gradient norm
   (``clip_grad_norm``), and whether a bad loss travels inside the gradients (``carries_losses``);
@@ -25,6 +30,8 @@ from torch import nn
 
 from ..checkpoint.sharded import ShardedStates
 from ..checkpoint.states import DCPModel, DCPOptimizer
+from ..dist.data_layout import DataLayout
+from .activation_checkpointing import checkpoint_activations
 from .compile import compile_module, split_compiled
 
 if TYPE_CHECKING:
@@ -41,26 +48,42 @@ class Strategy:
     def __init__(self, cfg: "TrainerConfig", device: torch.device, rank: int, world_size: int) -> None:
         self.device, self.rank, self.world_size = device, rank, world_size
         self.compile_options = cfg.compile
+        self.activation_checkpointing = cfg.activation_checkpointing
         self.async_checkpoint = cfg.async_checkpoint
         self.module: nn.Module = nn.Module()
         self.forward_module: nn.Module = self.module
         self.train_module: nn.Module = self.module
 
     @property
+    def data(self) -> DataLayout:
+        """Which shard of the data this rank reads, among how many, and with whom it sums sample counts."""
+        return DataLayout(self.rank, self.world_size)
+
+    @property
     def data_rank(self) -> int:
         """Which shard of the data this rank reads (ranks that share a batch share it)."""
-        return self.rank
+        return self.data.rank
 
     @property
     def data_world_size(self) -> int:
         """How many different shards of the data the ranks read."""
-        return self.world_size
+        return self.data.world_size
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Place ``model`` (the user's module, or one they compiled) and point ``optimizer`` at what trains."""
+        """Place ``model`` (the user's module, or one they compiled) and point ``optimizer`` at what trains:
+        tensor parallelism, then activation checkpointing, then compiling and DDP/FSDP (torchtitan's order)."""
         module, compiled = split_compiled(model)
         self.module = module.to(self.device)
+        self.parallelize(optimizer)
+        checkpoint_activations(self.module, self.activation_checkpointing, self.compile_options)
         self.place(optimizer, compiled)
+
+    def parallelize(self, optimizer: torch.optim.Optimizer) -> None:
+        """Split layers over tensor-parallel ranks (nothing to split by default)."""
+
+    def check_batches(self, batches: Iterator) -> Iterator:
+        """An epoch's batch iterator, checked where ranks must read the same batches (as it is by default)."""
+        return batches
 
     def place(self, optimizer: torch.optim.Optimizer, compiled: nn.Module | None) -> None:
         """Set ``forward_module`` and ``train_module`` (``compiled``: the user's own compiled module)."""

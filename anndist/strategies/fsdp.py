@@ -108,26 +108,46 @@ def check_fsdp_options(fsdp_kwargs: Any, shard_modules: Any, amp_dtype: Any) -> 
     if unknown:
         raise TypeError(f"fsdp_kwargs key(s) {unknown} are not parameters of fully_shard; it takes {sorted(accepted)} "
                         "(the mesh is the Trainer's)")
+    _check_offload(fsdp_kwargs.get("offload_policy"))
     if amp_dtype == torch.float16:
         raise ValueError("strategy='fsdp' with fp16 is not supported (it needs a sharded gradient scaler); "
                          "pass amp_dtype='bf16'")
 
 
+def _check_offload(policy: Any) -> None:
+    """CPUOffloadPolicy pins its CPU copies by default, which needs an accelerator."""
+    if getattr(policy, "pin_memory", False) and not torch.accelerator.is_available():
+        raise ValueError("fsdp_kwargs['offload_policy'] is CPUOffloadPolicy(pin_memory=True), which pins host memory "
+                         "for copies to an accelerator, and this machine has none; pass CPUOffloadPolicy("
+                         "pin_memory=False), or no offload_policy (on the CPU there is nothing to offload to)")
+
+
 def shard(module: nn.Module, optimizer: torch.optim.Optimizer, fsdp_kwargs: dict, shard_modules: Callable | None,
-          amp_dtype: torch.dtype | None) -> nn.Module:
-    """Shard ``module`` in place across the default group and rebind ``optimizer`` (several ranks)."""
+          amp_dtype: torch.dtype | None, mesh: Any = None, apply: Callable | None = None) -> nn.Module:
+    """Shard ``module`` in place and rebind ``optimizer`` (several ranks). ``mesh`` None: across the default
+    group, after every rank took rank 0's weights; else across ``mesh`` (the "dp" ranks of a tensor-parallel
+    grid, whose weights are already the same). ``apply``: ``fully_shard``, or FSDP2's ``replicate``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    apply = apply or fully_shard
     kwargs = dict(fsdp_kwargs)
     if amp_dtype is not None and "mp_policy" not in kwargs:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
-    names = {id(p): name for name, p in module.named_parameters()}
-    _check_optimizer_fresh(optimizer)
-    _take_rank0_weights(module)
+    if mesh is not None:
+        kwargs["mesh"] = mesh
+    names = parameter_names(module)
+    check_optimizer_fresh(optimizer)
+    if mesh is None:
+        take_rank0_weights(module)
     for sub in choose_submodules(module, shard_modules):
-        fully_shard(sub, **kwargs)
-    fully_shard(module, **kwargs)
-    _rebind(optimizer, names, dict(module.named_parameters()))
+        apply(sub, **kwargs)
+    apply(module, **kwargs)
+    rebind(optimizer, names, dict(module.named_parameters()))
     return module
+
+
+def parameter_names(module: nn.Module) -> dict[int, str]:
+    """Each parameter's name by identity, taken before a call that replaces the parameters."""
+    return {id(p): name for name, p in module.named_parameters()}
 
 
 def choose_submodules(module: nn.Module, shard_modules: Callable | None) -> list[nn.Module]:
@@ -146,20 +166,20 @@ def _through_containers(module: nn.Module) -> Iterator[nn.Module]:
             yield child
 
 
-def _check_optimizer_fresh(optimizer: torch.optim.Optimizer) -> None:
+def check_optimizer_fresh(optimizer: torch.optim.Optimizer) -> None:
     if optimizer.state:
         raise ValueError("strategy='fsdp' replaces the model's parameters by sharded ones, and this optimizer has "
                          "already taken steps (it has state for the old parameters); pass an optimizer that has "
                          "not stepped yet, or build it after the Trainer on trainer.module.parameters()")
 
 
-def _take_rank0_weights(module: nn.Module) -> None:
+def take_rank0_weights(module: nn.Module) -> None:
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=0)
 
 
-def _rebind(optimizer: torch.optim.Optimizer, names: dict[int, str], sharded: dict[str, nn.Parameter]) -> None:
+def rebind(optimizer: torch.optim.Optimizer, names: dict[int, str], sharded: dict[str, nn.Parameter]) -> None:
     """Point the optimizer's param_groups at the sharded parameters (same order, found by name)."""
     for group in optimizer.param_groups:
         params = group["params"]

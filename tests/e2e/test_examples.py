@@ -95,7 +95,7 @@ def test_missing_optional_package_is_one_line_under_torchrun(tmp_path):
     assert proc.returncode != 0
     lines = [line for line in output.splitlines() if "needs tensorboard" in line]
     assert lines == ["error: TensorBoardCallback needs tensorboard, which is not installed: "
-                     "pip install 'anndist[tensorboard]' (or 'anndist[examples]' for everything the examples use)"]
+                     "pip install 'anndist[tensorboard]' (or 'anndist[examples]' for everything the digits examples use)"]
     # Nothing of the workers' own tracebacks: what follows the line is torchrun's failure summary.
     assert "MissingDependencyError" not in output and "train_digits.py\", line" not in output
 

@@ -50,7 +50,7 @@ def test_the_replicated_state_is_written_once_spread_over_the_ranks(two_ranks):
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     folder, _ = two_ranks
     stop = folder / "stop.ckpt"
-    assert sorted(p.name for p in stop.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "run.ckpt"]
+    assert sorted(p.name for p in stop.iterdir()) == [".metadata", ".metadata.crc32", "__0_0.distcp", "__1_0.distcp", "run.ckpt"]
     metadata = FileSystemReader(stop).read_metadata()
     fqns = [index.fqn for index in metadata.storage_data]
     assert len(fqns) == len(set(fqns))  # every tensor once, not once per rank

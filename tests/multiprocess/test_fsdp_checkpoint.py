@@ -91,7 +91,7 @@ def test_resume_on_two_ranks_is_bit_identical(two_ranks):
     written = sorted(p.name for p in folder.iterdir())
     assert written == ["latest", "step-000000004.ckpt", "step-000000008.ckpt", "stop.ckpt"]
     shard_files = sorted(p.name for p in (folder / "stop.ckpt").iterdir())
-    assert shard_files == [".metadata", "__0_0.distcp", "__1_0.distcp", "run.ckpt"]
+    assert shard_files == [".metadata", ".metadata.crc32", "__0_0.distcp", "__1_0.distcp", "run.ckpt"]
     assert (folder / "latest").read_text().strip() == "stop.ckpt"
 
 
@@ -116,7 +116,7 @@ def test_one_to_two_reshards_and_trains_on(two_ranks):
     _, async_save, ranks, root, saved = two_ranks
     if async_save:
         pytest.skip("one reshard is enough")
-    assert sorted(p.name for p in (root / "one" / "one.ckpt").iterdir()) == [".metadata", "__0_0.distcp", "run.ckpt"]
+    assert sorted(p.name for p in (root / "one" / "one.ckpt").iterdir()) == [".metadata", ".metadata.crc32", "__0_0.distcp", "run.ckpt"]
     for out in (r["from_one"] for r in ranks):
         assert out["step"] == 4 and out["after"] == 9
         for name, value in saved.items():

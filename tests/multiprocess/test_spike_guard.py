@@ -33,10 +33,10 @@ def _items(folder) -> dict:
     """Items mode (``num_items``): the window's loss rides in the item count's all-reduce, counted here."""
     sizes, real = [], accumulation.collectives.all_reduce_async
 
-    def counted(tensor):
+    def counted(tensor, *group):
         if sys._getframe(1).f_globals["__name__"] == accumulation.__name__:
             sizes.append(tensor.numel())
-        return real(tensor)
+        return real(tensor, *group)
 
     accumulation.collectives.all_reduce_async = counted
     try:

@@ -1,4 +1,5 @@
-"""A private Slurm cluster on this machine for the end-to-end tests: munged, slurmctld, two slurmd.
+"""A private Slurm cluster on this machine for the end-to-end tests: munged, slurmctld, a slurmd per node
+(two by default; ``SlurmCluster(nodes=node_names(3))`` for three).
 
 Everything lives in one temporary folder (config, munge key and socket, state, spool, logs, pid
 files) and the daemons listen on free ports, so the cluster never touches a system-wide Slurm and
@@ -6,7 +7,8 @@ two pytest-xdist workers can each run one. ``stop()`` stops exactly the daemons 
 by the process ids they wrote, plus any ``slurmstepd`` whose working folder is inside ours.
 
 Needs root (slurmd runs jobs as root here) and Debian's ``slurmctld slurmd slurm-client munge``
-(``.ci/run`` installs them); :func:`unavailable_reason` says why a machine cannot run it.
+(``.ci/run`` installs them); :func:`unavailable_reason` says why a machine cannot run it, and
+:func:`require_slurm` skips a test there (fails it under ``ANNDIST_REQUIRE_SLURM=1``, as CI sets).
 """
 from __future__ import annotations
 
@@ -20,7 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-NODES = ("anndist-node1", "anndist-node2")
+def node_names(count: int) -> tuple[str, ...]:
+    """``anndist-node1`` ... ``anndist-node<count>``: the fake nodes of a cluster of ``count``."""
+    return tuple(f"anndist-node{i}" for i in range(1, count + 1))
+
+
+NODES = node_names(2)
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue")
 INSTALL_HINT = ("apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge "
                 "(.ci/run does this)")
@@ -30,6 +37,16 @@ _HOSTS_MARK = "# anndist Slurm tests"
 
 def which(name: str) -> str | None:
     return shutil.which(name, path=_SEARCH_PATH)
+
+
+def require_slurm() -> None:
+    """Skip the calling test (fail it under ``ANNDIST_REQUIRE_SLURM=1``, as CI sets) when the cluster cannot start."""
+    import pytest
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("ANNDIST_REQUIRE_SLURM") == "1":
+            pytest.fail(f"ANNDIST_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
 
 
 def unavailable_reason() -> str | None:
@@ -44,6 +61,17 @@ def unavailable_reason() -> str | None:
     except KeyError:
         return f"the munge user does not exist: {INSTALL_HINT}"
     return None
+
+
+def worker_first_job_id(offset: int = 1) -> int:
+    """A first job id for this pytest-xdist worker's cluster: ``1000 * (worker + 1) + offset``.
+
+    Job ids pick rendezvous ports (15000 + id % 20000), so clusters running side by side on one
+    machine need ids apart: each worker has its own thousand, and two clusters of one worker (two
+    and three nodes) different offsets in it.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest-xdist
+    return 1000 * (int(worker[2:]) + 1 if worker.startswith("gw") else 0) + offset
 
 
 def free_port() -> int:

@@ -1,5 +1,8 @@
 """The run of the tracker tests (one process and 2 ranks), and what an MLflow store holds."""
+import glob
+import json
 import os
+import struct
 from unittest import mock
 
 import torch
@@ -32,3 +35,47 @@ def mlflow_history(uri, experiment):
                                                              key=lambda m: (m.step, m.timestamp))]
                    for run in runs for key in run.data.metrics}
     return runs, history
+
+
+def wandb_records(path):
+    """The protobuf records of a ``.wandb`` file (W&B's LevelDB-style log: a 7-byte header ``:W&B``,
+    then 32 KiB blocks of chunks ``crc32, length, type`` + data; types 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", f"{path} is not a W&B data file"
+    position, block, pending = 7, 32768, b""
+    while position + 7 <= len(data):
+        room = block - position % block
+        if room < 7:  # the block's tail is padding
+            position += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0:  # zero fill to the block's end
+            position += room
+            continue
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def wandb_history(folder):
+    """Run ids, each attempt's config, and ``{metric: [(step, value), ...]}`` of the offline runs under ``folder``."""
+    ids, configs, history = [], [], {}
+    for path in sorted(glob.glob(os.path.join(folder, "wandb", "offline-run-*", "run-*.wandb"))):
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                ids.append(record.run.run_id)
+                configs.append({item.key: json.loads(item.value_json) for item in record.run.config.update})
+            elif kind == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}
+                for key, value in row.items():
+                    if not key.startswith("_"):
+                        history.setdefault(key, []).append((row["_step"], value))
+    return ids, configs, history

@@ -89,10 +89,15 @@ def test_checkpoint_code_imports_neither_the_trainer_nor_callbacks():
 
 
 def test_only_the_strategies_know_kinds_of_model():
-    """No module outside strategies/ names FSDP's classes or functions, a DTensor's local part, or tests
-    which strategy runs: the Trainer and the step ask the strategy instead."""
+    """No module outside strategies/ names FSDP's classes or functions, a DTensor's local part or its
+    layout, tensor parallelism's mesh and styles, or tests which strategy runs (or whether tensor
+    parallelism is on): the Trainer and the step ask the strategy instead."""
     import re
-    forbidden = re.compile(r"FSDPModule|fully_shard|to_local|strategy\s*[!=]=|[!=]=\s*[\"'](ddp|fsdp)[\"']")
+    forbidden = re.compile(r"FSDPModule|fully_shard|to_local|strategy\s*[!=]=|[!=]=\s*[\"'](ddp|fsdp)[\"']"
+                           # tensor parallelism: the mesh, the styles, DTensor internals, replicas over a mesh
+                           r"|parallelize_module|init_device_mesh|DeviceMesh|\bParallelStyle\b|ColwiseParallel"
+                           r"|RowwiseParallel|_local_tensor|full_tensor|placements|device_mesh|replicate_with_fsdp"
+                           r"|tp_size\s*[<>!=]")
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         if path.relative_to(PACKAGE).parts[0] == "strategies":

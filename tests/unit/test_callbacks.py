@@ -84,3 +84,15 @@ def test_on_exception_is_not_called_when_fit_succeeds():
     watcher = SeesExceptions()
     _trainer([watcher]).fit(DataLoader(make_dataset(16), batch_size=8), num_epochs=1)
     assert watcher.seen == []
+
+
+def test_model_checkpoint_runs_after_the_callbacks_whose_state_it_saves(tmp_path):
+    """Passed first, ModelCheckpoint still runs after EarlyStopping (and any other callback), so a checkpoint
+    saved at an evaluation holds EarlyStopping's verdict on that evaluation; PreemptionCallback runs last."""
+    from anndist import EarlyStopping, ModelCheckpoint, PreemptionCallback
+    model = make_model()
+    saver, stopper, mine = ModelCheckpoint(tmp_path, monitor="val_loss"), EarlyStopping("val_loss"), Callback()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                      callbacks=[PreemptionCallback(), saver, stopper, mine], progress_bar=False, log_epochs=False)
+    assert list(trainer.callbacks) == [stopper, mine, saver, trainer.callbacks.callbacks[-1]]
+    assert isinstance(trainer.callbacks.callbacks[-1], PreemptionCallback)

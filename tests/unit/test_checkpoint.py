@@ -279,7 +279,7 @@ def test_model_checkpoint_arguments_are_checked():
         ModelCheckpoint("d", every_n_steps=2.5)
     with pytest.raises(ValueError, match="mode='low'"):
         ModelCheckpoint("d", monitor="val_loss", mode="low")
-    with pytest.raises(CallbackError, match="monitor='val_acc' is not among"):
+    with pytest.raises(CallbackError, match=r"on_train_begin .*monitor='val_acc'\) is not a metric of an epoch"):
         _trained(1, [ModelCheckpoint("unused", monitor="val_acc")])
     with pytest.raises(CallbackError, match="has no folder"):
         _trained(1, [ModelCheckpoint()])

@@ -48,10 +48,10 @@ def test_stops_exactly_after_patience_evaluations_without_improvement():
 def test_min_delta_and_max_mode():
     early = EarlyStopping("val_score", patience=2, min_delta=0.6)
     assert early.improves(5.0)  # the first finite value is the first best
-    early.best = 5.0
+    early.reference = 5.0  # the last improvement by more than min_delta
     assert early.improves(4.3) and not early.improves(4.5) and not early.improves(float("nan"))
     up = EarlyStopping("val_accuracy", mode="max")
-    up.best = 0.5
+    up.reference = 0.5
     assert up.improves(0.6) and not up.improves(0.4) and not up.improves(float("inf"))
 
 
@@ -143,8 +143,10 @@ def test_step_mode_fit_stops_at_the_evaluation_that_spends_the_patience():
 
 def test_a_missing_metric_is_named():
     trainer = scripted_trainer(EarlyStopping("val_f1"))
-    with pytest.raises(CallbackError, match=r"monitor='val_f1'\): not among this epoch's metrics .*'val_score'"):
+    with pytest.raises(CallbackError, match=r"on_train_begin .*monitor='val_f1'\) is not a metric of an epoch: "
+                                            r"they are .*'val_score'"):
         trainer.fit(_loaders()[0], num_epochs=2, val_loader=_loaders()[1])
+    assert trainer.global_step == 0  # found at the start, not after an epoch of training
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

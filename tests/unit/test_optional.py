@@ -23,7 +23,7 @@ def test_callbacks_name_the_extra_that_installs_their_package(monkeypatch, tmp_p
     with pytest.raises(MissingDependencyError) as bar:
         ProgressBarCallback()
     assert str(tb.value) == ("TensorBoardCallback needs tensorboard, which is not installed: pip install "
-                             "'anndist[tensorboard]' (or 'anndist[examples]' for everything the examples use)")
+                             "'anndist[tensorboard]' (or 'anndist[examples]' for everything the digits examples use)")
     assert "needs tqdm, which is not installed: pip install 'anndist[progress]'" in str(bar.value)
     assert isinstance(tb.value, ImportError) and "\n" not in str(tb.value) + str(bar.value)
 
@@ -53,7 +53,7 @@ def test_plot_command_without_matplotlib_prints_one_line(monkeypatch, capsys, tm
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
     assert err == ("python -m anndist.plot: error: plotting needs matplotlib, which is not installed: "
-                   "pip install 'anndist[plot]' (or 'anndist[examples]' for everything the examples use)\n")
+                   "pip install 'anndist[plot]' (or 'anndist[examples]' for everything the digits examples use)\n")
 
 
 def test_entry_script_reports_a_missing_package_in_one_line_and_exits_1(monkeypatch, capsys, tmp_path):

@@ -13,6 +13,7 @@ from anndist.callbacks import metrics as metrics_module
 from anndist.callbacks.logging import format_record
 from support import make_dataset, make_model
 from support.callbacks import Norms, Records
+from anndist.dist.data_layout import DataLayout
 
 
 def token_loss(model, batch):
@@ -26,10 +27,10 @@ def token_loss(model, batch):
 def test_step_records_carry_group_lrs_grad_norm_and_items_per_s(monkeypatch):
     reductions, real = [], metrics_module.collectives.all_reduce_async
 
-    def counted(tensor):
+    def counted(tensor, *group):
         if sys._getframe(1).f_globals["__name__"] == metrics_module.__name__:
             reductions.append(tensor.numel())
-        return real(tensor)
+        return real(tensor, *group)
 
     monkeypatch.setattr(metrics_module.collectives, "all_reduce_async", counted)
     model = make_model()
@@ -77,7 +78,7 @@ class Clock:
 def _stub_trainer():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
     return SimpleNamespace(is_main_process=True, world_size=1, epoch=0, global_step=0, optimizer=optimizer,
-                           config=SimpleNamespace(max_grad_norm=None))
+                           config=SimpleNamespace(max_grad_norm=None), strategy=SimpleNamespace(data=DataLayout()))
 
 
 def test_step_mode_evaluations_are_eval_records_and_not_training_time(monkeypatch):

@@ -4,18 +4,16 @@ tests/multiprocess/test_trackers.py).
 
 Skipped when the tracker package is missing (``pip install 'anndist[mlflow]'`` / ``'anndist[wandb]'``).
 """
-import glob
-import json
 import os
-import struct
+import sys
 
 import pytest
 from torch.utils.data import DataLoader
 
-from anndist import MetricsCallback, MLflowCallback, WandbCallback
+from anndist import MetricsCallback, MissingDependencyError, MLflowCallback, WandbCallback
 from anndist.callbacks import trackers
 from support import make_dataset
-from support.trackers import mlflow_history, tracker_loader, tracker_trainer
+from support.trackers import mlflow_history, tracker_loader, tracker_trainer, wandb_history
 
 STEPS_PER_EPOCH = 4  # 32 samples, batch 8
 
@@ -114,50 +112,6 @@ def test_mlflow_evaluate_outside_fit_logs_to_the_same_run(tmp_path, mlflow):
 
 
 # ---------------------------------------------------------------- W&B
-def wandb_records(path):
-    """The protobuf records of a ``.wandb`` file (W&B's LevelDB-style log: a 7-byte header ``:W&B``,
-    then 32 KiB blocks of chunks ``crc32, length, type`` + data; types 1 full, 2 first, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B", f"{path} is not a W&B data file"
-    position, block, pending = 7, 32768, b""
-    while position + 7 <= len(data):
-        room = block - position % block
-        if room < 7:  # the block's tail is padding
-            position += room
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        if kind == 0:  # zero fill to the block's end
-            position += room
-            continue
-        pending += data[position + 7:position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            yield record
-
-
-def _wandb_history(folder):
-    """Run ids, each attempt's config, and ``{metric: [(step, value), ...]}`` of the offline runs under ``folder``."""
-    ids, configs, history = [], [], {}
-    for path in sorted(glob.glob(os.path.join(folder, "wandb", "offline-run-*", "run-*.wandb"))):
-        for record in wandb_records(path):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                ids.append(record.run.run_id)
-                configs.append({item.key: json.loads(item.value_json) for item in record.run.config.update})
-            elif kind == "history":
-                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                       for item in record.history.item}
-                for key, value in row.items():
-                    if not key.startswith("_"):
-                        history.setdefault(key, []).append((row["_step"], value))
-    return ids, configs, history
-
-
 def test_wandb_offline_run_resumed_with_the_same_id(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed: pip install 'anndist[wandb]'")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -165,7 +119,7 @@ def test_wandb_offline_run_resumed_with_the_same_id(tmp_path, monkeypatch):
     first, resumed, records = _run_then_resume(
         tmp_path, lambda: WandbCallback("tests", mode="offline", dir=folder, log_interval=2), total_epochs=2)
     assert resumed.run_id == first.run_id is not None
-    ids, configs, history = _wandb_history(str(folder))
+    ids, configs, history = wandb_history(str(folder))
     assert ids == [first.run_id, first.run_id]  # one offline folder per attempt, one run id
     assert configs[0]["world_size"] == 1 and "world_size" not in configs[1]  # params once, at creation
     expected = _expected(records)
@@ -190,10 +144,13 @@ def test_bad_arguments_name_the_argument(make, error, match):
 
 
 def test_a_missing_tracker_package_names_the_extra(monkeypatch):
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match=r"^MLflowCallback needs mlflow: pip install 'anndist\[mlflow\]'$"):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # find_spec then says: not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(MissingDependencyError, match=r"^MLflowCallback needs mlflow-skinny, which is not installed: "
+                                                     r"pip install 'anndist\[mlflow\]'$"):
         MLflowCallback()
-    with pytest.raises(ImportError, match=r"^WandbCallback needs wandb: pip install 'anndist\[wandb\]'$"):
+    with pytest.raises(MissingDependencyError, match=r"^WandbCallback needs wandb, which is not installed: "
+                                                     r"pip install 'anndist\[wandb\]'$"):
         WandbCallback("p")
 
 
