@@ -7,6 +7,7 @@ from .checkpoint import CheckpointError, latest_checkpoint
 from .config import TrainerConfig
 from .dist.env import DistEnv, detect_env
 from .step.optimization import NonFiniteLossError
+from .step.spike_guard import SpikeGuard
 from .optional import MissingDependencyError
 from .preflight import run_preflight
 from .seed import seed_everything
@@ -22,7 +23,7 @@ __all__ = [
     "DistEnv", "detect_env", "NonFiniteLossError", "split_batch", "to_device", "__version__",
     "ModelCheckpoint", "CheckpointError", "save_in_dir", "latest_checkpoint",
     "PreemptionCallback", "PREEMPTED_EXIT_CODE", "MissingDependencyError",
-    "EarlyStopping", "MLflowCallback", "WandbCallback", "StragglerCallback", "run_preflight",
+    "EarlyStopping", "MLflowCallback", "WandbCallback", "StragglerCallback", "run_preflight", "SpikeGuard",
     "Conv1DColwise", "Conv1DRowwise",
 ]
 

@@ -26,6 +26,7 @@ from .preflight.trainer_check import check_preflight_option
 from .seed import check_seed
 from .step.optimization import NONFINITE_POLICIES
 from .step.precision import resolve_amp_dtype
+from .step.spike_guard import SpikeGuard, make_spike_guard
 from .strategies import check_strategy_options
 from .strategies.activation_checkpointing import check_activation_checkpointing
 from .strategies.compile import check_compile
@@ -38,13 +39,17 @@ class TrainerConfig:
     defaults are in ``Trainer.__init__``'s signature.
 
     The step: ``gradient_accumulation_steps`` micro-batches per optimizer step (one gradient reduction
-        per step); ``max_grad_norm`` clips the global gradient norm once per step; ``use_amp`` /
-        ``amp_dtype`` autocast the forward and loss (``"bf16"``, the default where supported, or
-        ``"fp16"`` with a gradient scaler); ``compute_loss(model, batch) -> loss | (loss, num_items)``
-        replaces the loss step, and with ``num_items`` accumulation weighs every item equally across
-        micro-batches and ranks; ``on_nonfinite``: ``"error"`` stops naming the step and ranks,
-        ``"skip"`` skips such steps; ``scheduler`` is stepped per optimizer step or per epoch
-        (``scheduler_interval``; ``ReduceLROnPlateau`` is given ``scheduler_monitor``).
+        per step; None: 1, or what ``global_batch_size`` makes it); ``global_batch_size`` samples per
+        optimizer step over every data-parallel rank, the same samples in the same steps on any number
+        of ranks (K follows from the loader's batch size; docs/elastic.md); ``max_grad_norm`` clips
+        the global gradient norm once per step; ``use_amp`` / ``amp_dtype`` autocast the forward and
+        loss (``"bf16"``, the default where supported, or ``"fp16"`` with a gradient scaler);
+        ``compute_loss(model, batch) -> loss | (loss, num_items)`` replaces the loss step, and with
+        ``num_items`` accumulation weighs every item equally across micro-batches and ranks;
+        ``on_nonfinite``: ``"error"`` stops naming the step and ranks, ``"skip"`` skips such steps;
+        ``spike_guard`` (True or a ``SpikeGuard``) skips steps whose global loss spikes and rolls back
+        after several in a row (step/spike_guard.py); ``scheduler`` is stepped per optimizer step or
+        per epoch (``scheduler_interval``; ``ReduceLROnPlateau`` is given ``scheduler_monitor``).
     Evaluation: ``metrics`` ``{"name": metric}`` (``update``/``compute``/``reset``, as torchmetrics'),
         reported as ``val_<name>``, exact over the dataset on any ranks; ``metric_inputs(outputs, batch)
         -> (preds, targets)`` (default: outputs and targets, or ``logits`` and the batch's ``labels``).
@@ -75,12 +80,14 @@ class TrainerConfig:
     """
 
     # the step
-    gradient_accumulation_steps: int
+    gradient_accumulation_steps: int | None  # None only with global_batch_size: K follows at fit()
+    global_batch_size: int | None
     max_grad_norm: float | None
     use_amp: bool
     amp_dtype: torch.dtype | None
     compute_loss: Callable | None
     on_nonfinite: str
+    spike_guard: SpikeGuard | None
     scheduler: Any
     scheduler_interval: str
     scheduler_monitor: str
@@ -156,7 +163,11 @@ def _check_unknown(unknown: Mapping[str, Any], known: list[str]) -> None:
 
 
 def _check_step(v: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    check_count("gradient_accumulation_steps", v["gradient_accumulation_steps"], minimum=1)
+    check_count("gradient_accumulation_steps", v["gradient_accumulation_steps"], minimum=1, optional=True)
+    check_count("global_batch_size", v["global_batch_size"], minimum=1, optional=True)
+    if v["global_batch_size"] is None and v["gradient_accumulation_steps"] is None:
+        v["gradient_accumulation_steps"] = 1
+    v["spike_guard"] = make_spike_guard(v["spike_guard"])
     norm = v["max_grad_norm"]
     if norm is not None and (isinstance(norm, bool) or not isinstance(norm, numbers.Real) or not norm > 0):
         raise ValueError(f"max_grad_norm={norm!r} must be a positive number or None")

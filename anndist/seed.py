@@ -45,6 +45,26 @@ def loader_seed(seed: int, rank: int, epoch: int) -> int:
     return int(mixed % (2**63 - 1))
 
 
+_MASK64 = 2**64 - 1
+
+
+def micro_batch_seed(seed: int, epoch: int, piece: int) -> int:
+    """The seed of the forward of piece ``piece`` of ``epoch``'s global order (``Trainer(global_batch_size=N)``):
+    a function of the piece, not of the rank that computes it, so dropout draws the same masks on any
+    number of ranks. SplitMix64's finaliser over the three numbers: a few integer operations."""
+    x = (seed * 0x9E3779B97F4A7C15 + (epoch + 1) * 0xBF58476D1CE4E5B9 + (piece + 1) * 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1  # 63 bits: manual_seed takes them on every device
+
+
+def reseed_forward(seed: int, device: Any) -> None:
+    """Set torch's generator of ``device`` (the CPU's, and a GPU's own) to ``seed``: what dropout draws from."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (python, numpy, torch CPU and CUDA), safe for ``weights_only`` loads."""
     np_state = np.random.get_state()

@@ -43,6 +43,7 @@ from .seed import rank_seed, seed_everything
 from .step.loss import LossStep, call_on_inputs, choose_loss_step, model_loss
 from .step.optimization import OptimizerStep, step_epoch_scheduler, step_plateau
 from .step.plan import RunPlan
+from .step.spike_guard import SpikeGuard
 from .step.precision import make_precision
 from .step.train_state import EpochSums, TrainState
 from .step.train_step import TrainStep
@@ -62,10 +63,10 @@ class Trainer(CheckpointMethods):
         self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable | None = None,
         callbacks: Sequence[Callback] | None = None, *,
         # the step
-        gradient_accumulation_steps: int = 1, max_grad_norm: float | None = None, use_amp: bool = False,
-        amp_dtype: str | torch.dtype | None = None, compute_loss: Callable | None = None,
-        on_nonfinite: str = "error", scheduler: Any = None, scheduler_interval: str = "step",
-        scheduler_monitor: str = "val_loss",
+        gradient_accumulation_steps: int | None = None, global_batch_size: int | None = None,
+        max_grad_norm: float | None = None, use_amp: bool = False, amp_dtype: str | torch.dtype | None = None,
+        compute_loss: Callable | None = None, on_nonfinite: str = "error", spike_guard: bool | SpikeGuard = False,
+        scheduler: Any = None, scheduler_interval: str = "step", scheduler_monitor: str = "val_loss",
         # evaluation
         metrics: dict[str, Any] | None = None, metric_inputs: Callable | None = None,
         # placement
@@ -99,15 +100,16 @@ class Trainer(CheckpointMethods):
             seed_everything(rank_seed(cfg.seed, self.strategy.data_rank))  # one stream per tensor-parallel group
         self.precision = make_precision(cfg.amp_dtype, self.device)
         self.callbacks = build_callbacks(callbacks, cfg, self.rank)
-        self.state = TrainState(self.strategy.data_world_size, cfg.seed, cfg.gradient_accumulation_steps)
+        self.state = TrainState(self.strategy.data_world_size, cfg.seed, cfg.gradient_accumulation_steps, cfg.global_batch_size)
         self.epoch_sums = EpochSums(self.rank, self.world_size, self.device, self.strategy.data)
         self._init_steps(cfg)
         self.run_state = self._make_run_state()
         self.checkpoints = CheckpointManager(self.run_state, self.state, cfg.checkpoint_dir,
                                              lambda: checkpoint_folder(cfg.checkpoint_dir, self.callbacks),
                                              cfg.auto_resume)
+        self._step.guard(cfg.spike_guard, self.state, self.checkpoints.roll_back)  # off (None) by default
         self._loaders = RankLoaders(self.strategy.data_world_size, self.strategy.data_rank, cfg.seed or 0,
-                                    cfg.rebuild_train_loader, cfg.rebuild_eval_loader)
+                                    cfg.rebuild_train_loader, cfg.rebuild_eval_loader, cfg.global_batch_size)
         self.stop_training = False
         self._plan: RunPlan | None = None
         self._val_loader: Iterable | None = None
@@ -122,7 +124,8 @@ class Trainer(CheckpointMethods):
         loss_step = self._loss_step()
         sum_reduction = getattr(self.criterion, "reduction", "mean") == "sum"
         self._step = TrainStep(self.strategy, LossStep(self.criterion, loss_step, self.device), self.precision,
-                               self._optimizer_step, self.epoch_sums, (cfg.gradient_accumulation_steps, sum_reduction))
+                               self._optimizer_step, self.epoch_sums, (cfg.gradient_accumulation_steps or 1, sum_reduction),
+                               cfg.seed if cfg.global_batch_size else None)  # a global batch: dropout by piece
         self._evaluator = Evaluator(self.criterion, loss_step, cfg.metrics, cfg.metric_inputs, self.device,
                                     self.precision, self.strategy.data)
         self.metrics = self._evaluator.metrics
@@ -167,9 +170,10 @@ class Trainer(CheckpointMethods):
         plan = RunPlan.check(num_epochs, max_steps, eval_every_n_steps, train_loader, val_loader)
         self.checkpoints.check_folder()
         self._loader_state.attach(train_loader)  # before the resume, which may restore its position
+        self._step.k = self.state.count_accumulation(self.config.gradient_accumulation_steps, train_loader)  # then resume
         self.checkpoints.resume(resume_from)
         loader = self._loaders.train(train_loader)
-        plan.warn_if_never_evaluating(loader, self.config.gradient_accumulation_steps)
+        plan.warn_if_never_evaluating(loader, self._step.k)
         self._plan, self._val_loader, self.stop_training = plan, val_loader, False
         try:
             self.callbacks.call("on_train_begin", trainer=self, logs={
@@ -197,8 +201,7 @@ class Trainer(CheckpointMethods):
         """Train one epoch and evaluate; None when a stop cut the epoch short (no ``on_epoch_end``)."""
         epoch, started, skip = self.epoch, time.perf_counter(), start_position(loader, self.state, self._loader_state)
         if isinstance(loader, DataLoader):  # set_epoch, and the resume offset of a loader anndist rebuilt
-            offset = skip * (loader.batch_size or 0) if resumes_by_index(loader) else 0
-            start_epoch(loader, epoch, self.config.seed or 0, self.strategy.data_rank, offset)
+            start_epoch(loader, epoch, self.config.seed or 0, self.strategy.data_rank, skip if resumes_by_index(loader) else 0)
         self.callbacks.call("on_epoch_begin", epoch, trainer=self, logs=epoch_position(loader, skip))
         self.model.train()
         if not skip:  # a resumed epoch continues the partial sums its checkpoint carried
@@ -216,8 +219,8 @@ class Trainer(CheckpointMethods):
 
     def _run_batches(self, loader: Iterable, first_idx: int) -> bool:
         """Train the epoch's micro-batches; return False if a stop cut the epoch short."""
-        cbs, state, k = self.callbacks, self.state, self.config.gradient_accumulation_steps
-        self._step.begin_epoch(getattr(loader, "batch_size", None))
+        cbs, state, k = self.callbacks, self.state, self._step.k
+        self._step.begin_epoch(loader, state.epoch, first_idx)
         equal = resumes_by_index(loader) or (self.world_size == 1 and self._loader_state.loader is None)
         batches = self.strategy.check_batches(self._rng_state.iterate(loader))  # RNG streams set around iter()
         begin, backward_end, end = (cbs.has(hook) for hook in ("on_batch_begin", "on_backward_end", "on_batch_end"))
@@ -305,7 +308,8 @@ class Trainer(CheckpointMethods):
     def _loss_step(self) -> Callable | None:
         """The loss function the step calls (``step/loss.py``); None keeps the criterion's short path."""
         overridden = self.compute_loss if type(self).compute_loss is not Trainer.compute_loss else None
-        mixes = self.config.gradient_accumulation_steps * self.strategy.data_world_size > 1
+        k = self.config.gradient_accumulation_steps  # None with a global batch: K follows at fit(), count items
+        mixes = k is None or k * self.strategy.data_world_size > 1
         return choose_loss_step(self.config.compute_loss or overridden, self.criterion, self.module, mixes)
 
     # ------------------------------------------------------------------ teardown

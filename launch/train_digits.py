@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from anndist import Callback, LoggingCallback, ProfilingCallback, TensorBoardCallback, Trainer, seed_everything
+from anndist import (Callback, LoggingCallback, ModelCheckpoint, ProfilingCallback, TensorBoardCallback, Trainer,
+                     seed_everything)
 from digits_data import digits_datasets, digits_loaders  # noqa: F401 (benchmarks import digits_datasets from here)
 from example_support import add_common_args, limit_threads, report_missing_dependency
 
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--global-batch-size", type=int, default=None,
+                        help="samples per optimizer step over all ranks, instead of --accumulation: the same steps "
+                             "on any number of ranks (resumes on other node counts, elastic torchrun: docs/elastic.md)")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision dtype")
     parser.add_argument("--log-dir", default=None, help="append metrics.jsonl here (plot: python -m anndist.plot)")
     parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to LOG_DIR/tb")
@@ -47,11 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="replicate the model (ddp) or shard it with FSDP2 (fsdp)")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="checkpoint here on SIGUSR1/SIGTERM and resume from here when restarted (SLURM requeue)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                        help="with --checkpoint-dir: also save every STEPS optimizer steps (a crash loses fewer)")
     args = parser.parse_args(argv)
     if (args.tensorboard or args.trace_steps) and args.log_dir is None:
         parser.error("--tensorboard and --trace-steps write under --log-dir; pass --log-dir DIR")
     if args.trace_steps and not args.profile:
         parser.error("--trace-steps needs --profile")
+    if args.global_batch_size is not None and args.accumulation != 1:
+        parser.error("--global-batch-size sets the micro-batches per step itself; leave out --accumulation")
+    if args.checkpoint_every is not None and args.checkpoint_dir is None:
+        parser.error("--checkpoint-every saves under --checkpoint-dir; pass --checkpoint-dir DIR")
     return args
 
 
@@ -66,6 +76,8 @@ def observers(args: argparse.Namespace) -> list[Callback]:
     if args.profile:
         trace_dir = f"{args.log_dir}/traces" if args.trace_steps else None
         callbacks.append(ProfilingCallback(trace_dir=trace_dir, trace_steps=args.trace_steps))
+    if args.checkpoint_every is not None:
+        callbacks.append(ModelCheckpoint(every_n_steps=args.checkpoint_every))
     callbacks.append(LoggingCallback(log_interval=args.log_interval, log_dir=args.log_dir))
     return callbacks
 
@@ -82,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(
         model, optimizer, nn.CrossEntropyLoss(),
         callbacks=observers(args),
-        seed=args.seed, gradient_accumulation_steps=args.accumulation,
+        seed=args.seed, gradient_accumulation_steps=None if args.global_batch_size else args.accumulation,
+        global_batch_size=args.global_batch_size,
         use_amp=args.amp is not None, amp_dtype=args.amp, progress_bar=args.progress_bar,
         checkpoint_dir=args.checkpoint_dir, auto_resume=args.checkpoint_dir is not None, strategy=args.strategy,
     )

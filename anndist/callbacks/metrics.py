@@ -44,7 +44,9 @@ class MetricsCallback(Callback):
     ``items_per_s`` (tokens/s). ``epoch`` records add the epoch's logs (``train_loss``, ``val_loss``,
     ``val_accuracy``, ``epoch_time``); ``eval`` records add the metrics of an evaluation in step mode
     (``fit(eval_every_n_steps=N)``, at ``step`` = the global step) or of ``trainer.evaluate`` outside
-    ``fit``; ``start`` adds ``world_size``.
+    ``fit``; ``start`` adds ``world_size``. With the loss-spike guard on, a ``spike`` record follows
+    each step it skipped or rolled back, with the guard's event (``action`` ``"skip"`` or ``"rollback"``,
+    the skipped step's ``epoch``, ``first_batch``, ``last_batch``, the watched ``value``, ...).
     """
 
     def __init__(self, log_interval: int = 10) -> None:
@@ -60,6 +62,7 @@ class MetricsCallback(Callback):
         self._eval_started: float | None = None
         self._reductions: collections.deque[_Reduction] = collections.deque()  # started, not yet written
         self._since = time.perf_counter()
+        self._spikes_seen = 0  # the spike guard's events already written
 
     # ---------------------------------------------------------------- for subclasses
     def open(self, trainer: "Trainer") -> None:
@@ -75,6 +78,8 @@ class MetricsCallback(Callback):
     def on_train_begin(self, trainer: "Trainer", logs: dict | None = None) -> None:
         self._reductions.clear()
         self.writes, self._in_fit = trainer.is_main_process, True
+        guard = _spike_guard(trainer)
+        self._spikes_seen = len(guard.events) if guard is not None else 0  # those of a resumed run are written
         if self.writes:
             self.open(trainer)
         self._emit(trainer, "start", world_size=trainer.world_size)
@@ -96,6 +101,8 @@ class MetricsCallback(Callback):
             self._write_reductions(wait=False)
         if logs["stepped"] and trainer.global_step % self.log_interval == 0:
             self._start_reduction(trainer)
+        elif logs["ends_window"] and not logs["stepped"] and _spike_guard(trainer) is not None:
+            self._write_spikes(trainer, _spike_guard(trainer).events)
 
     def on_epoch_end(self, epoch: int, trainer: "Trainer", logs: dict | None = None) -> None:
         self._write_reductions(wait=True)  # the epoch's step records come before its epoch record
@@ -136,6 +143,14 @@ class MetricsCallback(Callback):
             self.writes = False
 
     # ---------------------------------------------------------------- internals
+    def _write_spikes(self, trainer: "Trainer", events: list[dict[str, Any]]) -> None:
+        if len(events) > self._spikes_seen:
+            self._write_reductions(wait=True)  # the steps before it come first (a rare skipped step waits)
+        for event in events[self._spikes_seen:]:
+            self._emit(trainer, "spike", **{key: value for key, value in event.items() if key not in ("epoch", "step")},
+                       skipped_step=event["step"])
+        self._spikes_seen = len(events)
+
     def _start_reduction(self, trainer: "Trainer") -> None:
         device = self._loss_sum.device
         totals = torch.stack([self._loss_sum, torch.as_tensor(self._items, dtype=torch.float64, device=device),
@@ -218,6 +233,11 @@ def step_values(trainer: "Trainer") -> dict[str, float]:
     if trainer.config.max_grad_norm is not None:
         values["grad_norm"] = float(trainer.last_grad_norm)
     return values
+
+
+def _spike_guard(trainer: "Trainer") -> Any:
+    """The run's loss-spike guard, or None (off, or a trainer-like object without a run state)."""
+    return getattr(getattr(trainer, "state", None), "spike_guard", None)
 
 
 def learning_rate(optimizer: torch.optim.Optimizer) -> float:

@@ -305,7 +305,7 @@ def run_params(trainer: "Trainer", log_interval: int) -> dict[str, Any]:
     """What a tracker run records once, at its creation: cheap facts about the job."""
     cfg, optimizer = trainer.config, trainer.optimizer
     return {
-        "world_size": trainer.world_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "world_size": trainer.world_size, "gradient_accumulation_steps": trainer.state.accumulation_steps,
         "max_grad_norm": cfg.max_grad_norm, "amp_dtype": str(cfg.amp_dtype).replace("torch.", ""),
         "seed": cfg.seed, "optimizer": type(optimizer).__name__, "lr": float(optimizer.param_groups[0]["lr"]),
         "param_groups": len(optimizer.param_groups),

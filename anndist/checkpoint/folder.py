@@ -85,6 +85,42 @@ def step_checkpoints(dirpath: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+ROLLED_BACK = "rolled_back"  # the step checkpoints a rollback abandoned: kept, out of resume's sight
+
+
+def step_checkpoint_before(dirpath: str | os.PathLike, step: int) -> Path | None:
+    """The newest complete ``step-*.ckpt`` in ``dirpath`` of a global step below ``step`` (None if there is
+    none); damaged ones are skipped with a warning naming them."""
+    if not Path(dirpath).is_dir():
+        return None
+    for saved, path in reversed(step_checkpoints(dirpath)):
+        if saved >= step:
+            continue
+        problem = _problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def roll_back_to(target: Path) -> list[Path]:
+    """Make ``target`` the folder's latest again: the step checkpoints after it (a trajectory a rollback
+    abandoned) move into ``rolled_back/``, where neither ``latest``, a resume nor pruning sees them, and
+    ``latest`` names ``target``. Rank 0 only. Returns the moved checkpoints' new paths."""
+    dirpath, (step,) = target.parent, [s for s, p in step_checkpoints(target.parent) if p == target]
+    aside = dirpath / ROLLED_BACK
+    moved = []
+    for saved, path in step_checkpoints(dirpath):
+        if saved > step:
+            aside.mkdir(exist_ok=True)
+            remove(aside / path.name)
+            os.replace(path, aside / path.name)
+            moved.append(aside / path.name)
+    write_text(dirpath / LATEST, target.name + "\n")
+    fsync_dir(dirpath)
+    return moved
+
+
 def latest_checkpoint(dirpath: str | os.PathLike, skip: Sequence[str | os.PathLike] = ()) -> Path | None:
     """The newest whole checkpoint in ``dirpath`` (None if there is none); see the module docstring.
 

@@ -14,10 +14,13 @@ from ..dist import collectives
 from ..step.train_state import TrainState
 from . import protocol
 from .file import DamagedCheckpointError
-from .folder import LATEST, CheckpointFolder, chooses, latest_checkpoint, resolve as resolve_checkpoint, step_name
+from .folder import (LATEST, CheckpointFolder, chooses, latest_checkpoint, resolve as resolve_checkpoint, roll_back_to,
+                     step_checkpoint_before, step_name)
 from .protocol import RunState
 
 logger = logging.getLogger(__name__)
+
+WEIGHTS = ("model", "optimizer", "scheduler", "scaler", "callbacks")  # what a rollback restores
 
 
 class CheckpointManager:
@@ -85,6 +88,31 @@ class CheckpointManager:
                 logger.warning("skipping checkpoint %s, damaged: %s; trying the previous one", path, exc)
                 damaged.append(path)
 
+    def roll_back(self, before_step: int) -> dict[str, Any] | None:
+        """Model, optimizer, scheduler, scaler, the callbacks' state and ``global_step`` from the newest step
+        checkpoint of the run's folder older than ``before_step``; the rest (the position in the data,
+        RNG streams, sums, history) stays as it is. The checkpoints after it move aside and ``latest``
+        names it, so a crash now resumes the rolled-back run. On every rank; None when there is no such
+        checkpoint. The loss-spike guard's rollback (step/spike_guard.py)."""
+        self.wait()  # an asynchronous save in flight is committed first: every rank sees the same folder
+        folder, main = self.default_dir(), collectives.rank() == 0
+
+        def locate() -> str | None:
+            found = step_checkpoint_before(folder, before_step) if main and folder is not None else None
+            if found is not None:
+                for path in roll_back_to(found):
+                    logger.info("checkpoint %s abandoned by the rollback to %s: moved to %s", path.name, found.name, path)
+            return None if found is None else str(found)
+
+        path = collectives.broadcast_object(collectives.run_collectively(locate))
+        if path is None:
+            return None
+        position: dict[str, Any] = {}
+        weights = {name: obj for name, obj in self.run.states.items() if name in WEIGHTS}
+        protocol.load(path, RunState({**weights, "train_state": _Position(position)}, sharded=self.run.sharded))
+        self.train_state.global_step = position["global_step"]
+        return {"checkpoint": Path(path).name, **position}
+
     def _locate(self, resume_from: str | os.PathLike | None, damaged: list[str]) -> tuple[str | None, bool]:
         """The checkpoint to load, and whether it was chosen among a folder's (so that another may replace it)."""
         if resume_from is None:  # auto_resume: a missing checkpoint means a first start
@@ -92,6 +120,19 @@ class CheckpointManager:
             return (None if found is None else str(found)), True
         chosen = resume_from == "latest" or chooses(Path(resume_from))
         return str(resolve_checkpoint(resume_from, self.default_dir(), damaged)), chosen
+
+
+class _Position:
+    """Reads a checkpoint's step and position in the data into ``into``, changing nothing (a rollback)."""
+
+    def __init__(self, into: dict[str, Any]) -> None:
+        self.into = into
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.into.update({key: int(state[key]) for key in ("global_step", "epoch", "batch_in_epoch")})
 
 
 def check_window_closed(module: Any, state: TrainState) -> None:

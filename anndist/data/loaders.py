@@ -14,14 +14,16 @@ from typing import Any, Iterable
 from torch.utils.data import DataLoader
 
 from ..dist.data_layout import DataLayout, same_layout
+from .global_batch import GlobalBatchSampler
 from .sampler import ResumableDistributedSampler, is_rebuildable, shard_eval_loader, shard_train_loader
 
 logger = logging.getLogger(__name__)
 
 
 class RankLoaders:
-    def __init__(self, world_size: int, rank: int, seed: int, rebuild_train: bool, rebuild_eval: bool) -> None:
-        self.world_size, self.rank, self.seed = world_size, rank, seed
+    def __init__(self, world_size: int, rank: int, seed: int, rebuild_train: bool, rebuild_eval: bool,
+                 global_batch: int | None = None) -> None:
+        self.world_size, self.rank, self.seed, self.global_batch = world_size, rank, seed, global_batch
         self.rebuild_train, self.rebuild_eval = rebuild_train, rebuild_eval
         self._train_source: Iterable | None = None  # the user's loader behind self._train
         self._train: Iterable | None = None
@@ -32,7 +34,7 @@ class RankLoaders:
             return loader
         if self._train_source is not loader:
             self._train_source = loader
-            self._train = shard_train_loader(loader, self.world_size, self.rank, self.seed)
+            self._train = shard_train_loader(loader, self.world_size, self.rank, self.seed, self.global_batch)
         return self._train
 
     def eval(self, loader: Iterable) -> Iterable:
@@ -50,7 +52,8 @@ def is_stateful(loader: Any) -> bool:
 
 def resumes_by_index(loader: Any) -> bool:
     """A loader anndist rebuilt: it starts an epoch part-way by skipping sample indices."""
-    return isinstance(loader, DataLoader) and isinstance(loader.sampler, ResumableDistributedSampler)
+    return isinstance(loader, DataLoader) and (isinstance(loader.sampler, ResumableDistributedSampler)
+                                               or isinstance(loader.batch_sampler, GlobalBatchSampler))
 
 
 class LoaderState:

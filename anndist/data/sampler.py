@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from torch.utils.data import RandomSampler, Sampler, SequentialSampler
 
 from .batched_reads import batched_reads
+from .global_batch import GlobalBatchSampler
 from ..seed import loader_seed
 
 
@@ -80,14 +81,15 @@ def _shuffles(loader: DataLoader) -> bool:
 
 def _rebuild(loader: DataLoader, sampler: Sampler, generator: torch.Generator | None) -> DataLoader:
     dataset, collate_fn = batched_reads(loader.dataset, loader.collate_fn)  # in-memory data: whole batches
+    # A batch sampler decides the batches itself: no batch_size, sampler or drop_last beside it.
+    batching = ({"batch_sampler": sampler} if isinstance(sampler, GlobalBatchSampler) else
+                {"batch_size": loader.batch_size, "sampler": sampler, "drop_last": loader.drop_last})
     return DataLoader(
         dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=loader.num_workers,
         collate_fn=collate_fn,
         pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context,
@@ -98,12 +100,16 @@ def _rebuild(loader: DataLoader, sampler: Sampler, generator: torch.Generator | 
     )
 
 
-def shard_train_loader(loader: DataLoader, world_size: int, rank: int, seed: int) -> DataLoader:
-    """A copy of ``loader`` that reads this rank's shard through a resumable sampler."""
-    sampler = ResumableDistributedSampler(
-        loader.dataset, num_replicas=world_size, rank=rank, shuffle=_shuffles(loader),
-        seed=seed, drop_last=False,
-    )
+def shard_train_loader(loader: DataLoader, world_size: int, rank: int, seed: int,
+                       global_batch: int | None = None) -> DataLoader:
+    """A copy of ``loader`` that reads this rank's shard through a resumable sampler (with a global
+    batch: this rank's micro-batches of the epoch's global order, ``global_batch.py``)."""
+    if global_batch is not None:
+        sampler: Sampler = GlobalBatchSampler(len(loader.dataset), global_batch, loader.batch_size, world_size, rank,
+                                              _shuffles(loader), seed, loader.drop_last)
+    else:
+        sampler = ResumableDistributedSampler(loader.dataset, num_replicas=world_size, rank=rank,
+                                              shuffle=_shuffles(loader), seed=seed, drop_last=False)
     return _rebuild(loader, sampler, torch.Generator())
 
 
@@ -113,19 +119,24 @@ def shard_eval_loader(loader: DataLoader, world_size: int, rank: int) -> DataLoa
     return _rebuild(loader, sampler, loader.generator)
 
 
-def start_epoch(loader: DataLoader, epoch: int, seed: int, rank: int, start_index: int = 0) -> None:
-    """Prepare ``loader`` for ``epoch``: sampler epoch, resume offset, and the workers' seed."""
+def start_epoch(loader: DataLoader, epoch: int, seed: int, rank: int, skip: int = 0) -> None:
+    """Prepare ``loader`` for ``epoch``: sampler epoch, resume offset (``skip`` micro-batches), and the
+    workers' seed."""
     sampler = loader.sampler
-    if isinstance(sampler, DistributedSampler):
+    if isinstance(loader.batch_sampler, GlobalBatchSampler):
+        loader.batch_sampler.set_epoch(epoch)
+        loader.batch_sampler.set_start(skip)
+        sampler = loader.batch_sampler
+    elif isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
     if isinstance(sampler, ResumableDistributedSampler):
         # A checkpoint taken after the epoch's last (short) batch counts a whole batch for it.
-        sampler.set_start_index(min(start_index, sampler.num_samples))
-    elif start_index:
+        sampler.set_start_index(min(skip * (loader.batch_size or 0), sampler.num_samples))
+    elif skip and not isinstance(sampler, GlobalBatchSampler):
         raise RuntimeError(
             "cannot resume mid-epoch: the train loader's sampler is not anndist's resumable sampler; "
             "keep rebuild_train_loader=True or checkpoint at epoch ends only"
         )
     # Workers draw their base seed from loader.generator: make it a function of (seed, rank, epoch).
-    if loader.generator is not None and isinstance(sampler, ResumableDistributedSampler):
+    if loader.generator is not None and isinstance(sampler, (ResumableDistributedSampler, GlobalBatchSampler)):
         loader.generator.manual_seed(loader_seed(seed, rank, epoch))

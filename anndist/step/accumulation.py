@@ -16,9 +16,19 @@ Two modes, fixed by what the loss step returns:
   items fall. One small collective per optimizer step, none per micro-batch. W and the count are
   those of the ranks that read different data: the ranks of a tensor-parallel group train on one
   batch together and count its items once.
+
+With a global batch (``Trainer(global_batch_size=N)``, ``data/global_batch.py``) the sample count of
+every window over all ranks is known in advance: N, and for the epoch's last window the samples left.
+The correction is then ``N / samples`` of the last window and 1 elsewhere, whichever rank holds how
+many of them, so the gradient is the mean over the step's samples on any number of ranks (with
+``reduction="sum"``: ``W``, undoing DDP's average, so the gradient is the sum over the step's samples).
+
+The loss-spike guard watching the loss (``spike_guard.py``) needs the window's loss over every rank:
+its weighted sum rides in the items' all-reduce, or in one of its own where there is none.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -30,12 +40,15 @@ class Window:
     """Bookkeeping of one accumulation window: loss weights and the end-of-window correction."""
 
     def __init__(self, k: int, sum_reduction: bool, nominal_batch: int | None, world_size: int = 1,
-                 group: Any = None) -> None:
+                 group: Any = None, windows: int = 0, last_correction: float = 1.0, sums_loss: bool = False) -> None:
         """``world_size``: the ranks that read different data (the gradient is averaged over them), and
-        ``group`` their process group (None: every rank), over which the item count is summed."""
+        ``group`` their process group (None: every rank), over which the item count (and the spike guard's
+        loss) is summed; ``windows``, ``last_correction``: a global batch's (module docstring)."""
         self.k, self.weighs, self.nominal, self.world_size = k, not sum_reduction, nominal_batch, world_size
         self.group = group
         self.by_items: bool | None = None  # decided by the first micro-batch, then enforced
+        self.windows, self.last_correction = windows, last_correction  # a global batch: windows left in the epoch
+        self.sums_loss = sums_loss  # the window's loss over every rank is wanted (the spike guard)
         self.reset()
 
     def add(self, loss: torch.Tensor, n: int, num_items: Any) -> tuple[Any, Any]:
@@ -60,22 +73,44 @@ class Window:
         return n / (self.k * self.nominal), n
 
     def count_items(self, device: torch.device) -> None:
-        """Start the all-reduce of the window's item count (items mode only; before the last backward)."""
-        if self.by_items:
-            self._total = torch.as_tensor(self.items, dtype=torch.float64, device=device).reshape(1).clone()
-            self._work = collectives.all_reduce_async(self._total, self.group)
+        """Start the all-reduce of the window's item count (items mode) and, when ``sums_loss``, of its
+        weighted loss sum (before the last backward, which it overlaps)."""
+        if not (self.by_items or self.sums_loss):
+            return
+        count = torch.as_tensor(self.items if self.by_items else self.samples, dtype=torch.float64, device=device)
+        if self.sums_loss:
+            counts = (torch.tensor(self.counts, dtype=torch.float64, device=device) if not self.by_items else
+                      torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device).reshape(()) for c in self.counts]))
+            weighted = torch.dot(torch.stack(self.losses).to(device, torch.float64).reshape(-1), counts)
+            self._total = torch.stack([count.reshape(()), weighted])
+        else:
+            self._total = count.reshape(1).clone()
+        self._work = collectives.all_reduce_async(self._total, self.group)
+
+    def reduced_loss(self) -> float:
+        """The window's loss over every rank (per sample, or per item): after ``count_items`` with ``sums_loss``."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        count, weighted = self._total.tolist()
+        return weighted / count if count else math.nan
 
     def correction(self, where: Callable[[], str]) -> float:
         """The factor the window's gradient is multiplied by before the step."""
         if self.by_items:
             if self._work is not None:
                 self._work.wait()
-            total = float(self._total.item())
+            total = float(self._total[0].item())
             if total <= 0:
                 raise ValueError(
                     f"compute_loss returned num_items=0 on every rank for {where()}: there is nothing to average "
                     "over; make sure each window holds items that count (labels other than the ignore index)")
             return self.world_size / total
+        if self.windows:  # a global batch: 1 but for the epoch's last window (module docstring)
+            self.windows -= 1
+            if not self.weighs:
+                return float(self.world_size)
+            return self.last_correction if self.windows == 0 else 1.0
         if not self.weighs or self.samples == 0:
             return 1.0
         return self.k * self.nominal / self.samples

@@ -8,6 +8,7 @@ the norm, so every decision taken from them is identical on every rank.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -42,6 +43,16 @@ class OptimizerStep:
         # DDP: a bad loss travels in the gradient all-reduce (carry_losses), into the smallest gradient.
         self._anchor = min(requiring, key=torch.Tensor.numel) if requiring and strategy.carries_losses else None
         self.carries_losses = self._anchor is not None
+        # The loss-spike guard (spike_guard.py), given the gradient norm: True drops the step. Only a
+        # guarded run takes the other path: an unguarded step does not even test for it.
+        self.spike_check: Callable[[float], bool] | None = None
+        self.watches_norm = False
+
+    def guard(self, spike_check: Callable[[float], bool], watches_norm: bool) -> None:
+        """Ask ``spike_check(grad_norm)`` before every finite step (``watches_norm``: measure the norm even
+        without clipping)."""
+        self.spike_check, self.watches_norm = spike_check, watches_norm
+        self._finite_step = self._guarded_step  # type: ignore[method-assign]
 
     def carry_losses(self, losses: list[torch.Tensor]) -> None:
         """Add ``0 * loss`` for each of the window's (detached) losses to the smallest gradient, before
@@ -69,13 +80,25 @@ class OptimizerStep:
         if self._scale_and_check(correction, None if self.carries_losses else window_losses):
             stepped = self._nonfinite(window_losses, where, window_counts)
         else:
-            if self.max_grad_norm is not None:
-                self.last_grad_norm = self.strategy.clip_grad_norm(self.params, self.max_grad_norm)
-            stepped = self.precision.step(self.optimizer)
+            stepped = self._finite_step()
         if stepped and self.step_scheduler:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return stepped
+
+    def _finite_step(self) -> bool:
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = self.strategy.clip_grad_norm(self.params, self.max_grad_norm)
+        return self.precision.step(self.optimizer)
+
+    def _guarded_step(self) -> bool:
+        """The finite step of a guarded run: a spike's gradients are dropped before the optimizer sees them."""
+        if self.max_grad_norm is not None or self.watches_norm:  # an infinite bound measures without clipping
+            self.last_grad_norm = self.strategy.clip_grad_norm(self.params, self.max_grad_norm or math.inf)
+        if self.spike_check(self.last_grad_norm):
+            self.precision.drop(self.optimizer)
+            return False
+        return self.precision.step(self.optimizer)
 
     def _scale_and_check(self, correction: float, losses: list[torch.Tensor] | None) -> bool:
         """Multiply the gradients by ``correction`` and return True if any (or any of ``losses``) is NaN or infinite.

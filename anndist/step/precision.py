@@ -72,6 +72,9 @@ class Precision:
     def skip(self, optimizer: torch.optim.Optimizer) -> None:
         """Record a step that is skipped (a non-finite gradient under ``on_nonfinite="skip"``)."""
 
+    def drop(self, optimizer: torch.optim.Optimizer) -> None:
+        """Close a step whose finite gradients are dropped (a loss spike): no optimizer step."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -103,6 +106,9 @@ class ScaledPrecision(Precision):
 
     def skip(self, optimizer: torch.optim.Optimizer) -> None:
         self.step(optimizer)  # the gradients hold inf/NaN, so the scaler records the skip and backs off
+
+    def drop(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.update()  # the unscaled gradients were finite: the scale grows as after any good step
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict()

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..data.global_batch import accumulation_steps
 from ..dist import collectives
 from ..dist.data_layout import DataLayout, owners, same_layout
 from .exact_sum import ExactSum
@@ -23,13 +24,23 @@ class TrainState:
     """Progress of a run. ``epoch_done`` is True inside ``on_epoch_end``: a checkpoint taken there
     resumes at the start of the next epoch, which is what ``state_dict`` records."""
 
-    def __init__(self, world_size: int, seed: int | None, accumulation_steps: int = 1) -> None:
-        self.world_size, self.seed, self.accumulation_steps = world_size, seed, accumulation_steps
+    def __init__(self, world_size: int, seed: int | None, accumulation_steps: int | None = 1,
+                 global_batch_size: int | None = None) -> None:
+        """``accumulation_steps`` None: it follows from ``global_batch_size`` (``count_accumulation``)."""
+        self.world_size, self.seed, self.accumulation_steps = world_size, seed, accumulation_steps or 1
+        self.global_batch_size = global_batch_size
+        self.spike_guard: Any = None  # the loss-spike guard's state travels with the run's (step/spike_guard.py)
         self.epoch = 0            # the epoch being trained, or the next one to train
         self.global_step = 0      # optimizer steps taken
         self.batch_in_epoch = 0   # micro-batches of ``epoch`` this rank trained (after a step)
         self.epoch_done = False
         self.history: dict[str, list[float]] = {}
+
+    def count_accumulation(self, explicit: int | None, loader: Any) -> int:
+        """K for ``loader``: ``explicit``, or what the global batch makes it (``data/global_batch.py``).
+        Set before a resume, which converts a position saved with another K into this one's steps."""
+        self.accumulation_steps = accumulation_steps(self.global_batch_size, explicit, loader, self.world_size)
+        return self.accumulation_steps
 
     def finish_epoch(self) -> None:
         self.epoch, self.batch_in_epoch, self.epoch_done = self.epoch + 1, 0, False
@@ -43,7 +54,9 @@ class TrainState:
         epoch, batch = (self.epoch + 1, 0) if self.epoch_done else (self.epoch, self.batch_in_epoch)
         return {"epoch": epoch, "global_step": self.global_step, "batch_in_epoch": batch,
                 "world_size": self.world_size, "seed": self.seed, "gradient_accumulation_steps": self.accumulation_steps,
-                "history": {key: list(values) for key, values in self.history.items()}}
+                "global_batch_size": self.global_batch_size,
+                "history": {key: list(values) for key, values in self.history.items()},
+                **({"spike_guard": self.spike_guard.state_dict()} if self.spike_guard is not None else {})}
 
     def check_state_dict(self, state: dict[str, Any], source: str) -> None:
         if state.get("seed") != self.seed:
@@ -54,10 +67,42 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.batch_in_epoch, self.epoch_done = int(state["batch_in_epoch"]), False
-        if int(state["world_size"]) != self.world_size:
-            self.batch_in_epoch = self._rescaled_position(int(state["world_size"]))
-        self._warn_accumulation(state.get("gradient_accumulation_steps"))
+        saved_world, saved_k = int(state["world_size"]), state.get("gradient_accumulation_steps")
+        same_global = self.global_batch_size is not None and state.get("global_batch_size") == self.global_batch_size
+        if same_global and saved_k is not None and (saved_world, int(saved_k)) != (self.world_size, self.accumulation_steps):
+            self.batch_in_epoch = self._rescaled_steps(saved_world, int(saved_k))
+        elif saved_world != self.world_size:
+            self.batch_in_epoch = self._rescaled_position(saved_world)
+        if not same_global:  # with the same global batch, K follows the world size and the steps carry over
+            if "global_batch_size" in state and state["global_batch_size"] != self.global_batch_size:
+                self._warn_global_batch(state["global_batch_size"])
+            else:
+                self._warn_accumulation(saved_k)
         self.history = {key: list(values) for key, values in state.get("history", {}).items()}
+        if self.spike_guard is not None:
+            self.spike_guard.load_state_dict(state.get("spike_guard"))
+
+    def _warn_global_batch(self, saved: Any) -> None:
+        logger.warning(
+            "checkpoint written with global_batch_size=%s, resuming with %s: the samples per optimizer step, the "
+            "samples behind global_step %d and a per-step LR schedule's progress per sample change, and the run "
+            "does not continue as it would have; pass global_batch_size=%s to continue it",
+            saved, self.global_batch_size, self.global_step, saved)
+
+    def _rescaled_steps(self, saved_world: int, saved_k: int) -> int:
+        """With the same global batch on another world size (so another K): the same optimizer steps.
+
+        A checkpoint is taken between steps, after ``ceil(batch_in_epoch / K)`` whole steps of the epoch
+        (the ceiling counts the epoch's last, short step); each rank continues at that many steps of its
+        new K. Past the epoch's end, the sampler ends the epoch.
+        """
+        steps = -(-self.batch_in_epoch // saved_k)
+        logger.info(
+            "checkpoint written by %d data-parallel rank(s) with %d micro-batch(es) per step, resuming on %d with %d: "
+            "the global batch (%d samples) and the samples of every step carry over; epoch %d continues after its "
+            "step %d", saved_world, saved_k, self.world_size, self.accumulation_steps, self.global_batch_size,
+            self.epoch, steps)
+        return steps * self.accumulation_steps
 
     def _warn_accumulation(self, saved: Any) -> None:
         """A resume with another K: the position (in micro-batches) carries over, the step does not."""

@@ -9,19 +9,29 @@
 for the window, inside the strategy's ``no_sync`` except on the window's last micro-batch, so gradients
 are reduced once per window. ``finish_window`` hands the window's normalisation correction to
 ``OptimizerStep`` (unscale, non-finite check, clip, step, scheduler, zero_grad).
+
+Two options change these paths, and only when they are on: a global batch with a seed reseeds the
+forward of each micro-batch from the piece of the epoch's global order it holds (``seed.py``,
+``data/global_batch.py``), so dropout does not depend on the number of ranks; the loss-spike guard
+(``spike_guard.py``) decides before each step whether its gradients are dropped.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ..data.global_batch import epoch_shape
+from ..seed import micro_batch_seed, reseed_forward
 from ..strategies.base import Strategy
 from .accumulation import Window
 from .loss import LossStep
 from .optimization import OptimizerStep
 from .precision import Precision
-from .train_state import EpochSums
+from .train_state import EpochSums, TrainState
+
+if TYPE_CHECKING:
+    from .spike_guard import SpikeGuard
 
 
 class TrainStep:
@@ -32,7 +42,7 @@ class TrainStep:
     """
 
     def __init__(self, strategy: Strategy, loss: LossStep, precision: Precision, optimizer_step: OptimizerStep,
-                 epoch_sums: EpochSums, accumulation: tuple[int, bool]) -> None:
+                 epoch_sums: EpochSums, accumulation: tuple[int, bool], reseed: int | None = None) -> None:
         self.strategy, self.model, self.loss = strategy, strategy.train_module, loss
         self.precision, self.optimizer_step, self.epoch_sums = precision, optimizer_step, epoch_sums
         self.k, self.sum_reduction = accumulation
@@ -42,10 +52,28 @@ class TrainStep:
         self._no_sync = strategy.no_sync
         if self._no_sync is None:  # nothing to hold back: no context around a micro-batch, not even a call
             self.micro_batch = self._forward_backward  # type: ignore[method-assign]
+        self.spike_guard: SpikeGuard | None = None
+        self._reseed, self._shape, self._batch_idx = reseed, None, 0
+        if reseed is not None:  # a global batch with a seed: each micro-batch's forward from its own seed
+            self._unseeded, self.micro_batch = self.micro_batch, self._seeded_micro_batch  # type: ignore[method-assign]
 
-    def begin_epoch(self, nominal_batch: int | None) -> None:
-        """Start a fresh window; ``nominal_batch`` (the loader's batch size) weighs full windows exactly."""
-        self.window = Window(self.k, self.sum_reduction, nominal_batch, self.data.world_size, self.data.group)
+    def begin_epoch(self, loader: Any, epoch: int, first_batch: int) -> None:
+        """Start a fresh window for ``epoch`` of ``loader`` from micro-batch ``first_batch``: the loader's
+        batch size weighs full windows exactly; a global batch's shape (``epoch_shape``) also gives the
+        windows' sample counts and the pieces' numbers."""
+        shape = epoch_shape(loader, epoch, first_batch)
+        self.window = Window(self.k, self.sum_reduction, shape.nominal_batch, self.data.world_size, self.data.group,
+                             shape.windows, shape.last_correction,
+                             self.spike_guard is not None and self.spike_guard.watch == "loss")
+        self._shape, self._batch_idx = shape, shape.first_batch
+
+    def _seeded_micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
+        shape = self._shape
+        if shape.windows:  # the loader reads the epoch's global order (a loader anndist rebuilt)
+            piece = shape.piece(self._batch_idx, self.k)
+            reseed_forward(micro_batch_seed(self._reseed, shape.epoch, piece), self.loss.device)
+        self._batch_idx += 1
+        return self._unseeded(batch, sync)
 
     def micro_batch(self, batch: Any, sync: bool) -> tuple[torch.Tensor, int, Any]:
         """Forward and backward of one micro-batch; return its detached loss, samples and items (or samples)."""
@@ -80,3 +108,30 @@ class TrainStep:
         self.epoch_sums.add_window(window.losses, window.counts, stepped)
         window.reset()
         return stepped
+
+    # ------------------------------------------------------------------ the loss-spike guard
+    def guard(self, spike_guard: "SpikeGuard | None", state: TrainState, roll_back: Callable[[int], Any]) -> None:
+        """Turn the guard on: asked before every finite step, told after every skipped one; its state
+        travels in ``state``'s checkpoint entry, and ``roll_back(before_step)`` restores older weights.
+        None (off) changes nothing: not even a test on the step's path."""
+        if spike_guard is None:
+            return
+        self.spike_guard, self.state, self._spiked = spike_guard, state, False
+        spike_guard.roll_back, state.spike_guard = roll_back, spike_guard
+        self.optimizer_step.guard(self._spike_check, spike_guard.watch == "grad_norm")
+        self.finish_window = self._guarded_finish_window  # type: ignore[method-assign]
+
+    def _guarded_finish_window(self, where: Callable[[], str]) -> bool:
+        state, micro_batches = self.state, len(self.window.losses)
+        self._where = {"epoch": state.epoch, "step": state.global_step + 1, "window": state.batch_in_epoch // self.k,
+                       "first_batch": state.batch_in_epoch, "last_batch": state.batch_in_epoch + micro_batches - 1}
+        stepped = TrainStep.finish_window(self, where)
+        if self._spiked:
+            self._spiked = False
+            self.spike_guard.after_skip(self._where)  # a rollback after enough spikes in a row
+        return stepped
+
+    def _spike_check(self, grad_norm: float) -> bool:
+        guard = self.spike_guard
+        self._spiked = guard.observe(self.window.reduced_loss() if guard.watch == "loss" else grad_norm, self._where)
+        return self._spiked

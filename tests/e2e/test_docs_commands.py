@@ -107,6 +107,11 @@ HOW: dict[str, tuple] = {
     "srun python -m anndist.preflight --checkpoint-size 20G launch/train_digits.py": ("parse",),
     "torchrun --standalone --nproc_per_node=4 launch/train_gpt2.py --tp 2 --strategy fsdp --max-steps 30":
         ("parse",),  # tests/e2e/test_tensor_parallel.py runs the example on 4 ranks
+    # docs/elastic.md (tests/e2e/test_elastic.py runs an elastic job for real, with a script of its own)
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:2 --nproc-per-node=1 --max-restarts=3 "
+    "--rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=job1 "
+    "--rdzv-conf=last_call_timeout=2,keep_alive_interval=2,keep_alive_max_attempt=5 "
+    "launch/train_digits.py --global-batch-size 64 --checkpoint-dir runs/elastic --checkpoint-every 10": ("parse",),
     # docs/fsdp.md, docs/observability.md
     "OMP_NUM_THREADS=1 python tests/bench/bench_fsdp_memory.py": ("parse",),
     "ls -l runs/digits/traces": ("run", 0),  # after launch/README.md's run with --trace-steps 5 10

@@ -96,7 +96,7 @@ def test_checkpoint_holds_the_whole_run_and_loads_weights_only(tmp_path):
     state = payload["states"]
     assert set(state) == {"model", "optimizer", "scheduler", "scaler", "train_state", "callbacks"}
     assert state["train_state"] == {"epoch": 1, "global_step": 13, "batch_in_epoch": 0, "world_size": 1, "seed": 7,
-                                    "gradient_accumulation_steps": 2,
+                                    "gradient_accumulation_steps": 2, "global_batch_size": None,
                                     "history": trainer.history}
     assert state["scheduler"]["last_epoch"] == 13 and state["optimizer"]["state"]
     (rank,) = payload["ranks"]

@@ -1,8 +1,10 @@
 """Under torchrun: training (``strategy`` "fsdp" or "ddp", the second argument) that saves asynchronously
 after every optimizer step, forever (a test kills it with SIGKILL at a random moment), resuming from the
-folder's latest checkpoint as a requeued job does. Each rank prints its pid; rank 0 prints "saved" once the
-run has taken 3 steps of its own."""
+folder's latest checkpoint as a requeued job does. Each rank prints its pid; rank 0 prints "saved" once a
+checkpoint of its own third step (or later) is committed, so a kill from then on must leave one at least
+that far."""
 import os
+import re
 import sys
 
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from anndist import Trainer
+from anndist.checkpoint import latest_checkpoint
 from anndist.callbacks import Callback, ModelCheckpoint
 
 
@@ -19,14 +22,22 @@ def model() -> nn.Module:
 
 
 class Announce(Callback):
-    start = None
+    """Rank 0 says "saved" once: when the folder's latest checkpoint is 3 steps past where this run began
+    (asynchronous saves commit later than the step that starts them: the step alone would not do)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.start, self.said = folder, None, False
 
     def on_train_begin(self, trainer=None, logs=None):
         self.start = trainer.global_step
 
     def on_batch_end(self, batch_idx, trainer=None, logs=None):
-        if trainer.global_step == self.start + 3 and trainer.is_main_process:
+        if self.said or not trainer.is_main_process:
+            return
+        found = latest_checkpoint(self.folder)
+        if found is not None and int(re.search(r"step-(\d+)", found.name).group(1)) >= self.start + 3:
             print("saved", flush=True)
+            self.said = True
 
 
 def main(folder: str, strategy: str) -> None:
@@ -36,7 +47,7 @@ def main(folder: str, strategy: str) -> None:
     data = TensorDataset(torch.randn(4096, 64, generator=g), torch.randint(0, 4, (4096,), generator=g))
     trainer = Trainer(net, torch.optim.AdamW(net.parameters(), lr=1e-3), nn.CrossEntropyLoss(), strategy=strategy,
                       async_checkpoint=True, seed=0, progress_bar=False, checkpoint_dir=folder, auto_resume=True,
-                      callbacks=[ModelCheckpoint(folder, every_n_steps=1, every_n_epochs=None, keep_last=2), Announce()])
+                      callbacks=[ModelCheckpoint(folder, every_n_steps=1, every_n_epochs=None, keep_last=2), Announce(folder)])
     trainer.fit(DataLoader(data, batch_size=8), num_epochs=1000)
 
 
