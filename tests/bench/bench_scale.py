@@ -1,6 +1,6 @@
 """Per-rank costs of a run at N = 2, 4, 8, 16, 32 gloo ranks on this machine, counted (issue 31).
 
-    flock /tmp/anndist-bench.lock python tests/bench/bench_scale.py [--sizes 2 4 8 16 32] [--json scale.json]
+    python tests/bench/bench_scale.py [--sizes 2 4 8 16 32] [--json scale.json]
     python tests/bench/bench_scale.py --from-json scale.json   # the table again, from the kept counts
 
 For each N, N spawned ranks (a TCPStore, gloo) run a tiny DDP job through every phase, each counted

@@ -82,6 +82,8 @@ HOW: dict[str, tuple] = {
     # docs/benchmarks.md (run by hand: minutes each)
     "pip install torch==2.13.0 -e '.[bench]' --config-settings editable_mode=compat": ("pip",),
     "python tests/bench/compare_peers.py --json peers.json": ("parse",),
+    "python tests/bench/bench_scale.py --json scale.json": ("parse",),
+    "python tests/bench/bench_scale.py --from-json scale.json": ("parse",),
     "python tests/bench/peers/interleaved.py --nprocs 1 --steps 1000 --epochs 3": ("parse",),
     "python tests/bench/peers/interleaved.py --nprocs 2 --steps 500 --epochs 3": ("parse",),
     "python tests/bench/peers/alternating.py --nprocs 1 --reps 100 --steps 100": ("parse",),
