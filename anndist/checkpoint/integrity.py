@@ -72,29 +72,34 @@ def looks_whole(folder: Path) -> str | None:
         size = (folder / METADATA).stat().st_size
     except FileNotFoundError:
         return f"checkpoint folder {folder} has no {METADATA}: it is not a complete DCP checkpoint"
-    try:
-        recorded = (folder / INDEX_CRC).read_text().split()
-    except FileNotFoundError:
-        return None  # written before the checksum existed
-    except (OSError, UnicodeDecodeError) as exc:
-        return f"checkpoint {folder}: its checksum {INDEX_CRC} cannot be read ({exc})"
-    if recorded[1:2] != [str(size)]:
+    recorded, problem = _recorded_checksum(folder)
+    if problem is not None:
+        return f"checkpoint {folder}: {problem}"
+    if recorded is not None and recorded[1:2] != [str(size)]:
         return (f"checkpoint {folder}: the size of its index {folder / METADATA}, {size} bytes, does not match "
                 f"the one recorded in {INDEX_CRC} ({' '.join(recorded)})")
     return None
 
 
 def _index_problem(folder: Path, data: bytes) -> str | None:
-    try:
-        recorded = (folder / INDEX_CRC).read_text().split()
-    except FileNotFoundError:
-        return None  # written before the checksum existed
-    except (OSError, UnicodeDecodeError) as exc:
-        return f"its checksum {INDEX_CRC} cannot be read ({exc})"
+    recorded, problem = _recorded_checksum(folder)
+    if recorded is None:
+        return problem
     actual = [f"{zlib.crc32(data):08x}", str(len(data))]
     if recorded != actual:
         return f"CRC-32 and size {' '.join(actual)} do not match those recorded in {INDEX_CRC} ({' '.join(recorded)})"
     return None
+
+
+def _recorded_checksum(folder: Path) -> tuple[list[str] | None, str | None]:
+    """The index's CRC-32 and size as recorded at the commit, or why they cannot be read; (None, None) for a
+    folder written before the checksum existed."""
+    try:
+        return (folder / INDEX_CRC).read_text().split(), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"its checksum {INDEX_CRC} cannot be read ({exc})"
 
 
 def check_shards(folder: Path, storage: dict[Any, Any]) -> None:
