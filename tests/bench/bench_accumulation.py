@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,23 +28,14 @@ def run_worker(precision: str, k: int, steps: int, out: str) -> None:
     from torch.utils.data import DataLoader
 
     sys.path.insert(0, str(ROOT / "launch"))
+    from step_timer import StepTimer
     from train_digits import digits_datasets, digits_model
 
-    from anndist import Callback, Trainer, seed_everything
-
-    class StepTimer(Callback):
-        def __init__(self):
-            self.stamps = []
-
-        def on_batch_end(self, batch_idx, trainer, logs=None):
-            if logs["ends_window"]:
-                self.stamps.append(time.perf_counter())
-                if trainer.global_step >= steps:
-                    trainer.stop_training = True
+    from anndist import Trainer, seed_everything
 
     seed_everything(0)
     model = digits_model()
-    timer = StepTimer()
+    timer = StepTimer(steps)
     trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss(), callbacks=[timer],
                       gradient_accumulation_steps=k, use_amp=precision == "bf16", seed=0)
     rounds = []
@@ -58,7 +48,7 @@ def run_worker(precision: str, k: int, steps: int, out: str) -> None:
     trainer.model.register_comm_hook(rounds, counting_hook)
     train_set, _ = digits_datasets()
     trainer.fit(DataLoader(train_set, batch_size=32, shuffle=True), num_epochs=10_000)
-    gaps = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])][10:]  # warm-up excluded
+    gaps = timer.gaps(10)  # warm-up excluded
     if trainer.is_main_process:
         Path(out).write_text(json.dumps({"step": statistics.median(gaps), "rounds": len(rounds) / trainer.global_step,
                                          "samples_per_step": 2 * 32 * k}))

@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,24 +33,15 @@ def worker(steps: int, repeats: int, out: str) -> None:
     from torch.utils.data import DataLoader
 
     sys.path.insert(0, str(ROOT / "launch"))
+    from step_timer import StepTimer
     from train_digits import digits_datasets, digits_model
 
-    from anndist import Callback, SpikeGuard, Trainer, seed_everything
+    from anndist import SpikeGuard, Trainer, seed_everything
 
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # the group outlives the Trainers built on it
         dist.init_process_group("gloo")
-
-    class StepTimer(Callback):
-        def __init__(self):
-            self.stamps = []
-
-        def on_batch_end(self, batch_idx, trainer, logs=None):
-            if logs["ends_window"]:
-                self.stamps.append(time.perf_counter())
-                if trainer.global_step >= steps:
-                    trainer.stop_training = True
 
     options = {"K=4": {"gradient_accumulation_steps": 4}, "global": {"global_batch_size": 128 * world},
                "guard loss": {"gradient_accumulation_steps": 4, "spike_guard": SpikeGuard(watch="loss")},
@@ -62,13 +52,13 @@ def worker(steps: int, repeats: int, out: str) -> None:
         for name in CONFIGS:
             seed_everything(0)
             model = digits_model()
-            timer = StepTimer()
+            timer = StepTimer(steps)
             trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss(),
                               callbacks=[timer], seed=0, progress_bar=False, handle_signals=False, stop_check_period=0.25,
                               **options[name])
             trainer.fit(DataLoader(train_set, batch_size=32, shuffle=True), num_epochs=10_000)
             trainer.close()
-            gaps = [b - a for a, b in zip(timer.stamps[19:], timer.stamps[20:])]
+            gaps = timer.gaps(19)
             medians[name].append(statistics.median(gaps) * 1e3)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps(medians))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(ROOT / "tests" / "bench" / "peers")]
+from alternating import CLOCKS, print_runs  # noqa: E402  (the peers benchmark's table, in ms here)
 
-CLOCKS = ("wall", "cpu", "thread")
 WARMUP = 3
 K = 2
 LAYOUTS = {"tp": (2, "ddp", False), "2d": (4, "fsdp", False), "tp_ddp": (4, "ddp", False), "2d_ac": (4, "fsdp", True)}
@@ -166,17 +165,7 @@ def report(layout: str, figures: dict[str, list[dict[str, float]]], args) -> Non
     nprocs = LAYOUTS[layout][0]
     print(f"\nlayout {layout}: {nprocs} processes, {args.blocks} blocks of width {args.width}, K={K}, batch "
           f"{args.batch} per data shard, {args.reps} alternating repetitions of {args.steps} steps (rank 0)")
-    print(f"{'runner':14s}" + "".join(f"{clock + ' ms/step':>26s}" for clock in CLOCKS))
-    for name, reps in figures.items():
-        cells = []
-        for clock in CLOCKS:
-            values = [1e3 * r[clock] for r in reps]
-            cells.append(f"{statistics.median(values):7.2f} [{min(values):6.2f}-{max(values):6.2f}]")
-        print(f"{name:14s}" + "".join(f"{c:>26s}" for c in cells))
-    ratios = {clock: [a[clock] / h[clock] for a, h in zip(figures["anndist"], figures["hand-written"])]
-              for clock in CLOCKS}
-    print("anndist / hand-written, median [min-max] of the per-repetition ratios: " + ", ".join(
-        f"{clock} {statistics.median(r):.3f}x [{min(r):.2f}-{max(r):.2f}]" for clock, r in ratios.items()), flush=True)
+    print_runs(figures, "ms")
 
 
 def main() -> None:

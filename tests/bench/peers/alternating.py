@@ -165,17 +165,24 @@ def ranks_main(rank: int, world_size: int, steps: int, reps: int,
 def report(figures: dict[str, list[dict[str, float]]], nprocs: int, steps: int) -> None:
     print(f"small workload, K={K}, {nprocs} process(es), {len(figures['anndist'])} alternating repetitions of "
           f"{steps} optimizer steps (rank 0)")
-    print(f"{'runner':14s}" + "".join(f"{clock + ' us/step':>28s}" for clock in CLOCKS))
+    print_runs(figures, "us")
+
+
+def print_runs(figures: dict[str, list[dict[str, float]]], unit: str) -> None:
+    """Each runner's median [min-max] per optimizer step on every clock (``unit`` "us" or "ms"), then the
+    median [min-max] of the per-repetition ratios anndist / hand-written."""
+    scale, digits = {"us": (1e6, 0), "ms": (1e3, 2)}[unit]
+    print(f"{'runner':14s}" + "".join(f"{clock + ' ' + unit + '/step':>28s}" for clock in CLOCKS))
     for name, reps in figures.items():
         cells = []
         for clock in CLOCKS:
-            values = [1e6 * r[clock] for r in reps]
-            cells.append(f"{statistics.median(values):8.0f} [{min(values):6.0f}-{max(values):6.0f}]")
+            values = [scale * r[clock] for r in reps]
+            cells.append(f"{statistics.median(values):8.{digits}f} [{min(values):6.{digits}f}-{max(values):6.{digits}f}]")
         print(f"{name:14s}" + "".join(f"{c:>28s}" for c in cells))
     ratios = {clock: [a[clock] / h[clock] for a, h in zip(figures["anndist"], figures["hand-written"])]
               for clock in CLOCKS}
     print("anndist / hand-written, median [min-max] of the per-repetition ratios: " + ", ".join(
-        f"{clock} {statistics.median(r):.3f}x [{min(r):.2f}-{max(r):.2f}]" for clock, r in ratios.items()))
+        f"{clock} {statistics.median(r):.3f}x [{min(r):.2f}-{max(r):.2f}]" for clock, r in ratios.items()), flush=True)
 
 
 def main() -> None:
