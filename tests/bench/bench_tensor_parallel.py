@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(ROOT / "tests" / "bench" / "peers")]
-from alternating import CLOCKS, print_runs  # noqa: E402  (the peers benchmark's table, in ms here)
+from alternating import StepClock, print_runs  # noqa: E402  (the peers benchmark's clock and table)
 
 WARMUP = 3
 K = 2
@@ -67,18 +66,6 @@ class Net(nn.Module):
 PLAN = {"blocks.*.fc1": "colwise", "blocks.*.fc2": "rowwise"}
 
 
-class StepClock:
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.ends: list[tuple[float, float, float]] = []
-        optimizer.register_step_post_hook(lambda *_: self.ends.append(
-            (time.perf_counter(), time.process_time(), time.thread_time())))
-
-    def per_step(self) -> dict[str, float]:
-        ends, self.ends = self.ends, []
-        first, last = ends[WARMUP - 1], ends[-1]
-        return {clock: (b - a) / (len(ends) - WARMUP) for clock, a, b in zip(CLOCKS, first, last)}
-
-
 def batches(steps: int, batch: int, data_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(data_rank)
     return [(torch.randn(batch, 64, generator=g), torch.randint(0, 10, (batch,), generator=g))
@@ -90,7 +77,7 @@ def trainer_run(args, strategy: str, ac: bool):
     torch.manual_seed(0)
     model = Net(args.width, args.blocks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    clock = StepClock(optimizer)
+    clock = StepClock(optimizer, WARMUP)
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), strategy=strategy, tp_size=2, tp_plan=PLAN,
                       activation_checkpointing=ac, gradient_accumulation_steps=K, seed=0, progress_bar=False)
     data = batches(args.steps, args.batch, trainer.strategy.data_rank)
@@ -126,7 +113,7 @@ def hand_run(args, strategy: str, ac: bool):
         from torch.distributed._composable.replicate_with_fsdp import replicate
         replicate(model, mesh=mesh["dp"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    clock = StepClock(optimizer)
+    clock = StepClock(optimizer, WARMUP)
     data = batches(args.steps, args.batch, mesh["dp"].get_local_rank())
     criterion = nn.CrossEntropyLoss()
 

@@ -40,16 +40,18 @@ WARMUP = 5  # steps of each epoch left out: the loader's first batches, the firs
 class StepClock:
     """The three clocks read at the end of every optimizer step (an optimizer step hook)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: int = WARMUP) -> None:
         self.ends: list[tuple[float, float, float]] = []
+        self.warmup = warmup
         optimizer.register_step_post_hook(lambda *_: self.ends.append(
             (time.perf_counter(), time.process_time(), time.thread_time())))
 
     def per_step(self) -> dict[str, float]:
-        """Seconds per step of the steady part of the epoch just run, per clock; then start afresh."""
+        """Seconds per step of the steady part of the epoch just run (after ``warmup`` steps), per clock;
+        then start afresh."""
         ends, self.ends = self.ends, []
-        first, last = ends[WARMUP - 1], ends[-1]
-        return {clock: (b - a) / (len(ends) - WARMUP) for clock, a, b in zip(CLOCKS, first, last)}
+        first, last = ends[self.warmup - 1], ends[-1]
+        return {clock: (b - a) / (len(ends) - self.warmup) for clock, a, b in zip(CLOCKS, first, last)}
 
 
 def dataset(steps: int, world_size: int, size: str = "small") -> TensorDataset:
