@@ -42,7 +42,8 @@ def wandb_records(path):
     then 32 KiB blocks of chunks ``crc32, length, type`` + data; types 1 full, 2 first, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2
 
-    data = open(path, "rb").read()
+    with open(path, "rb") as file:
+        data = file.read()
     assert data[:4] == b":W&B", f"{path} is not a W&B data file"
     position, block, pending = 7, 32768, b""
     while position + 7 <= len(data):
@@ -64,18 +65,24 @@ def wandb_records(path):
 
 
 def wandb_history(folder):
-    """Run ids, each attempt's config, and ``{metric: [(step, value), ...]}`` of the offline runs under ``folder``."""
+    """Run ids, each attempt's config, and ``{metric: [(step, value), ...]}`` of the offline runs under ``folder``.
+
+    Attempts are taken in the order they started: two in one second share the folder's timestamp and W&B
+    tells them apart by a suffix (``...-id-1``) that sorts before the unsuffixed first attempt."""
+    attempts = [list(wandb_records(path))
+                for path in glob.glob(os.path.join(folder, "wandb", "offline-run-*", "run-*.wandb"))]
+    attempts.sort(key=lambda records: next(r.run.start_time.ToMicroseconds() for r in records
+                                           if r.WhichOneof("record_type") == "run"))
     ids, configs, history = [], [], {}
-    for path in sorted(glob.glob(os.path.join(folder, "wandb", "offline-run-*", "run-*.wandb"))):
-        for record in wandb_records(path):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                ids.append(record.run.run_id)
-                configs.append({item.key: json.loads(item.value_json) for item in record.run.config.update})
-            elif kind == "history":
-                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                       for item in record.history.item}
-                for key, value in row.items():
-                    if not key.startswith("_"):
-                        history.setdefault(key, []).append((row["_step"], value))
+    for record in (record for records in attempts for record in records):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            ids.append(record.run.run_id)
+            configs.append({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif kind == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                   for item in record.history.item}
+            for key, value in row.items():
+                if not key.startswith("_"):
+                    history.setdefault(key, []).append((row["_step"], value))
     return ids, configs, history
