@@ -10,15 +10,20 @@
 # the other rank nearly all of its own. Without the rights, everything runs as it is.
 set -uo pipefail
 cpu=$1; shift
-# A busy loop that ends by itself after HOG_SECONDS even if this script is killed: it runs in a
-# session of its own, which a kill of this one does not reach.
-busy="import time
+# A busy loop in a session of its own (a kill of this one does not reach it) that ends with this
+# script: it checks that this script's process is still there, and stops after HOG_SECONDS anyway.
+# Its output goes nowhere, so that it never holds the caller's pipes open.
+busy="import os, time
 end = time.monotonic() + ${HOG_SECONDS:-120}
-while time.monotonic() < end: pass"
+while time.monotonic() < end:
+    try:
+        os.kill($$, 0)
+    except ProcessLookupError:
+        break"
 hog=
 if [[ $cpu != - ]]; then
     setsid bash -c 'echo -20 > /proc/self/autogroup 2>/dev/null; renice -n -20 -p $$ > /dev/null 2>&1
-                    exec taskset -c "$1" "${PYTHON:-python}" -c "$2"' hog "$cpu" "$busy" &
+                    exec taskset -c "$1" "${PYTHON:-python}" -c "$2"' hog "$cpu" "$busy" < /dev/null > /dev/null 2>&1 &
     hog=$!
 fi
 "$@"
