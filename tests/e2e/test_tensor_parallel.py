@@ -1,6 +1,6 @@
 """Tensor parallel and 2-D (FSDP x TP) under real torchrun with 4 ranks, against one process trained on the
 same global batches: the held-out check (2-D, K=2, per-rank loaders, 4 steps; its checkpoint trained on by a
-4-rank DDP Trainer), TP with replicas, a DataLoader anndist shards, clipping's global norm, evaluation,
+4-rank DDP Trainer), a global batch cut over the data-parallel ranks, TP with replicas, a DataLoader anndist shards, clipping's global norm, evaluation,
 metrics and predict counting each sample once, items-weighted accumulation, the non-finite decision, a
 transformers model split by its own plan, activation checkpointing with dropout (and compiled), the
 check that a tensor-parallel group reads one batch; and the option checks at construction (no launch)."""
@@ -11,11 +11,12 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from anndist import Trainer
 from support import torchrun, tp
 
-RUNS = "held_out,ddp_tp,fsdp_tp,items,nonfinite,mismatch,llama,gpt2,example,activation_checkpointing"
+RUNS = "held_out,global_batch,ddp_tp,fsdp_tp,items,nonfinite,mismatch,llama,gpt2,example,activation_checkpointing"
 TOL = 1e-5
 
 
@@ -53,6 +54,20 @@ def test_held_out_2d_then_ddp_equals_one_process(ranks):
         assert held["ddp_steps"] == 6 and held["ddp_data"] == 4
         assert tp.max_diff(held["six"], module.state_dict()) < TOL
         assert tp.max_diff(held["six"], held["four"]) > 1e-3  # the last two steps moved the weights
+
+
+def test_a_global_batch_is_cut_over_the_data_parallel_ranks_like_one_process(ranks):
+    module = tp.model()
+    one = Trainer(module, torch.optim.AdamW(module.parameters(), lr=1e-2), nn.CrossEntropyLoss(), seed=0,
+                  global_batch_size=tp.GLOBAL_BATCH, progress_bar=False, handle_signals=False, stop_check_period=0)
+    one.fit(DataLoader(TensorDataset(*tp.data()), batch_size=tp.GLOBAL_BATCH_PIECE, shuffle=True), num_epochs=2)
+    assert one.state.accumulation_steps == 4 and one.global_step == 16  # 128 samples, 16 per step
+    for out in ranks:
+        result = out["global_batch"]
+        assert result["k"] == 2 and result["steps"] == 16  # 16 = 2 micro-batches x 4 x 2 data-parallel ranks
+        assert tp.max_diff(result["weights"], module.state_dict()) < TOL
+        assert result["history"]["train_loss"] == pytest.approx(one.history["train_loss"], abs=TOL)
+    one.close()
 
 
 @pytest.mark.parametrize("run", ["ddp_tp", "fsdp_tp"])

@@ -13,6 +13,7 @@ PLAN = {"fc1": "colwise", "fc2": "rowwise"}
 BLOCK_PLAN = {"blocks.*.fc1": "colwise", "blocks.*.fc2": "rowwise"}
 FEATURES, HIDDEN, CLASSES = 8, 16, 4
 MICRO = 8  # samples per global micro-batch (split over the data-parallel ranks)
+GLOBAL_BATCH, GLOBAL_BATCH_PIECE = 16, 4  # Trainer(global_batch_size=16) on a loader of batch_size=4
 
 
 class MLP(nn.Module):

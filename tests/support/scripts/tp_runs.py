@@ -151,6 +151,16 @@ def with_loader(strategy: str) -> dict:
             "eval": t.evaluate(val), "predict": t.predict(val), "predict_main": t.predict(val, main_process_only=True)}
 
 
+def global_batch() -> dict:
+    """``global_batch_size`` on a (dp=2, tp=2) grid: the sampler cuts the global order over the
+    data-parallel ranks, so both ranks of a tensor-parallel group read the same micro-batches."""
+    x, y = tp.data()
+    t = trainer(tp.model(), strategy="ddp", tp_size=2, tp_plan=tp.PLAN, global_batch_size=tp.GLOBAL_BATCH)
+    t.fit(DataLoader(TensorDataset(x, y), batch_size=tp.GLOBAL_BATCH_PIECE, shuffle=True), num_epochs=2)
+    return {"weights": full_weights(t.module), "k": t.state.accumulation_steps, "history": t.history,
+            "steps": t.global_step}
+
+
 def activation_checkpointing() -> dict:
     """Dropout inside TP blocks: gradients and weights with activation checkpointing (and compiled) equal
     those without, under 2-D FSDP and TP+replicas."""
@@ -289,7 +299,7 @@ def fsdp_to_2d() -> dict:
     return {"four": full_weights(t.module), "six": full_weights(two_d.module), "steps": two_d.global_step}
 
 
-RUNS = {f.__name__: f for f in (held_out, activation_checkpointing, items, nonfinite, mismatch, llama, gpt2,
+RUNS = {f.__name__: f for f in (held_out, global_batch, activation_checkpointing, items, nonfinite, mismatch, llama, gpt2,
                                  example, resume_same_layout, fsdp_to_2d, fsdp_to_2d_dropout)}
 RUNS["ddp_tp"] = lambda: with_loader("ddp")
 RUNS["fsdp_tp"] = lambda: with_loader("fsdp")
