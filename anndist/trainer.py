@@ -318,9 +318,9 @@ class Trainer(CheckpointMethods):
         checkpoints = getattr(self, "checkpoints", None)  # absent when __init__ failed before it
         if checkpoints is not None:
             checkpoints.wait()
-        strategy = getattr(self, "strategy", None)
-        if strategy is not None:
-            strategy.release()
+        for holder in (getattr(self, "strategy", None), getattr(self, "_step", None)):  # the step holds it too
+            if holder is not None:
+                holder.release()
 
     def close(self) -> None:
         """Release DDP; the process group anndist created goes with the last open Trainer on it (a later

@@ -17,6 +17,7 @@ forward of each micro-batch from the piece of the epoch's global order it holds 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -56,6 +57,11 @@ class TrainStep:
         self._reseed, self._shape, self._batch_idx = reseed, None, 0
         if reseed is not None:  # a global batch with a seed: each micro-batch's forward from its own seed
             self._unseeded, self.micro_batch = self.micro_batch, self._seeded_micro_batch  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        """Let go of the wrapper the strategy released (DDP's reducer holds the process group, which must
+        not outlive its destroy): train on what the strategy trains on now, with nothing to hold back."""
+        self.model, self._no_sync = self.strategy.train_module, contextlib.nullcontext
 
     def begin_epoch(self, loader: Any, epoch: int, first_batch: int) -> None:
         """Start a fresh window for ``epoch`` of ``loader`` from micro-batch ``first_batch``: the loader's

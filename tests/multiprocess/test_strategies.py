@@ -1,4 +1,5 @@
-"""Each strategy reduces gradients once per accumulation window, compiled or not.
+"""Each strategy reduces gradients once per accumulation window, compiled or not, and lets go of its
+wrapper at ``close()``.
 
 The gradient reductions are counted where they happen: DDP's all-reduce through a comm hook on the
 wrapper, FSDP's reduce-scatter by counting FSDP2's ``foreach_reduce`` (which a micro-batch inside
@@ -6,10 +7,14 @@ wrapper, FSDP's reduce-scatter by counting FSDP2's ``foreach_reduce`` (which a m
 in torch.compile's ``OptimizedModule`` as any backend does (the wrapper is what a strategy must see
 through), without inductor's minute of compiling per rank.
 """
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from anndist import Trainer
@@ -50,7 +55,10 @@ def _reductions(rank, world_size):
         trainer.fit(data, max_steps=STEPS)
         rounds = ddp_counts.count(0) if name.startswith("ddp") else len(fsdp_counts)
         results[name] = {"rounds_per_step": rounds / trainer.global_step, "steps": trainer.global_step}
+        wrapper = weakref.ref(trainer.model)  # DDP's wrapper; FSDP's module itself
         trainer.close()
+        gc.collect()
+        results[name]["wrapper_kept"] = isinstance(wrapper(), DistributedDataParallel)
     return results
 
 
@@ -65,3 +73,11 @@ def test_gradients_are_reduced_once_per_window(reductions, scenario):
         assert result[scenario]["steps"] == STEPS, (rank, result)
         # FSDP reduces once per shard group and window: the model is one group (too small to split)
         assert result[scenario]["rounds_per_step"] == 1, (rank, scenario, result[scenario])
+
+
+@pytest.mark.parametrize("scenario", ["ddp", "ddp+compile"])
+def test_close_lets_go_of_the_wrapper_that_holds_the_group(reductions, scenario):
+    """After ``close()`` nothing of the Trainer holds the DDP wrapper (its reducer holds the process group:
+    a group destroyed while a wrapper lives is freed at exit, where gloo can abort the rank)."""
+    for rank, result in enumerate(reductions):
+        assert not result[scenario]["wrapper_kept"], (rank, scenario)
