@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from anndist import Trainer
 from support import torchrun, tp
@@ -58,9 +57,8 @@ def test_held_out_2d_then_ddp_equals_one_process(ranks):
 
 def test_a_global_batch_is_cut_over_the_data_parallel_ranks_like_one_process(ranks):
     module = tp.model()
-    one = Trainer(module, torch.optim.AdamW(module.parameters(), lr=1e-2), nn.CrossEntropyLoss(), seed=0,
-                  global_batch_size=tp.GLOBAL_BATCH, progress_bar=False, handle_signals=False, stop_check_period=0)
-    one.fit(DataLoader(TensorDataset(*tp.data()), batch_size=tp.GLOBAL_BATCH_PIECE, shuffle=True), num_epochs=2)
+    one = tp.trainer(module, global_batch_size=tp.GLOBAL_BATCH)
+    one.fit(tp.global_batch_loader(), num_epochs=2)
     assert one.state.accumulation_steps == 4 and one.global_step == 16  # 128 samples, 16 per step
     for out in ranks:
         result = out["global_batch"]

@@ -8,12 +8,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from anndist import Trainer
 
 PLAN = {"fc1": "colwise", "fc2": "rowwise"}
 BLOCK_PLAN = {"blocks.*.fc1": "colwise", "blocks.*.fc2": "rowwise"}
 FEATURES, HIDDEN, CLASSES = 8, 16, 4
 MICRO = 8  # samples per global micro-batch (split over the data-parallel ranks)
 GLOBAL_BATCH, GLOBAL_BATCH_PIECE = 16, 4  # Trainer(global_batch_size=16) on a loader of batch_size=4
+QUIET = {"progress_bar": False, "handle_signals": False, "seed": 0, "stop_check_period": 0}
 
 
 class MLP(nn.Module):
@@ -67,6 +71,20 @@ def model(kind: str = "mlp", seed: int = 0, **kwargs: Any) -> nn.Module:
 def data(n: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, FEATURES, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def trainer(module: nn.Module, optimizer: str = "adamw", **options: Any) -> Trainer:
+    """The runs' Trainer (AdamW 1e-2 or SGD 0.1, cross-entropy unless ``compute_loss``), the same on the
+    ranks and in the one-process comparisons."""
+    opt = (torch.optim.AdamW(module.parameters(), lr=1e-2) if optimizer == "adamw"
+           else torch.optim.SGD(module.parameters(), lr=0.1))
+    criterion = None if options.get("compute_loss") else nn.CrossEntropyLoss()
+    return Trainer(module, opt, criterion, **{**QUIET, **options})
+
+
+def global_batch_loader() -> DataLoader:
+    """The global-batch run's loader: ``data()`` shuffled in micro-batches of GLOBAL_BATCH_PIECE."""
+    return DataLoader(TensorDataset(*data()), batch_size=GLOBAL_BATCH_PIECE, shuffle=True)
 
 
 def global_batches(x: torch.Tensor, y: torch.Tensor, first: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[3]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "launch"), str(ROOT)]
 from support import tp  # noqa: E402
+from support.tp import QUIET, trainer  # noqa: E402
 import train_gpt2  # noqa: E402
 
 from anndist import Callback, Trainer  # noqa: E402
 from anndist.strategies.dtensor import local  # noqa: E402
 
-QUIET = {"progress_bar": False, "handle_signals": False, "seed": 0, "stop_check_period": 0}
 OUT: Path = Path(".")
 
 
@@ -36,13 +36,6 @@ def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def trainer(module: nn.Module, optimizer: str = "adamw", **options) -> Trainer:
-    opt = (torch.optim.AdamW(module.parameters(), lr=1e-2) if optimizer == "adamw"
-           else torch.optim.SGD(module.parameters(), lr=0.1))
-    criterion = None if options.get("compute_loss") else nn.CrossEntropyLoss()
-    return Trainer(module, opt, criterion, **{**QUIET, **options})
 
 
 def my_batches(t: Trainer, first: int, count: int, n: int = 128) -> list:
@@ -154,9 +147,8 @@ def with_loader(strategy: str) -> dict:
 def global_batch() -> dict:
     """``global_batch_size`` on a (dp=2, tp=2) grid: the sampler cuts the global order over the
     data-parallel ranks, so both ranks of a tensor-parallel group read the same micro-batches."""
-    x, y = tp.data()
     t = trainer(tp.model(), strategy="ddp", tp_size=2, tp_plan=tp.PLAN, global_batch_size=tp.GLOBAL_BATCH)
-    t.fit(DataLoader(TensorDataset(x, y), batch_size=tp.GLOBAL_BATCH_PIECE, shuffle=True), num_epochs=2)
+    t.fit(tp.global_batch_loader(), num_epochs=2)
     return {"weights": full_weights(t.module), "k": t.state.accumulation_steps, "history": t.history,
             "steps": t.global_step}
 
